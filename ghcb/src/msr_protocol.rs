@@ -1,0 +1,141 @@
+//! The GHCB MSR protocol: requests and responses carried in the GHCB MSR
+//! itself (GHCB spec #56421 v2, section 2.3.1, "GHCB MSR Protocol").
+//! GHCBData[11:0] is the function code; the rest is its payload. Usable
+//! before any GHCB page exists, one request per VMGEXIT.
+//!
+//! This module only encodes and decodes; [`crate::protocol`] sends.
+
+/// Mask of the function code, GHCBData[11:0].
+pub const CODE_MASK: u64 = 0xFFF;
+
+/// Function codes (GHCB spec table "GHCB MSR Protocol").
+pub mod code {
+    /// SEV information response.
+    pub const SEV_INFO_RESPONSE: u64 = 0x001;
+    /// SEV information request.
+    pub const SEV_INFO_REQUEST: u64 = 0x002;
+    /// Register GHCB GPA request.
+    pub const REGISTER_GHCB_REQUEST: u64 = 0x012;
+    /// Register GHCB GPA response.
+    pub const REGISTER_GHCB_RESPONSE: u64 = 0x013;
+    /// SNP page state change request.
+    pub const PSC_REQUEST: u64 = 0x014;
+    /// SNP page state change response.
+    pub const PSC_RESPONSE: u64 = 0x015;
+    /// Hypervisor feature support request.
+    pub const HV_FEATURES_REQUEST: u64 = 0x080;
+    /// Hypervisor feature support response.
+    pub const HV_FEATURES_RESPONSE: u64 = 0x081;
+    /// Termination request.
+    pub const TERMINATE_REQUEST: u64 = 0x100;
+}
+
+/// A response that does not answer the request it follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsrProtocolError {
+    /// GHCBData[11:0] is not the response code for the request.
+    WrongCode {
+        /// The code expected.
+        expected: u64,
+        /// The whole MSR value returned.
+        response: u64,
+    },
+    /// Bits the spec reserves (must be zero) are set.
+    ReservedBits {
+        /// The whole MSR value returned.
+        response: u64,
+    },
+}
+
+fn expect_code(response: u64, expected: u64, reserved: u64) -> Result<u64, MsrProtocolError> {
+    if response & CODE_MASK != expected {
+        return Err(MsrProtocolError::WrongCode { expected, response });
+    }
+    if response & reserved != 0 {
+        return Err(MsrProtocolError::ReservedBits { response });
+    }
+    Ok(response)
+}
+
+/// SEV information: GHCBData[63:48] = max protocol version, [47:32] = min,
+/// [31:24] = C-bit position, [23:12] reserved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SevInfo {
+    /// Highest GHCB protocol version the hypervisor supports.
+    pub max_version: u16,
+    /// Lowest GHCB protocol version the hypervisor supports.
+    pub min_version: u16,
+    /// Position of the encryption bit (C-bit) in a PTE / GPA.
+    pub c_bit: u8,
+}
+
+/// Encodes the SEV information request.
+pub const fn sev_info_request() -> u64 {
+    code::SEV_INFO_REQUEST
+}
+
+/// Decodes the SEV information response.
+pub fn sev_info_response(response: u64) -> Result<SevInfo, MsrProtocolError> {
+    let r = expect_code(response, code::SEV_INFO_RESPONSE, 0x00FF_F000)?;
+    Ok(SevInfo { max_version: (r >> 48) as u16, min_version: (r >> 32) as u16, c_bit: (r >> 24) as u8 })
+}
+
+/// Encodes a register-GHCB request for the page at `gpa`: GHCBData[63:12] =
+/// GFN.
+pub const fn register_ghcb_request(gpa: u64) -> u64 {
+    (gpa & !CODE_MASK) | code::REGISTER_GHCB_REQUEST
+}
+
+/// Decodes the register-GHCB response: the GFN the hypervisor registered
+/// (all ones when it refused).
+pub fn register_ghcb_response(response: u64) -> Result<u64, MsrProtocolError> {
+    expect_code(response, code::REGISTER_GHCB_RESPONSE, 0).map(|r| r >> 12)
+}
+
+/// Page state change operation (GHCB spec, "SNP Page State Change").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PscOp {
+    /// Assign the page to the guest as private.
+    Private = 1,
+    /// Make the page shared (hypervisor-owned).
+    Shared = 2,
+}
+
+impl PscOp {
+    /// Decodes the 4-bit operation field.
+    pub const fn from_bits(bits: u64) -> Option<PscOp> {
+        match bits {
+            1 => Some(PscOp::Private),
+            2 => Some(PscOp::Shared),
+            _ => None,
+        }
+    }
+}
+
+/// Encodes a single-page PSC request: GHCBData[51:12] = GFN, [55:52] =
+/// operation, [63:56] reserved.
+pub const fn psc_request(gfn: u64, op: PscOp) -> u64 {
+    ((gfn & 0xFF_FFFF_FFFF) << 12) | ((op as u64) << 52) | code::PSC_REQUEST
+}
+
+/// Decodes the PSC response: GHCBData[63:32] = error code (0 = success),
+/// [31:12] reserved. Returns the error code.
+pub fn psc_response(response: u64) -> Result<u32, MsrProtocolError> {
+    expect_code(response, code::PSC_RESPONSE, 0xFFFF_F000).map(|r| (r >> 32) as u32)
+}
+
+/// Encodes the hypervisor feature request.
+pub const fn hv_features_request() -> u64 {
+    code::HV_FEATURES_REQUEST
+}
+
+/// Decodes the hypervisor feature response: GHCBData[63:12] = feature bits.
+pub fn hv_features_response(response: u64) -> Result<u64, MsrProtocolError> {
+    expect_code(response, code::HV_FEATURES_RESPONSE, 0).map(|r| r >> 12)
+}
+
+/// Encodes a termination request: GHCBData[15:12] = reason code set,
+/// [23:16] = reason code.
+pub const fn terminate_request(reason_set: u8, reason: u8) -> u64 {
+    (((reason_set & 0xF) as u64) << 12) | ((reason as u64) << 16) | code::TERMINATE_REQUEST
+}

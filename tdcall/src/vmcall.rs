@@ -1,0 +1,89 @@
+//! TDG.VP.VMCALL: calls from the TD to the host VMM (Intel GHCI v1.5).
+
+use crate::regs::{leaf, Registers, Tdcall};
+use crate::status::{TdxError, TdxStatus};
+
+/// TDG.VP.VMCALL sub-function numbers, passed in R11 (GHCI v1.5, "TDG.VP.VMCALL
+/// Interface": vendor-specific leaves start at 0x10000).
+pub mod subfunction {
+    /// `<MapGPA>`: change a GPA range between private and shared.
+    pub const MAP_GPA: u64 = 0x10001;
+    /// `<ReportFatalError>`: tell the VMM the TD cannot continue.
+    pub const REPORT_FATAL_ERROR: u64 = 0x10003;
+}
+
+/// RCX for TDG.VP.VMCALL: the GPRs whose values the VMM may see and change.
+/// Only R10-R15 are exposed: the sub-functions this crate uses need no
+/// others, and the fewer registers the VMM sees, the less it can learn.
+pub const VMCALL_EXPOSED_REGS: u64 = 0xFC00;
+
+/// TDG.VP.VMCALL status in R10 on return (GHCI v1.5, table "TDG.VP.VMCALL
+/// Instruction Return Codes").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmcallStatus {
+    /// `TDG.VP.VMCALL_SUCCESS` (0).
+    Success,
+    /// `TDG.VP.VMCALL_RETRY` (1).
+    Retry,
+    /// `TDG.VP.VMCALL_INVALID_OPERAND` (0x8000000000000000).
+    InvalidOperand,
+    /// `TDG.VP.VMCALL_GPA_INUSE` (0x8000000000000001).
+    GpaInUse,
+    /// `TDG.VP.VMCALL_ALIGN_ERROR` (0x8000000000000002).
+    AlignError,
+    /// Any other value, which no VMM following the GHCI returns.
+    Unknown(u64),
+}
+
+impl VmcallStatus {
+    /// Decodes R10.
+    pub const fn from_raw(raw: u64) -> Self {
+        match raw {
+            0 => Self::Success,
+            1 => Self::Retry,
+            0x8000_0000_0000_0000 => Self::InvalidOperand,
+            0x8000_0000_0000_0001 => Self::GpaInUse,
+            0x8000_0000_0000_0002 => Self::AlignError,
+            other => Self::Unknown(other),
+        }
+    }
+}
+
+/// A TDG.VP.VMCALL that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmcallError {
+    /// The TDCALL itself failed: the TDX module refused the call.
+    Tdcall(TdxError),
+    /// The VMM answered with a status other than success.
+    Status(VmcallStatus),
+}
+
+/// Issues TDG.VP.VMCALL with sub-function `subfunction` and arguments in
+/// R12..R15, exposing only R10-R15. Returns the VMM's status and the
+/// registers as it left them (R11 and up carry sub-function outputs).
+///
+/// # Safety
+///
+/// As for [`Tdcall::tdcall`]: the sub-function's effect on guest memory must
+/// be acceptable to the caller.
+pub unsafe fn tdvmcall<T: Tdcall + ?Sized>(
+    tdcall: &T,
+    subfunction: u64,
+    args: [u64; 4],
+) -> Result<(VmcallStatus, Registers), TdxError> {
+    let mut regs = Registers {
+        rax: leaf::VP_VMCALL,
+        rcx: VMCALL_EXPOSED_REGS,
+        r10: 0, // 0 selects the GHCI-standard sub-function space.
+        r11: subfunction,
+        r12: args[0],
+        r13: args[1],
+        r14: args[2],
+        r15: args[3],
+        ..Registers::default()
+    };
+    // SAFETY: forwarded to the caller.
+    unsafe { tdcall.tdcall(&mut regs) };
+    TdxStatus(regs.rax).into_result()?;
+    Ok((VmcallStatus::from_raw(regs.r10), regs))
+}
