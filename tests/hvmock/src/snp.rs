@@ -1,0 +1,416 @@
+//! A model of an SEV-SNP hypervisor and of the RMP.
+//!
+//! As for the TDX model, the ABI constants and GHCB offsets are transcribed
+//! from the GHCB spec (#56421 v2) and the APM independently of the `ghcb`
+//! crate, so the two check each other.
+
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
+use spin::Mutex;
+
+use crate::memory::GuestMemory;
+use crate::{PAGE_SIZE, SCRIBBLE};
+
+// GHCB MSR protocol function codes, GHCBData[11:0].
+const SEV_INFO_REQ: u64 = 0x002;
+const SEV_INFO_RESP: u64 = 0x001;
+const REGISTER_REQ: u64 = 0x012;
+const REGISTER_RESP: u64 = 0x013;
+const PSC_REQ: u64 = 0x014;
+const PSC_RESP: u64 = 0x015;
+const FEATURES_REQ: u64 = 0x080;
+const FEATURES_RESP: u64 = 0x081;
+const TERMINATE_REQ: u64 = 0x100;
+
+// GHCB layout.
+const OFF_SW_EXIT_CODE: u64 = 0x390;
+const OFF_SW_EXIT_INFO_1: u64 = 0x398;
+const OFF_SW_EXIT_INFO_2: u64 = 0x3A0;
+const OFF_SW_SCRATCH: u64 = 0x3A8;
+const OFF_VALID_BITMAP: u64 = 0x3F0;
+const OFF_SHARED_BUFFER: u64 = 0x800;
+const SHARED_BUFFER_END: u64 = 0xFF0;
+const OFF_VERSION_USAGE: u64 = 0xFF8; // protocol_version at 0xFFA, usage at 0xFFC
+const PSC_EXIT: u64 = 0x8000_0010;
+const PSC_MAX_ENTRIES: u64 = 253;
+
+// SW_EXITINFO2 error values (as Linux/KVM define them for PSC).
+/// The PSC header is malformed.
+pub const PSC_INVALID_HDR: u64 = 0x1_0000_0001;
+/// A PSC entry is malformed.
+pub const PSC_INVALID_ENTRY: u64 = 0x1_0000_0002;
+/// A generic PSC error.
+pub const PSC_ERROR_GENERIC: u64 = 0x100 << 32;
+/// The GHCB request itself is malformed (our choice of code).
+pub const GHCB_MALFORMED: u64 = 0x1;
+
+// PVALIDATE return codes (APM vol. 3).
+const FAIL_INPUT: u32 = 1;
+const FAIL_SIZEMISMATCH: u32 = 6;
+
+/// One RMP entry, per 4 KiB page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RmpEntry {
+    /// Assigned to the guest (private).
+    pub assigned: bool,
+    /// The guest has validated it.
+    pub validated: bool,
+    /// Part of a 2 MiB RMP entry.
+    pub huge: bool,
+}
+
+/// Ways the hypervisor lies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnpHostile {
+    /// After the first PSC exit, resets cur_entry to 0.
+    PscCurEntryBackwards,
+    /// Raises end_entry by one.
+    PscEndEntryRaised,
+    /// Lowers end_entry to cur_entry - 1 so the guest loop ends early.
+    PscEndEntryLowered,
+    /// Sets the header's reserved field.
+    PscReservedSet,
+    /// Writes a PSC error into SW_EXITINFO2.
+    PscExitInfo2Error,
+    /// Reports a hypervisor error in SW_EXITINFO1.
+    PscExitInfo1Error,
+    /// Returns without doing anything, forever.
+    PscStall,
+    /// After processing, rewrites the GFN of the last (unprocessed) entry.
+    PscRewriteDescriptor,
+    /// Claims every entry done without changing the RMP.
+    PscSuccessWithoutRmpChange,
+    /// MSR responses carry the wrong function code.
+    MsrWrongCode,
+    /// GHCB registration echoes another GFN.
+    MsrWrongGfn,
+    /// MSR responses have reserved bits set.
+    MsrReservedBits,
+    /// MSR page state changes answer with error code 1.
+    MsrPscError,
+    /// MSR page state changes answer success without changing the RMP.
+    MsrPscWithoutRmpChange,
+}
+
+/// Configuration of the model.
+#[derive(Clone, Copy, Debug)]
+pub struct SnpConfig {
+    /// C-bit position reported by SEV info.
+    pub c_bit: u8,
+    /// Lowest GHCB protocol version supported.
+    pub min_version: u16,
+    /// Highest GHCB protocol version supported.
+    pub max_version: u16,
+    /// Hypervisor feature bits (bit 0: SEV-SNP).
+    pub features: u64,
+    /// 4 KiB pages processed per PSC exit before returning with the work
+    /// half done (`None`: all).
+    pub psc_pages_per_exit: Option<u64>,
+}
+
+impl Default for SnpConfig {
+    fn default() -> Self {
+        SnpConfig { c_bit: 51, min_version: 1, max_version: 2, features: 1, psc_pages_per_exit: None }
+    }
+}
+
+/// Counters of what the model was asked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnpStats {
+    /// MSR-protocol requests (not GHCB exits).
+    pub msr_requests: u64,
+    /// GHCB NAE exits.
+    pub nae_exits: u64,
+    /// PSC entries completed through the GHCB.
+    pub psc_entries: u64,
+    /// PVALIDATE executions.
+    pub pvalidates: u64,
+    /// Requests that broke the protocol (unregistered GHCB, bad valid
+    /// bitmap, wrong version): an honest guest makes none.
+    pub protocol_violations: u64,
+}
+
+struct Model {
+    config: SnpConfig,
+    rmp: Vec<RmpEntry>,
+    hostile: Option<SnpHostile>,
+    ghcb_gpa: Option<u64>,
+    terminated: Option<(u8, u8)>,
+    stats: SnpStats,
+}
+
+/// The hypervisor + RMP model. Implements [`GhcbMsr`] and [`Pvalidate`]
+/// (PVALIDATE takes host addresses inside the [`GuestMemory`]).
+pub struct MockSnp {
+    memory: Arc<GuestMemory>,
+    model: Mutex<Model>,
+}
+
+impl core::fmt::Debug for MockSnp {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MockSnp").field("config", &self.model.lock().config).finish_non_exhaustive()
+    }
+}
+
+impl MockSnp {
+    /// A guest whose memory is all private and validated with 4 KiB RMP
+    /// entries (as after launch and boot-time validation).
+    pub fn new(memory: Arc<GuestMemory>, config: SnpConfig) -> Self {
+        let rmp = vec![RmpEntry { assigned: true, validated: true, huge: false }; memory.pages() as usize];
+        MockSnp {
+            memory,
+            model: Mutex::new(Model {
+                config,
+                rmp,
+                hostile: None,
+                ghcb_gpa: None,
+                terminated: None,
+                stats: SnpStats::default(),
+            }),
+        }
+    }
+
+    /// The guest memory the model works on.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// Makes the hypervisor lie (or stop, with `None`).
+    pub fn set_hostile(&self, hostile: Option<SnpHostile>) {
+        self.model.lock().hostile = hostile;
+    }
+
+    /// The RMP entry of the page containing `gpa`.
+    pub fn rmp(&self, gpa: u64) -> RmpEntry {
+        self.model.lock().rmp[(gpa / PAGE_SIZE) as usize]
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SnpStats {
+        self.model.lock().stats
+    }
+
+    /// The GHCB GPA registered, if any.
+    pub fn registered_ghcb(&self) -> Option<u64> {
+        self.model.lock().ghcb_gpa
+    }
+
+    /// (reason set, reason) of a termination request, if one came.
+    pub fn terminated(&self) -> Option<(u8, u8)> {
+        self.model.lock().terminated
+    }
+}
+
+impl Model {
+    fn msr_protocol(&mut self, memory: &GuestMemory, value: u64) -> u64 {
+        self.stats.msr_requests += 1;
+        let hostile = self.hostile;
+        let (code, payload) = match value & 0xFFF {
+            SEV_INFO_REQ => {
+                let c = &self.config;
+                (SEV_INFO_RESP, (c.max_version as u64) << 48 | (c.min_version as u64) << 32 | (c.c_bit as u64) << 24)
+            }
+            FEATURES_REQ => (FEATURES_RESP, self.config.features << 12),
+            REGISTER_REQ => {
+                let gfn = value >> 12;
+                let echoed = if hostile == Some(SnpHostile::MsrWrongGfn) { gfn + 1 } else { gfn };
+                if memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) && !self.rmp[gfn as usize].assigned {
+                    self.ghcb_gpa = Some(gfn * PAGE_SIZE);
+                    (REGISTER_RESP, echoed << 12)
+                } else {
+                    // Only a shared page can be a GHCB: refuse with all ones.
+                    (REGISTER_RESP, !0xFFF)
+                }
+            }
+            PSC_REQ => {
+                let gfn = (value >> 12) & 0xFF_FFFF_FFFF;
+                let op = (value >> 52) & 0xF;
+                let error = if value >> 56 != 0 || !(1..=2).contains(&op) || !memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) {
+                    1
+                } else if hostile == Some(SnpHostile::MsrPscError) {
+                    1
+                } else {
+                    if hostile != Some(SnpHostile::MsrPscWithoutRmpChange) {
+                        self.set_state(memory, gfn, 1, op == 1, false);
+                    }
+                    0
+                };
+                (PSC_RESP, error << 32)
+            }
+            TERMINATE_REQ => {
+                self.terminated = Some((((value >> 12) & 0xF) as u8, (value >> 16) as u8));
+                (0, 0)
+            }
+            _ => {
+                self.stats.protocol_violations += 1;
+                (0, 0)
+            }
+        };
+        match hostile {
+            Some(SnpHostile::MsrWrongCode) => payload | ((code + 1) & 0xFFF),
+            Some(SnpHostile::MsrReservedBits) => payload | code | 0x1000,
+            _ => payload | code,
+        }
+    }
+
+    /// Sets `count` pages from `gfn` to private (assigned, not validated) or
+    /// shared, and scribbles them: their old contents are gone for the
+    /// guest. A 4 KiB change inside a 2 MiB RMP entry first smashes it.
+    fn set_state(&mut self, memory: &GuestMemory, gfn: u64, count: u64, private: bool, huge: bool) {
+        for g in gfn..gfn + count {
+            if self.rmp[g as usize].huge && !huge {
+                let base = g & !511;
+                for e in &mut self.rmp[base as usize..(base + 512) as usize] {
+                    e.huge = false;
+                }
+            }
+            let e = &mut self.rmp[g as usize];
+            if e.assigned != private || e.validated {
+                memory.fill(g * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
+            }
+            *e = RmpEntry { assigned: private, validated: false, huge: huge && private };
+        }
+    }
+
+    fn nae(&mut self, memory: &GuestMemory, gpa: u64) {
+        self.stats.nae_exits += 1;
+        let valid = |field: u64| memory.read_u8(gpa + OFF_VALID_BITMAP + field / 64) & (1 << ((field / 8) % 8)) != 0;
+        let version_usage = memory.read_u64(gpa + OFF_VERSION_USAGE);
+        let (version, usage) = ((version_usage >> 16) as u16, (version_usage >> 32) as u32);
+        let fields_valid = [OFF_SW_EXIT_CODE, OFF_SW_EXIT_INFO_1, OFF_SW_EXIT_INFO_2].iter().all(|&f| valid(f));
+        let (info1, info2) = if !fields_valid || version != 2 || usage != 0 {
+            self.stats.protocol_violations += 1;
+            (1, GHCB_MALFORMED)
+        } else if memory.read_u64(gpa + OFF_SW_EXIT_CODE) != PSC_EXIT {
+            self.stats.protocol_violations += 1;
+            (1, GHCB_MALFORMED)
+        } else {
+            let scratch = memory.read_u64(gpa + OFF_SW_SCRATCH);
+            if !valid(OFF_SW_SCRATCH) || scratch != gpa + OFF_SHARED_BUFFER {
+                self.stats.protocol_violations += 1;
+                (1, GHCB_MALFORMED)
+            } else {
+                self.psc(memory, scratch)
+            }
+        };
+        memory.write_u64(gpa + OFF_SW_EXIT_INFO_1, info1);
+        memory.write_u64(gpa + OFF_SW_EXIT_INFO_2, info2);
+    }
+
+    /// One PSC exit: returns (SW_EXITINFO1, SW_EXITINFO2).
+    fn psc(&mut self, memory: &GuestMemory, buf: u64) -> (u64, u64) {
+        let header = memory.read_u64(buf);
+        let (mut cur, mut end) = (header & 0xFFFF, (header >> 16) & 0xFFFF);
+        if header >> 32 != 0 || end >= PSC_MAX_ENTRIES || cur > end + 1 {
+            return (0, PSC_INVALID_HDR);
+        }
+        let first_exit = cur == 0;
+        match self.hostile {
+            Some(SnpHostile::PscStall) => return (0, 0),
+            Some(SnpHostile::PscExitInfo2Error) => return (0, PSC_ERROR_GENERIC),
+            Some(SnpHostile::PscExitInfo1Error) => return (1, PSC_ERROR_GENERIC),
+            Some(SnpHostile::PscSuccessWithoutRmpChange) => {
+                memory.write_u64(buf, (end << 16) | (end + 1));
+                return (0, 0);
+            }
+            _ => {}
+        }
+        let mut budget = self.config.psc_pages_per_exit.unwrap_or(u64::MAX);
+        while cur <= end && budget > 0 {
+            let at = buf + 8 + cur * 8;
+            let entry = memory.read_u64(at);
+            let (done, gfn, op, huge) = (entry & 0xFFF, (entry >> 12) & 0xFF_FFFF_FFFF, (entry >> 52) & 0xF, entry >> 56 & 1 == 1);
+            let pages = if huge { 512 } else { 1 };
+            if entry >> 57 != 0
+                || !(1..=2).contains(&op)
+                || (huge && gfn % 512 != 0)
+                || done >= pages
+                || at + 8 > buf - OFF_SHARED_BUFFER + SHARED_BUFFER_END
+                || !memory.contains(gfn * PAGE_SIZE, pages * PAGE_SIZE)
+            {
+                memory.write_u64(buf, (end << 16) | cur);
+                return (0, PSC_INVALID_ENTRY);
+            }
+            let n = (pages - done).min(budget);
+            let whole = done == 0 && n == pages;
+            self.set_state(memory, gfn + done, n, op == 1, whole && huge);
+            budget -= n;
+            if done + n == pages {
+                memory.write_u64(at, entry & !0xFFF);
+                cur += 1;
+                self.stats.psc_entries += 1;
+            } else {
+                memory.write_u64(at, (entry & !0xFFF) | (done + n));
+            }
+        }
+        match self.hostile {
+            Some(SnpHostile::PscCurEntryBackwards) if !first_exit => cur = 0,
+            Some(SnpHostile::PscEndEntryRaised) => end += 1,
+            Some(SnpHostile::PscEndEntryLowered) if cur > 0 && cur <= end => end = cur - 1,
+            Some(SnpHostile::PscRewriteDescriptor) if cur <= end => {
+                let last = buf + 8 + end * 8;
+                memory.write_u64(last, memory.read_u64(last) + (1 << 12));
+            }
+            _ => {}
+        }
+        let reserved = if self.hostile == Some(SnpHostile::PscReservedSet) { 1u64 << 32 } else { 0 };
+        memory.write_u64(buf, reserved | (end << 16) | cur);
+        (0, 0)
+    }
+
+    fn pvalidate(&mut self, memory: &GuestMemory, va: u64, size: PageSize, validate: bool) -> RawPvalidate {
+        self.stats.pvalidates += 1;
+        let fail = |eax| RawPvalidate { eax, carry: false };
+        let pages = size.bytes() / PAGE_SIZE;
+        let Some(gpa) = memory.gpa_of(va) else { return fail(FAIL_INPUT) };
+        if gpa % size.bytes() != 0 || !memory.contains(gpa, size.bytes()) {
+            return fail(FAIL_INPUT);
+        }
+        let range = (gpa / PAGE_SIZE) as usize..(gpa / PAGE_SIZE + pages) as usize;
+        let entries = &mut self.rmp[range];
+        if entries.iter().any(|e| !e.assigned) {
+            // Stand-in for the #NPF (see the crate docs).
+            return fail(FAIL_INPUT);
+        }
+        let huge_entry = entries.iter().all(|e| e.huge);
+        if (size == PageSize::Size2M) != huge_entry || (size == PageSize::Size4K && entries[0].huge) {
+            return fail(FAIL_SIZEMISMATCH);
+        }
+        if entries.iter().all(|e| e.validated == validate) {
+            return RawPvalidate { eax: 0, carry: true };
+        }
+        for e in entries.iter_mut() {
+            e.validated = validate;
+        }
+        RawPvalidate { eax: 0, carry: false }
+    }
+}
+
+// SAFETY: the model writes only the GHCB (for NAE exits) and scribbles
+// pages whose state changes, as a hypervisor could.
+unsafe impl GhcbMsr for MockSnp {
+    unsafe fn vmgexit(&self, msr_value: u64) -> u64 {
+        let mut m = self.model.lock();
+        if msr_value & 0xFFF != 0 {
+            return m.msr_protocol(&self.memory, msr_value);
+        }
+        if m.ghcb_gpa != Some(msr_value) {
+            // A real hypervisor would terminate the guest; the model
+            // records it and leaves the GHCB untouched.
+            m.stats.protocol_violations += 1;
+            return msr_value;
+        }
+        m.nae(&self.memory, msr_value);
+        msr_value
+    }
+}
+
+// SAFETY: the model changes only its RMP.
+unsafe impl Pvalidate for MockSnp {
+    unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> RawPvalidate {
+        self.model.lock().pvalidate(&self.memory, va, size, validate)
+    }
+}

@@ -1,0 +1,482 @@
+//! A model of the TDX module and of the VMM behind TDG.VP.VMCALL.
+//!
+//! The ABI constants here are transcribed from the specs independently of
+//! the `tdcall` crate, so that a wrong constant on either side shows up as a
+//! failing test rather than agreeing with itself.
+
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use spin::Mutex;
+use tdcall::{Registers, Tdcall};
+
+use crate::memory::GuestMemory;
+use crate::{PAGE_SIZE, SCRIBBLE};
+
+// TDX Module v1.5 ABI Specification: leaves and completion status codes.
+const LEAF_VP_VMCALL: u64 = 0;
+const LEAF_VP_INFO: u64 = 1;
+const LEAF_VP_VEINFO_GET: u64 = 3;
+const LEAF_MEM_PAGE_ACCEPT: u64 = 6;
+const TDX_SUCCESS: u64 = 0;
+const TDX_OPERAND_INVALID: u64 = 0xC000_0100_0000_0000;
+const TDX_OPERAND_BUSY: u64 = 0x8000_0200_0000_0000;
+const TDX_EPT_WALK_FAILED: u64 = 0xC000_0B00_0000_0000;
+const TDX_PAGE_ALREADY_ACCEPTED: u64 = 0x0000_0B0A_0000_0000;
+const TDX_PAGE_SIZE_MISMATCH: u64 = 0xC000_0B0B_0000_0000;
+const TDX_NO_VALID_VE_INFO: u64 = 0xC000_0704_0000_0000;
+/// Operand id of RCX in status bits 31:0.
+const OPERAND_RCX: u64 = 1;
+
+// GHCI v1.5: TDG.VP.VMCALL sub-functions and status codes.
+const MAP_GPA: u64 = 0x10001;
+const REPORT_FATAL_ERROR: u64 = 0x10003;
+const VMCALL_SUCCESS: u64 = 0;
+const VMCALL_RETRY: u64 = 1;
+const VMCALL_INVALID_OPERAND: u64 = 0x8000_0000_0000_0000;
+const VMCALL_ALIGN_ERROR: u64 = 0x8000_0000_0000_0002;
+const VMCALL_SUBFUNC_UNSUPPORTED: u64 = 0x8000_0000_0000_0003;
+
+/// What the VMM writes into exposed registers it does not return values in,
+/// so a guest that expects them preserved is caught.
+pub const CLOBBER: u64 = 0xDEAD_BEEF_0BAD_F00D;
+
+/// Page levels as the ACCEPT ABI encodes them: 0 = 4K, 1 = 2M, 2 = 1G.
+fn level_pages(level: u8) -> u64 {
+    1 << (9 * level as u32)
+}
+
+/// The state of one 4 KiB page of the TD.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TdxPageState {
+    /// Private and accepted: usable by the guest.
+    Accepted,
+    /// Private, added by the VMM, not yet accepted by the guest.
+    Pending,
+    /// Shared with the VMM: no private mapping.
+    Shared,
+}
+
+/// One page: its state and, when private, the size (ACCEPT level) of the
+/// Secure-EPT mapping that covers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TdxPage {
+    /// State.
+    pub state: TdxPageState,
+    /// Mapping level (0 = 4K, 1 = 2M, 2 = 1G) when private.
+    pub level: u8,
+}
+
+/// Ways the VMM lies about MapGPA. Each applies to every MapGPA call while
+/// set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TdxHostile {
+    /// Answers RETRY with a resume GPA one page below the call's start.
+    ResumeBelowStart,
+    /// Answers RETRY with the end of the request as resume GPA.
+    ResumeAtEnd,
+    /// Answers RETRY with a resume GPA that is not page-aligned.
+    ResumeUnaligned,
+    /// Converts part of the range honestly, then answers RETRY with the
+    /// resume GPA stripped of the shared bit.
+    ResumeWithoutSharedBit,
+    /// Alternates between claiming one page of progress and rewinding one
+    /// page, never converting anything: loops forever a guest that accepts
+    /// any resume GPA inside the original request.
+    ResumeRewind,
+    /// Answers RETRY at the same GPA forever.
+    NoProgressForever,
+    /// Answers success without converting anything.
+    SuccessWithoutConverting,
+    /// Answers with this status, not defined by the GHCI.
+    GarbageStatus(u64),
+}
+
+/// Configuration of the model.
+#[derive(Clone, Copy, Debug)]
+pub struct TdxConfig {
+    /// Guest physical address width: 48 or 52 (the shared bit is GPAW-1).
+    pub gpaw: u8,
+    /// TD ATTRIBUTES reported by TDG.VP.INFO.
+    pub attributes: u64,
+    /// Largest Secure-EPT mapping level the VMM uses when it adds pending
+    /// pages (0 = 4K, 1 = 2M, 2 = 1G).
+    pub max_aug_level: u8,
+    /// Pages the VMM converts per MapGPA call before answering RETRY
+    /// (`None`: all of them).
+    pub map_gpa_chunk_pages: Option<u64>,
+    /// An honest VMM may answer RETRY without progress: this many times
+    /// before each chunk it converts.
+    pub map_gpa_stalls_per_chunk: u32,
+}
+
+impl Default for TdxConfig {
+    fn default() -> Self {
+        TdxConfig { gpaw: 48, attributes: 0, max_aug_level: 2, map_gpa_chunk_pages: None, map_gpa_stalls_per_chunk: 0 }
+    }
+}
+
+/// A call the model answered, for tests and demos to inspect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TdxEvent {
+    /// TDG.VP.INFO.
+    VpInfo,
+    /// TDG.VP.VEINFO.GET.
+    VeInfoGet {
+        /// Status returned.
+        status: u64,
+    },
+    /// TDG.MEM.PAGE.ACCEPT.
+    Accept {
+        /// GPA.
+        gpa: u64,
+        /// Level requested.
+        level: u8,
+        /// Status returned.
+        status: u64,
+    },
+    /// TDG.VP.VMCALL<MapGPA>.
+    MapGpa {
+        /// R12.
+        gpa: u64,
+        /// R13.
+        size: u64,
+        /// R10 returned.
+        status: u64,
+        /// R11 returned.
+        resume: u64,
+    },
+    /// TDG.VP.VMCALL<ReportFatalError>.
+    ReportFatalError {
+        /// R12.
+        code: u64,
+    },
+    /// A call the model rejected before dispatch.
+    Rejected {
+        /// RAX (leaf) of the call.
+        leaf: u64,
+        /// RAX returned.
+        status: u64,
+    },
+}
+
+struct Model {
+    config: TdxConfig,
+    pages: Vec<TdxPage>,
+    hostile: Option<TdxHostile>,
+    busy_answers: u32,
+    stalls_left: u32,
+    rewind_flip: bool,
+    pending_ve: Option<[u64; 5]>,
+    events: Vec<TdxEvent>,
+    fatal: Option<u64>,
+}
+
+/// The TDX module + VMM model. Implements [`Tdcall`].
+pub struct MockTdx {
+    memory: Arc<GuestMemory>,
+    model: Mutex<Model>,
+}
+
+impl core::fmt::Debug for MockTdx {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("MockTdx").field("config", &self.model.lock().config).finish_non_exhaustive()
+    }
+}
+
+impl MockTdx {
+    /// A TD whose memory is all private and accepted (as after the
+    /// firmware accepted it at boot), mapped with 4 KiB Secure-EPT entries.
+    pub fn new(memory: Arc<GuestMemory>, config: TdxConfig) -> Self {
+        let pages = vec![TdxPage { state: TdxPageState::Accepted, level: 0 }; memory.pages() as usize];
+        MockTdx {
+            memory,
+            model: Mutex::new(Model {
+                config,
+                pages,
+                hostile: None,
+                busy_answers: 0,
+                stalls_left: config.map_gpa_stalls_per_chunk,
+                rewind_flip: false,
+                pending_ve: None,
+                events: Vec::new(),
+                fatal: None,
+            }),
+        }
+    }
+
+    /// The guest memory the model works on.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// The shared bit of this TD.
+    pub fn shared_mask(&self) -> u64 {
+        1 << (self.model.lock().config.gpaw - 1)
+    }
+
+    /// Makes the VMM lie (or stop lying, with `None`).
+    pub fn set_hostile(&self, hostile: Option<TdxHostile>) {
+        self.model.lock().hostile = hostile;
+    }
+
+    /// The next `n` ACCEPTs are answered `TDX_OPERAND_BUSY`.
+    pub fn set_busy_answers(&self, n: u32) {
+        self.model.lock().busy_answers = n;
+    }
+
+    /// Queues #VE information for the next TDG.VP.VEINFO.GET: exit reason,
+    /// qualification, GLA, GPA, R10 (length | info << 32).
+    pub fn inject_ve(&self, info: [u64; 5]) {
+        self.model.lock().pending_ve = Some(info);
+    }
+
+    /// The state of the page containing `gpa`.
+    pub fn page(&self, gpa: u64) -> TdxPage {
+        self.model.lock().pages[(gpa / PAGE_SIZE) as usize]
+    }
+
+    /// Every call answered so far.
+    pub fn events(&self) -> Vec<TdxEvent> {
+        self.model.lock().events.clone()
+    }
+
+    /// Forgets recorded events.
+    pub fn clear_events(&self) {
+        self.model.lock().events.clear();
+    }
+
+    /// The error code of ReportFatalError, if the TD reported one.
+    pub fn fatal_error(&self) -> Option<u64> {
+        self.model.lock().fatal
+    }
+
+    fn handle(&self, regs: &mut Registers) {
+        let mut m = self.model.lock();
+        let leaf = regs.rax;
+        match leaf {
+            LEAF_VP_INFO => {
+                regs.rax = TDX_SUCCESS;
+                regs.rcx = m.config.gpaw as u64;
+                regs.rdx = m.config.attributes;
+                regs.r8 = 1 | (1 << 32);
+                regs.r9 = 0;
+                regs.r10 = 0;
+                regs.r11 = 0;
+                m.events.push(TdxEvent::VpInfo);
+            }
+            LEAF_VP_VEINFO_GET => {
+                let status = match m.pending_ve.take() {
+                    Some([reason, qual, gla, gpa, r10]) => {
+                        (regs.rcx, regs.rdx, regs.r8, regs.r9, regs.r10) = (reason, qual, gla, gpa, r10);
+                        TDX_SUCCESS
+                    }
+                    None => {
+                        (regs.rcx, regs.rdx, regs.r8, regs.r9, regs.r10) = (0, 0, 0, 0, 0);
+                        TDX_NO_VALID_VE_INFO
+                    }
+                };
+                regs.rax = status;
+                m.events.push(TdxEvent::VeInfoGet { status });
+            }
+            LEAF_MEM_PAGE_ACCEPT => {
+                let status = m.accept(&self.memory, regs.rcx);
+                m.events.push(TdxEvent::Accept { gpa: regs.rcx & !0xFFF, level: (regs.rcx & 7) as u8, status });
+                regs.rax = status;
+            }
+            LEAF_VP_VMCALL => m.vmcall(&self.memory, regs),
+            _ => {
+                regs.rax = TDX_OPERAND_INVALID;
+                m.events.push(TdxEvent::Rejected { leaf, status: regs.rax });
+            }
+        }
+    }
+}
+
+impl Model {
+    fn shared_mask(&self) -> u64 {
+        1 << (self.config.gpaw - 1)
+    }
+
+    /// TDG.MEM.PAGE.ACCEPT, as the TDX module checks it.
+    fn accept(&mut self, memory: &GuestMemory, rcx: u64) -> u64 {
+        let invalid = TDX_OPERAND_INVALID | OPERAND_RCX;
+        let level = (rcx & 7) as u8;
+        let gpa = rcx & !0xFFF;
+        if rcx & 0xFF8 != 0 || level > 2 || gpa & self.shared_mask() != 0 {
+            return invalid;
+        }
+        let pages = level_pages(level);
+        let first = gpa / PAGE_SIZE;
+        if first % pages != 0 || !memory.contains(gpa, pages * PAGE_SIZE) {
+            return invalid;
+        }
+        if self.busy_answers > 0 {
+            self.busy_answers -= 1;
+            return TDX_OPERAND_BUSY | OPERAND_RCX;
+        }
+        let block = &mut self.pages[first as usize..(first + pages) as usize];
+        if block.iter().any(|p| p.state == TdxPageState::Shared) {
+            // Stand-in for the EPT-violation TD exit (see the crate docs).
+            return TDX_EPT_WALK_FAILED;
+        }
+        // One Secure-EPT entry of exactly this size covers the block only
+        // if every page carries this level; the block is aligned, so they
+        // then share the entry.
+        if block.iter().any(|p| p.level != level) {
+            return TDX_PAGE_SIZE_MISMATCH | level as u64;
+        }
+        if block[0].state == TdxPageState::Accepted {
+            return TDX_PAGE_ALREADY_ACCEPTED | level as u64;
+        }
+        for p in block.iter_mut() {
+            p.state = TdxPageState::Accepted;
+        }
+        memory.fill(gpa, pages * PAGE_SIZE, 0);
+        TDX_SUCCESS
+    }
+
+    fn vmcall(&mut self, memory: &GuestMemory, regs: &mut Registers) {
+        let exposed = regs.rcx;
+        // R10 and R11 carry the sub-function and status: without them the
+        // VMM cannot even see the request.
+        if exposed & (1 << 10 | 1 << 11) != (1 << 10 | 1 << 11) || exposed & 0xF != 0 {
+            regs.rax = TDX_OPERAND_INVALID | OPERAND_RCX;
+            self.events.push(TdxEvent::Rejected { leaf: LEAF_VP_VMCALL, status: regs.rax });
+            return;
+        }
+        regs.rax = TDX_SUCCESS;
+        let exposed_reg = |bit: u32| exposed & (1 << bit) != 0;
+        let (r12, r13) = (
+            if exposed_reg(12) { regs.r12 } else { 0 },
+            if exposed_reg(13) { regs.r13 } else { 0 },
+        );
+        let (status, r11) = if regs.r10 != 0 {
+            (VMCALL_SUBFUNC_UNSUPPORTED, 0)
+        } else {
+            match regs.r11 {
+                MAP_GPA => {
+                    let (status, resume) = self.map_gpa(memory, r12, r13);
+                    self.events.push(TdxEvent::MapGpa { gpa: r12, size: r13, status, resume });
+                    (status, resume)
+                }
+                REPORT_FATAL_ERROR => {
+                    self.fatal = Some(r12);
+                    self.events.push(TdxEvent::ReportFatalError { code: r12 });
+                    (VMCALL_SUCCESS, 0)
+                }
+                _ => (VMCALL_SUBFUNC_UNSUPPORTED, 0),
+            }
+        };
+        regs.r10 = status;
+        regs.r11 = r11;
+        // Every other exposed register comes back changed: the guest must
+        // treat them as clobbered.
+        for (bit, reg) in [
+            (2, &mut regs.rdx),
+            (6, &mut regs.rsi),
+            (7, &mut regs.rdi),
+            (8, &mut regs.r8),
+            (9, &mut regs.r9),
+            (12, &mut regs.r12),
+            (13, &mut regs.r13),
+            (14, &mut regs.r14),
+            (15, &mut regs.r15),
+        ] {
+            if exposed_reg(bit) {
+                *reg = CLOBBER;
+            }
+        }
+    }
+
+    /// MapGPA: returns (R10, R11).
+    fn map_gpa(&mut self, memory: &GuestMemory, r12: u64, size: u64) -> (u64, u64) {
+        let mask = self.shared_mask();
+        let form = r12 & mask;
+        let start = r12 & !mask;
+        if size == 0 || (start | size) & (PAGE_SIZE - 1) != 0 {
+            return (VMCALL_ALIGN_ERROR, r12);
+        }
+        let Some(end) = start.checked_add(size).filter(|&e| e <= memory.size() && e <= mask) else {
+            return (VMCALL_INVALID_OPERAND, r12);
+        };
+        let chunk = self.config.map_gpa_chunk_pages.map_or(size, |p| (p * PAGE_SIZE).min(size));
+        match self.hostile {
+            Some(TdxHostile::ResumeBelowStart) => return (VMCALL_RETRY, r12.wrapping_sub(PAGE_SIZE)),
+            Some(TdxHostile::ResumeAtEnd) => return (VMCALL_RETRY, end | form),
+            Some(TdxHostile::ResumeUnaligned) => return (VMCALL_RETRY, r12 + PAGE_SIZE / 2),
+            Some(TdxHostile::NoProgressForever) => return (VMCALL_RETRY, r12),
+            Some(TdxHostile::SuccessWithoutConverting) => return (VMCALL_SUCCESS, 0),
+            Some(TdxHostile::GarbageStatus(s)) => return (s, 0),
+            Some(TdxHostile::ResumeRewind) => {
+                self.rewind_flip = !self.rewind_flip;
+                let resume = if self.rewind_flip { r12 + PAGE_SIZE } else { r12 - PAGE_SIZE };
+                return (VMCALL_RETRY, resume);
+            }
+            Some(TdxHostile::ResumeWithoutSharedBit) => {
+                self.convert(memory, start, start + chunk, form != 0);
+                let status = if start + chunk < end { VMCALL_RETRY } else { VMCALL_SUCCESS };
+                return (status, (start + chunk) & !mask);
+            }
+            None => {}
+        }
+        if self.stalls_left > 0 {
+            self.stalls_left -= 1;
+            return (VMCALL_RETRY, r12);
+        }
+        self.stalls_left = self.config.map_gpa_stalls_per_chunk;
+        self.convert(memory, start, start + chunk, form != 0);
+        if start + chunk < end {
+            (VMCALL_RETRY, (start + chunk) | form)
+        } else {
+            (VMCALL_SUCCESS, 0)
+        }
+    }
+
+    /// Moves `[start, end)` to shared (removing private pages: their
+    /// contents are lost) or to private (adding pending pages with the
+    /// largest mapping the alignment allows, up to `max_aug_level`).
+    fn convert(&mut self, memory: &GuestMemory, start: u64, end: u64, to_shared: bool) {
+        let (first, last) = (start / PAGE_SIZE, end / PAGE_SIZE);
+        if to_shared {
+            for gfn in first..last {
+                let page = &mut self.pages[gfn as usize];
+                if page.state != TdxPageState::Shared {
+                    *page = TdxPage { state: TdxPageState::Shared, level: 0 };
+                    memory.fill(gfn * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
+                }
+            }
+            return;
+        }
+        let mut gfn = first;
+        while gfn < last {
+            let level = (0..=self.config.max_aug_level)
+                .rev()
+                .find(|&l| {
+                    let n = level_pages(l);
+                    gfn % n == 0
+                        && gfn + n <= last
+                        && self.pages[gfn as usize..(gfn + n) as usize].iter().all(|p| p.state == TdxPageState::Shared)
+                })
+                .unwrap_or(0);
+            let n = level_pages(level);
+            for (i, page) in self.pages[gfn as usize..(gfn + n) as usize].iter_mut().enumerate() {
+                if page.state == TdxPageState::Shared {
+                    *page = TdxPage { state: TdxPageState::Pending, level };
+                    memory.fill((gfn + i as u64) * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
+                }
+            }
+            gfn += n;
+        }
+    }
+}
+
+// SAFETY: the model changes guest memory only as the TDX module and VMM
+// would: ACCEPT zeroes the accepted page, MapGPA scribbles converted pages;
+// the reporting leaves change nothing.
+unsafe impl Tdcall for MockTdx {
+    unsafe fn tdcall(&self, regs: &mut Registers) {
+        self.handle(regs);
+    }
+}
