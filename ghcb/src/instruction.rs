@@ -91,7 +91,10 @@ unsafe impl Pvalidate for PvalidateInstruction {
                 options(nostack),
             );
         }
-        RawPvalidate { eax: eax as u32, carry: carry != 0 }
+        RawPvalidate {
+            eax: eax as u32,
+            carry: carry != 0,
+        }
     }
 
     #[cfg(not(target_arch = "x86_64"))]

@@ -113,3 +113,28 @@ impl Field {
         self.offset() / 8
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn valid_bits_are_offset_over_8() {
+        assert_eq!(Field::SwExitCode.valid_bit(), 0x390 / 8);
+        assert_eq!(Field::SwScratch.valid_bit(), 117);
+        assert_eq!(Field::Rax.valid_bit(), 63);
+        // Every field's bit fits the 128-bit bitmap.
+        for f in [
+            Field::Rax,
+            Field::Rbx,
+            Field::Rcx,
+            Field::Rdx,
+            Field::SwExitCode,
+            Field::SwExitInfo1,
+            Field::SwExitInfo2,
+            Field::SwScratch,
+        ] {
+            assert!(f.valid_bit() < 128);
+        }
+    }
+}

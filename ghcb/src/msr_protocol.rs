@@ -77,7 +77,11 @@ pub const fn sev_info_request() -> u64 {
 /// Decodes the SEV information response.
 pub fn sev_info_response(response: u64) -> Result<SevInfo, MsrProtocolError> {
     let r = expect_code(response, code::SEV_INFO_RESPONSE, 0x00FF_F000)?;
-    Ok(SevInfo { max_version: (r >> 48) as u16, min_version: (r >> 32) as u16, c_bit: (r >> 24) as u8 })
+    Ok(SevInfo {
+        max_version: (r >> 48) as u16,
+        min_version: (r >> 32) as u16,
+        c_bit: (r >> 24) as u8,
+    })
 }
 
 /// Encodes a register-GHCB request for the page at `gpa`: GHCBData[63:12] =
@@ -138,4 +142,55 @@ pub fn hv_features_response(response: u64) -> Result<u64, MsrProtocolError> {
 /// [23:16] = reason code.
 pub const fn terminate_request(reason_set: u8, reason: u8) -> u64 {
     (((reason_set & 0xF) as u64) << 12) | ((reason as u64) << 16) | code::TERMINATE_REQUEST
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_encode_as_the_spec_lays_out() {
+        assert_eq!(sev_info_request(), 0x002);
+        assert_eq!(hv_features_request(), 0x080);
+        assert_eq!(register_ghcb_request(0x1234_5000), 0x1234_5012);
+        assert_eq!(psc_request(0xABCDE, PscOp::Shared), (2 << 52) | (0xABCDE << 12) | 0x014);
+        assert_eq!(psc_request(1, PscOp::Private), (1 << 52) | (1 << 12) | 0x014);
+        assert_eq!(terminate_request(1, 3), 0x0003_1100);
+    }
+
+    #[test]
+    fn responses_are_checked() {
+        let info = sev_info_response((2 << 48) | (1 << 32) | (51 << 24) | 0x001).unwrap();
+        assert_eq!(
+            info,
+            SevInfo {
+                max_version: 2,
+                min_version: 1,
+                c_bit: 51
+            }
+        );
+        assert!(matches!(
+            sev_info_response(0x1001),
+            Err(MsrProtocolError::ReservedBits { .. })
+        ));
+        assert!(matches!(
+            sev_info_response(0x002),
+            Err(MsrProtocolError::WrongCode { expected: 1, .. })
+        ));
+        assert_eq!(register_ghcb_response(0x1234_5013), Ok(0x12345));
+        assert_eq!(psc_response(0x015), Ok(0));
+        assert_eq!(psc_response((7 << 32) | 0x015), Ok(7));
+        assert!(matches!(
+            psc_response(0x1015),
+            Err(MsrProtocolError::ReservedBits { .. })
+        ));
+        assert_eq!(hv_features_response((0b101 << 12) | 0x081), Ok(0b101));
+    }
+
+    #[test]
+    fn psc_op_decodes() {
+        assert_eq!(PscOp::from_bits(1), Some(PscOp::Private));
+        assert_eq!(PscOp::from_bits(2), Some(PscOp::Shared));
+        assert_eq!(PscOp::from_bits(3), None);
+    }
 }

@@ -154,7 +154,9 @@ impl GhcbPage {
         let info1 = self.field(Field::SwExitInfo1);
         match info1 as u32 {
             0 => Ok(()),
-            1 => Err(NaeError::Hypervisor { info2: self.field(Field::SwExitInfo2) }),
+            1 => Err(NaeError::Hypervisor {
+                info2: self.field(Field::SwExitInfo2),
+            }),
             _ => Err(NaeError::Unexpected { info1 }),
         }
     }
@@ -162,3 +164,29 @@ impl GhcbPage {
 
 /// Size check: a `Ghcb` is exactly the page `GhcbPage` addresses.
 const _: () = assert!(core::mem::size_of::<Ghcb>() == 4096);
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::boxed::Box;
+    use zerocopy::FromZeros;
+
+    #[test]
+    fn fields_and_valid_bitmap_stay_in_step() {
+        let mut raw = Box::new(Ghcb::new_zeroed());
+        let ptr = NonNull::from(&mut *raw);
+        // SAFETY: the box outlives the handle and nothing else touches it.
+        let mut page = unsafe { GhcbPage::new(ptr, 0x7000) };
+        page.set_field(Field::SwScratch, 0x7800);
+        page.set_field(Field::Rax, 5);
+        assert!(page.is_valid(Field::SwScratch) && page.is_valid(Field::Rax));
+        assert!(!page.is_valid(Field::SwExitCode));
+        assert_eq!(page.field(Field::SwScratch), 0x7800);
+        page.invalidate();
+        assert!(!page.is_valid(Field::SwScratch) && !page.is_valid(Field::Rax));
+        let bytes = zerocopy::IntoBytes::as_bytes(&*raw);
+        assert_eq!(u64::from_le_bytes(bytes[0x3A8..0x3B0].try_into().unwrap()), 0x7800);
+        drop::<Box<Ghcb>>(raw);
+    }
+}

@@ -57,7 +57,10 @@ pub unsafe fn negotiate<H: GhcbMsr + ?Sized>(hv: &H) -> Result<SevInfo, Protocol
     // caller's.
     let info = msr::sev_info_response(unsafe { hv.vmgexit(msr::sev_info_request()) })?;
     if info.min_version > GHCB_PROTOCOL_VERSION || info.max_version < GHCB_PROTOCOL_VERSION {
-        return Err(ProtocolError::UnsupportedVersion { min: info.min_version, max: info.max_version });
+        return Err(ProtocolError::UnsupportedVersion {
+            min: info.min_version,
+            max: info.max_version,
+        });
     }
     if !(32..=51).contains(&info.c_bit) {
         return Err(ProtocolError::BadCBit(info.c_bit));

@@ -100,7 +100,11 @@ pub struct PscHeader {
 impl PscHeader {
     /// Decodes the quadword at the start of the shared buffer.
     pub const fn from_qword(q: u64) -> Self {
-        PscHeader { cur_entry: q as u16, end_entry: (q >> 16) as u16, reserved: (q >> 32) as u32 }
+        PscHeader {
+            cur_entry: q as u16,
+            end_entry: (q >> 16) as u16,
+            reserved: (q >> 32) as u32,
+        }
     }
 
     /// Encodes it.
@@ -118,7 +122,10 @@ pub struct PscDescriptor {
 
 impl Default for PscDescriptor {
     fn default() -> Self {
-        PscDescriptor { entries: [PscEntry(0); MAX_ENTRIES], len: 0 }
+        PscDescriptor {
+            entries: [PscEntry(0); MAX_ENTRIES],
+            len: 0,
+        }
     }
 }
 
@@ -163,7 +170,12 @@ impl PscBatches {
         if (gpa | len) & 0xFFF != 0 {
             return None;
         }
-        Some(PscBatches { next: gpa, end, op, allow_2m })
+        Some(PscBatches {
+            next: gpa,
+            end,
+            op,
+            allow_2m,
+        })
     }
 }
 
@@ -264,11 +276,22 @@ pub unsafe fn submit<H: GhcbMsr + ?Sized>(
         return Ok(PscExits::default());
     }
     let end_entry = (entries.len() - 1) as u16;
-    ghcb.set_shared_qword(0, PscHeader { cur_entry: 0, end_entry, reserved: 0 }.to_qword());
+    ghcb.set_shared_qword(
+        0,
+        PscHeader {
+            cur_entry: 0,
+            end_entry,
+            reserved: 0,
+        }
+        .to_qword(),
+    );
     for (i, e) in entries.iter().enumerate() {
         ghcb.set_shared_qword(1 + i, e.0);
     }
-    let mut stats = PscExits { exits: 0, entries: entries.len() as u64 };
+    let mut stats = PscExits {
+        exits: 0,
+        entries: entries.len() as u64,
+    };
     let mut position = (0u16, 0u64);
     let mut exits_without_progress = 0;
     while position.0 <= end_entry {
@@ -309,7 +332,10 @@ fn check_progress(
         return Err(PscError::ReservedSet { header: raw });
     }
     if header.end_entry != end_entry {
-        return Err(PscError::EndEntryChanged { expected: end_entry, found: header.end_entry });
+        return Err(PscError::EndEntryChanged {
+            expected: end_entry,
+            found: header.end_entry,
+        });
     }
     let cur = header.cur_entry;
     if cur > end_entry + 1 {
@@ -321,7 +347,11 @@ fn check_progress(
         let expected = entries[index as usize];
         let cur_page = found.cur_page();
         if PscEntry(found.0 & !CUR_PAGE_MASK) != expected || (index != cur && cur_page != 0) {
-            return Err(PscError::EntryTampered { index, expected: expected.0, found: found.0 });
+            return Err(PscError::EntryTampered {
+                index,
+                expected: expected.0,
+                found: found.0,
+            });
         }
         if index == cur {
             if cur_page >= expected.pages() {
@@ -358,4 +388,43 @@ pub unsafe fn change_page_state<H: GhcbMsr + ?Sized>(
         total.entries += done.entries;
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_fields_round_trip() {
+        let e = PscEntry::new(0x12_3456_789A, PscOp::Shared, PageSize::Size2M);
+        assert_eq!(e.0, (1 << 56) | (2 << 52) | (0x12_3456_789A << 12));
+        assert_eq!(
+            (e.gfn(), e.op_bits(), e.size(), e.cur_page(), e.reserved(), e.pages()),
+            (0x12_3456_789A, 2, PageSize::Size2M, 0, 0, 512)
+        );
+        let small = PscEntry::new(7, PscOp::Private, PageSize::Size4K);
+        assert_eq!((small.size(), small.pages(), small.op_bits()), (PageSize::Size4K, 1, 1));
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = PscHeader {
+            cur_entry: 3,
+            end_entry: 252,
+            reserved: 0,
+        };
+        assert_eq!(h.to_qword(), (252 << 16) | 3);
+        assert_eq!(PscHeader::from_qword(h.to_qword()), h);
+        assert_eq!(PscHeader::from_qword(1 << 32).reserved, 1);
+    }
+
+    #[test]
+    fn descriptor_fills_the_shared_buffer_exactly() {
+        assert_eq!(8 + MAX_ENTRIES * 8, crate::layout::SHARED_BUFFER_SIZE);
+        let mut d = PscDescriptor::default();
+        for i in 0..MAX_ENTRIES as u64 {
+            assert!(d.push(PscEntry::new(i, PscOp::Private, PageSize::Size4K)));
+        }
+        assert!(!d.push(PscEntry::new(0, PscOp::Private, PageSize::Size4K)));
+    }
 }

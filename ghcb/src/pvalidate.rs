@@ -137,7 +137,13 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
                 // The RMP maps this 2 MiB with 4 KiB entries: fall through
                 // and do it page by page.
                 Err(PvalidateError::SizeMismatch) => {}
-                Err(error) => return Err(PvalidateRangeError::Page { va: page, size: PageSize::Size2M, error }),
+                Err(error) => {
+                    return Err(PvalidateRangeError::Page {
+                        va: page,
+                        size: PageSize::Size2M,
+                        error,
+                    })
+                }
             }
             for small in (page..page + huge).step_by(PageSize::Size4K.bytes() as usize) {
                 // SAFETY: forwarded to the caller.
@@ -161,8 +167,11 @@ unsafe fn pvalidate_4k<P: Pvalidate + ?Sized>(
 ) -> Result<(), PvalidateRangeError> {
     calls.calls += 1;
     // SAFETY: forwarded to the caller.
-    unsafe { pvalidate(p, va, PageSize::Size4K, validate) }
-        .map_err(|error| PvalidateRangeError::Page { va, size: PageSize::Size4K, error })?;
+    unsafe { pvalidate(p, va, PageSize::Size4K, validate) }.map_err(|error| PvalidateRangeError::Page {
+        va,
+        size: PageSize::Size4K,
+        error,
+    })?;
     calls.pages_4k += 1;
     Ok(())
 }

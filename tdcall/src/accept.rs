@@ -83,7 +83,10 @@ unsafe fn accept_one<T: Tdcall + ?Sized>(
     calls: &mut u64,
 ) -> Result<(), AcceptError> {
     if gpa & (level.bytes() - 1) != 0 {
-        return Err(AcceptError::InvalidRange { start: gpa, len: level.bytes() });
+        return Err(AcceptError::InvalidRange {
+            start: gpa,
+            len: level.bytes(),
+        });
     }
     for _ in 0..BUSY_RETRY_LIMIT {
         let mut regs = Registers {
@@ -147,7 +150,10 @@ unsafe fn accept_block<T: Tdcall + ?Sized>(
             counts.accepted[level as usize] += 1;
             Ok(())
         }
-        Err(AcceptError::Tdx { error: TdxError::PageSizeMismatch, .. }) if level != PageLevel::Size4K => {
+        Err(AcceptError::Tdx {
+            error: TdxError::PageSizeMismatch,
+            ..
+        }) if level != PageLevel::Size4K => {
             let smaller = level.smaller().unwrap_or(PageLevel::Size4K);
             for i in 0..512 {
                 // SAFETY: forwarded to the caller.

@@ -67,7 +67,10 @@ pub enum InfoError {
 
 /// Calls TDG.VP.INFO.
 pub fn vp_info<T: Tdcall + ?Sized>(tdcall: &T) -> Result<TdInfo, InfoError> {
-    let mut regs = Registers { rax: leaf::VP_INFO, ..Registers::default() };
+    let mut regs = Registers {
+        rax: leaf::VP_INFO,
+        ..Registers::default()
+    };
     // SAFETY: TDG.VP.INFO only reports; the `Tdcall` contract says it leaves
     // memory alone.
     unsafe { tdcall.tdcall(&mut regs) };

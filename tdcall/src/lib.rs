@@ -6,12 +6,12 @@
 //! top of it sit typed wrappers for the leaves a guest needs to convert
 //! memory:
 //!
-//! - [`vp_info`]: TDG.VP.INFO (GPA width, the shared-bit mask, TD attributes);
-//! - [`ve_info`]: TDG.VP.VEINFO.GET (what caused a #VE);
-//! - [`accept_page`] / [`accept_range`]: TDG.MEM.PAGE.ACCEPT, largest aligned
+//! - [`vp_info`], TDG.VP.INFO (GPA width, the shared-bit mask, TD attributes);
+//! - [`ve_info`], TDG.VP.VEINFO.GET (what caused a #VE);
+//! - [`accept_page`] / [`accept_range`], TDG.MEM.PAGE.ACCEPT, largest aligned
 //!   size first;
-//! - [`map_gpa`]: TDG.VP.VMCALL\<MapGPA\> with a checked, bounded retry loop;
-//! - [`report_fatal_error`]: TDG.VP.VMCALL\<ReportFatalError\>.
+//! - [`map_gpa`], TDG.VP.VMCALL\<MapGPA\> with a checked, bounded retry loop;
+//! - [`report_fatal_error`], TDG.VP.VMCALL\<ReportFatalError\>.
 //!
 //! Every value the TDX module or the VMM returns is decoded into a typed
 //! result; nothing the host controls can make these functions panic or loop

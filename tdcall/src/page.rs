@@ -43,3 +43,21 @@ impl PageLevel {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_encoding() {
+        assert_eq!(PageLevel::Size4K.bytes(), 4096);
+        assert_eq!(PageLevel::Size2M.bytes(), 2 << 20);
+        assert_eq!(PageLevel::Size1G.bytes(), 1 << 30);
+        for level in PageLevel::LARGEST_FIRST {
+            assert_eq!(PageLevel::from_abi(level as u64), Some(level));
+        }
+        assert_eq!(PageLevel::from_abi(3), None);
+        assert_eq!(PageLevel::Size1G.smaller(), Some(PageLevel::Size2M));
+        assert_eq!(PageLevel::Size4K.smaller(), None);
+    }
+}

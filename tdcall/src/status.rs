@@ -73,3 +73,37 @@ pub enum TdxError {
     /// Any other status, kept whole.
     Other(u64),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_zero_is_success() {
+        assert_eq!(TdxStatus(0).into_result(), Ok(()));
+        // A warning class with bit 63 clear is still not success.
+        assert_eq!(
+            TdxStatus(PAGE_ALREADY_ACCEPTED | 1).into_result(),
+            Err(TdxError::PageAlreadyAccepted)
+        );
+        assert_eq!(TdxStatus(0x0000_0000_0000_0001).into_result(), Err(TdxError::Other(1)));
+    }
+
+    #[test]
+    fn operand_id_is_kept() {
+        assert_eq!(
+            TdxStatus(OPERAND_INVALID | 1).into_result(),
+            Err(TdxError::OperandInvalid { operand: 1 })
+        );
+        assert_eq!(
+            TdxStatus(OPERAND_BUSY | 0x92).into_result(),
+            Err(TdxError::OperandBusy { operand: 0x92 })
+        );
+        assert_eq!(
+            TdxStatus(PAGE_SIZE_MISMATCH | 1).into_result(),
+            Err(TdxError::PageSizeMismatch)
+        );
+        assert_eq!(TdxStatus(NO_VALID_VE_INFO).into_result(), Err(TdxError::NoValidVeInfo));
+        assert_eq!(TdxStatus(u64::MAX).into_result(), Err(TdxError::Other(u64::MAX)));
+    }
+}

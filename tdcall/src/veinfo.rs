@@ -28,7 +28,10 @@ impl VeInfo {
 /// Calls TDG.VP.VEINFO.GET. Must be called from the #VE handler before
 /// anything can cause another #VE: the module keeps only one.
 pub fn ve_info<T: Tdcall + ?Sized>(tdcall: &T) -> Result<VeInfo, TdxError> {
-    let mut regs = Registers { rax: leaf::VP_VEINFO_GET, ..Registers::default() };
+    let mut regs = Registers {
+        rax: leaf::VP_VEINFO_GET,
+        ..Registers::default()
+    };
     // SAFETY: TDG.VP.VEINFO.GET only reports; the `Tdcall` contract says it
     // leaves memory alone.
     unsafe { tdcall.tdcall(&mut regs) };

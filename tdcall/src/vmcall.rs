@@ -87,3 +87,23 @@ pub unsafe fn tdvmcall<T: Tdcall + ?Sized>(
     TdxStatus(regs.rax).into_result()?;
     Ok((VmcallStatus::from_raw(regs.r10), regs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_decode() {
+        assert_eq!(VmcallStatus::from_raw(0), VmcallStatus::Success);
+        assert_eq!(VmcallStatus::from_raw(1), VmcallStatus::Retry);
+        assert_eq!(VmcallStatus::from_raw(1 << 63), VmcallStatus::InvalidOperand);
+        assert_eq!(VmcallStatus::from_raw((1 << 63) | 1), VmcallStatus::GpaInUse);
+        assert_eq!(VmcallStatus::from_raw((1 << 63) | 2), VmcallStatus::AlignError);
+        assert_eq!(VmcallStatus::from_raw(2), VmcallStatus::Unknown(2));
+    }
+
+    #[test]
+    fn only_r10_to_r15_are_exposed() {
+        assert_eq!(VMCALL_EXPOSED_REGS, (10..=15).map(|b| 1u64 << b).sum::<u64>());
+    }
+}

@@ -31,7 +31,10 @@ impl GuestMemory {
     /// If `size` is zero or not a multiple of 4 KiB, or the host is out of
     /// memory: a test setup error.
     pub fn new(size: u64) -> Self {
-        assert!(size > 0 && size % crate::PAGE_SIZE == 0, "guest memory size must be whole pages");
+        assert!(
+            size > 0 && size % crate::PAGE_SIZE == 0,
+            "guest memory size must be whole pages"
+        );
         let layout = Layout::from_size_align(size as usize, 2 << 20).expect("guest memory layout");
         // SAFETY: the layout has a non-zero size.
         let base = NonNull::new(unsafe { alloc_zeroed(layout) }).expect("guest memory allocation");
@@ -94,7 +97,9 @@ impl GuestMemory {
     pub fn is_filled(&self, gpa: u64, len: u64, byte: u8) -> bool {
         assert!(self.contains(gpa, len));
         // SAFETY: in bounds; plain bytes.
-        unsafe { core::slice::from_raw_parts(self.ptr(gpa), len as usize) }.iter().all(|&b| b == byte)
+        unsafe { core::slice::from_raw_parts(self.ptr(gpa), len as usize) }
+            .iter()
+            .all(|&b| b == byte)
     }
 
     /// Reads one byte.

@@ -65,11 +65,13 @@ pub struct RmpEntry {
 /// Ways the hypervisor lies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SnpHostile {
-    /// After the first PSC exit, resets cur_entry to 0.
+    /// Does one page on the first PSC exit of a request, then resets
+    /// cur_entry to 0 on the next.
     PscCurEntryBackwards,
     /// Raises end_entry by one.
     PscEndEntryRaised,
-    /// Lowers end_entry to cur_entry - 1 so the guest loop ends early.
+    /// Does one page on the first exit, then lowers end_entry to
+    /// cur_entry - 1 so the guest loop would end early.
     PscEndEntryLowered,
     /// Sets the header's reserved field.
     PscReservedSet,
@@ -79,7 +81,8 @@ pub enum SnpHostile {
     PscExitInfo1Error,
     /// Returns without doing anything, forever.
     PscStall,
-    /// After processing, rewrites the GFN of the last (unprocessed) entry.
+    /// Does one page on the first exit, then rewrites the GFN of the last
+    /// (unprocessed) entry.
     PscRewriteDescriptor,
     /// Claims every entry done without changing the RMP.
     PscSuccessWithoutRmpChange,
@@ -113,7 +116,13 @@ pub struct SnpConfig {
 
 impl Default for SnpConfig {
     fn default() -> Self {
-        SnpConfig { c_bit: 51, min_version: 1, max_version: 2, features: 1, psc_pages_per_exit: None }
+        SnpConfig {
+            c_bit: 51,
+            min_version: 1,
+            max_version: 2,
+            features: 1,
+            psc_pages_per_exit: None,
+        }
     }
 }
 
@@ -151,7 +160,9 @@ pub struct MockSnp {
 
 impl core::fmt::Debug for MockSnp {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MockSnp").field("config", &self.model.lock().config).finish_non_exhaustive()
+        f.debug_struct("MockSnp")
+            .field("config", &self.model.lock().config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +170,14 @@ impl MockSnp {
     /// A guest whose memory is all private and validated with 4 KiB RMP
     /// entries (as after launch and boot-time validation).
     pub fn new(memory: Arc<GuestMemory>, config: SnpConfig) -> Self {
-        let rmp = vec![RmpEntry { assigned: true, validated: true, huge: false }; memory.pages() as usize];
+        let rmp = vec![
+            RmpEntry {
+                assigned: true,
+                validated: true,
+                huge: false
+            };
+            memory.pages() as usize
+        ];
         MockSnp {
             memory,
             model: Mutex::new(Model {
@@ -211,12 +229,19 @@ impl Model {
         let (code, payload) = match value & 0xFFF {
             SEV_INFO_REQ => {
                 let c = &self.config;
-                (SEV_INFO_RESP, (c.max_version as u64) << 48 | (c.min_version as u64) << 32 | (c.c_bit as u64) << 24)
+                (
+                    SEV_INFO_RESP,
+                    (c.max_version as u64) << 48 | (c.min_version as u64) << 32 | (c.c_bit as u64) << 24,
+                )
             }
             FEATURES_REQ => (FEATURES_RESP, self.config.features << 12),
             REGISTER_REQ => {
                 let gfn = value >> 12;
-                let echoed = if hostile == Some(SnpHostile::MsrWrongGfn) { gfn + 1 } else { gfn };
+                let echoed = if hostile == Some(SnpHostile::MsrWrongGfn) {
+                    gfn + 1
+                } else {
+                    gfn
+                };
                 if memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) && !self.rmp[gfn as usize].assigned {
                     self.ghcb_gpa = Some(gfn * PAGE_SIZE);
                     (REGISTER_RESP, echoed << 12)
@@ -228,9 +253,9 @@ impl Model {
             PSC_REQ => {
                 let gfn = (value >> 12) & 0xFF_FFFF_FFFF;
                 let op = (value >> 52) & 0xF;
-                let error = if value >> 56 != 0 || !(1..=2).contains(&op) || !memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) {
-                    1
-                } else if hostile == Some(SnpHostile::MsrPscError) {
+                let malformed =
+                    value >> 56 != 0 || !(1..=2).contains(&op) || !memory.contains(gfn * PAGE_SIZE, PAGE_SIZE);
+                let error = if malformed || hostile == Some(SnpHostile::MsrPscError) {
                     1
                 } else {
                     if hostile != Some(SnpHostile::MsrPscWithoutRmpChange) {
@@ -271,7 +296,11 @@ impl Model {
             if e.assigned != private || e.validated {
                 memory.fill(g * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
             }
-            *e = RmpEntry { assigned: private, validated: false, huge: huge && private };
+            *e = RmpEntry {
+                assigned: private,
+                validated: false,
+                huge: huge && private,
+            };
         }
     }
 
@@ -280,21 +309,21 @@ impl Model {
         let valid = |field: u64| memory.read_u8(gpa + OFF_VALID_BITMAP + field / 64) & (1 << ((field / 8) % 8)) != 0;
         let version_usage = memory.read_u64(gpa + OFF_VERSION_USAGE);
         let (version, usage) = ((version_usage >> 16) as u16, (version_usage >> 32) as u32);
-        let fields_valid = [OFF_SW_EXIT_CODE, OFF_SW_EXIT_INFO_1, OFF_SW_EXIT_INFO_2].iter().all(|&f| valid(f));
-        let (info1, info2) = if !fields_valid || version != 2 || usage != 0 {
-            self.stats.protocol_violations += 1;
-            (1, GHCB_MALFORMED)
-        } else if memory.read_u64(gpa + OFF_SW_EXIT_CODE) != PSC_EXIT {
-            self.stats.protocol_violations += 1;
-            (1, GHCB_MALFORMED)
+        let fields_valid = [OFF_SW_EXIT_CODE, OFF_SW_EXIT_INFO_1, OFF_SW_EXIT_INFO_2]
+            .iter()
+            .all(|&f| valid(f));
+        let scratch = memory.read_u64(gpa + OFF_SW_SCRATCH);
+        let well_formed = fields_valid
+            && version == 2
+            && usage == 0
+            && memory.read_u64(gpa + OFF_SW_EXIT_CODE) == PSC_EXIT
+            && valid(OFF_SW_SCRATCH)
+            && scratch == gpa + OFF_SHARED_BUFFER;
+        let (info1, info2) = if well_formed {
+            self.psc(memory, scratch)
         } else {
-            let scratch = memory.read_u64(gpa + OFF_SW_SCRATCH);
-            if !valid(OFF_SW_SCRATCH) || scratch != gpa + OFF_SHARED_BUFFER {
-                self.stats.protocol_violations += 1;
-                (1, GHCB_MALFORMED)
-            } else {
-                self.psc(memory, scratch)
-            }
+            self.stats.protocol_violations += 1;
+            (1, GHCB_MALFORMED)
         };
         memory.write_u64(gpa + OFF_SW_EXIT_INFO_1, info1);
         memory.write_u64(gpa + OFF_SW_EXIT_INFO_2, info2);
@@ -319,10 +348,23 @@ impl Model {
             _ => {}
         }
         let mut budget = self.config.psc_pages_per_exit.unwrap_or(u64::MAX);
+        let lie_needs_unfinished_work = matches!(
+            self.hostile,
+            Some(SnpHostile::PscCurEntryBackwards | SnpHostile::PscRewriteDescriptor | SnpHostile::PscEndEntryLowered)
+        );
+        if first_exit && lie_needs_unfinished_work {
+            // Leave work undone, so the lie has entries to be told about.
+            budget = 1;
+        }
         while cur <= end && budget > 0 {
             let at = buf + 8 + cur * 8;
             let entry = memory.read_u64(at);
-            let (done, gfn, op, huge) = (entry & 0xFFF, (entry >> 12) & 0xFF_FFFF_FFFF, (entry >> 52) & 0xF, entry >> 56 & 1 == 1);
+            let (done, gfn, op, huge) = (
+                entry & 0xFFF,
+                (entry >> 12) & 0xFF_FFFF_FFFF,
+                (entry >> 52) & 0xF,
+                entry >> 56 & 1 == 1,
+            );
             let pages = if huge { 512 } else { 1 };
             if entry >> 57 != 0
                 || !(1..=2).contains(&op)
@@ -356,7 +398,11 @@ impl Model {
             }
             _ => {}
         }
-        let reserved = if self.hostile == Some(SnpHostile::PscReservedSet) { 1u64 << 32 } else { 0 };
+        let reserved = if self.hostile == Some(SnpHostile::PscReservedSet) {
+            1u64 << 32
+        } else {
+            0
+        };
         memory.write_u64(buf, reserved | (end << 16) | cur);
         (0, 0)
     }
@@ -365,7 +411,9 @@ impl Model {
         self.stats.pvalidates += 1;
         let fail = |eax| RawPvalidate { eax, carry: false };
         let pages = size.bytes() / PAGE_SIZE;
-        let Some(gpa) = memory.gpa_of(va) else { return fail(FAIL_INPUT) };
+        let Some(gpa) = memory.gpa_of(va) else {
+            return fail(FAIL_INPUT);
+        };
         if gpa % size.bytes() != 0 || !memory.contains(gpa, size.bytes()) {
             return fail(FAIL_INPUT);
         }

@@ -113,7 +113,13 @@ pub struct TdxConfig {
 
 impl Default for TdxConfig {
     fn default() -> Self {
-        TdxConfig { gpaw: 48, attributes: 0, max_aug_level: 2, map_gpa_chunk_pages: None, map_gpa_stalls_per_chunk: 0 }
+        TdxConfig {
+            gpaw: 48,
+            attributes: 0,
+            max_aug_level: 2,
+            map_gpa_chunk_pages: None,
+            map_gpa_stalls_per_chunk: 0,
+        }
     }
 }
 
@@ -181,7 +187,9 @@ pub struct MockTdx {
 
 impl core::fmt::Debug for MockTdx {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("MockTdx").field("config", &self.model.lock().config).finish_non_exhaustive()
+        f.debug_struct("MockTdx")
+            .field("config", &self.model.lock().config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -189,7 +197,13 @@ impl MockTdx {
     /// A TD whose memory is all private and accepted (as after the
     /// firmware accepted it at boot), mapped with 4 KiB Secure-EPT entries.
     pub fn new(memory: Arc<GuestMemory>, config: TdxConfig) -> Self {
-        let pages = vec![TdxPage { state: TdxPageState::Accepted, level: 0 }; memory.pages() as usize];
+        let pages = vec![
+            TdxPage {
+                state: TdxPageState::Accepted,
+                level: 0
+            };
+            memory.pages() as usize
+        ];
         MockTdx {
             memory,
             model: Mutex::new(Model {
@@ -282,7 +296,11 @@ impl MockTdx {
             }
             LEAF_MEM_PAGE_ACCEPT => {
                 let status = m.accept(&self.memory, regs.rcx);
-                m.events.push(TdxEvent::Accept { gpa: regs.rcx & !0xFFF, level: (regs.rcx & 7) as u8, status });
+                m.events.push(TdxEvent::Accept {
+                    gpa: regs.rcx & !0xFFF,
+                    level: (regs.rcx & 7) as u8,
+                    status,
+                });
                 regs.rax = status;
             }
             LEAF_VP_VMCALL => m.vmcall(&self.memory, regs),
@@ -343,7 +361,10 @@ impl Model {
         // VMM cannot even see the request.
         if exposed & (1 << 10 | 1 << 11) != (1 << 10 | 1 << 11) || exposed & 0xF != 0 {
             regs.rax = TDX_OPERAND_INVALID | OPERAND_RCX;
-            self.events.push(TdxEvent::Rejected { leaf: LEAF_VP_VMCALL, status: regs.rax });
+            self.events.push(TdxEvent::Rejected {
+                leaf: LEAF_VP_VMCALL,
+                status: regs.rax,
+            });
             return;
         }
         regs.rax = TDX_SUCCESS;
@@ -358,7 +379,12 @@ impl Model {
             match regs.r11 {
                 MAP_GPA => {
                     let (status, resume) = self.map_gpa(memory, r12, r13);
-                    self.events.push(TdxEvent::MapGpa { gpa: r12, size: r13, status, resume });
+                    self.events.push(TdxEvent::MapGpa {
+                        gpa: r12,
+                        size: r13,
+                        status,
+                        resume,
+                    });
                     (status, resume)
                 }
                 REPORT_FATAL_ERROR => {
@@ -401,7 +427,10 @@ impl Model {
         let Some(end) = start.checked_add(size).filter(|&e| e <= memory.size() && e <= mask) else {
             return (VMCALL_INVALID_OPERAND, r12);
         };
-        let chunk = self.config.map_gpa_chunk_pages.map_or(size, |p| (p * PAGE_SIZE).min(size));
+        let chunk = self
+            .config
+            .map_gpa_chunk_pages
+            .map_or(size, |p| (p * PAGE_SIZE).min(size));
         match self.hostile {
             Some(TdxHostile::ResumeBelowStart) => return (VMCALL_RETRY, r12.wrapping_sub(PAGE_SIZE)),
             Some(TdxHostile::ResumeAtEnd) => return (VMCALL_RETRY, end | form),
@@ -411,12 +440,20 @@ impl Model {
             Some(TdxHostile::GarbageStatus(s)) => return (s, 0),
             Some(TdxHostile::ResumeRewind) => {
                 self.rewind_flip = !self.rewind_flip;
-                let resume = if self.rewind_flip { r12 + PAGE_SIZE } else { r12 - PAGE_SIZE };
+                let resume = if self.rewind_flip {
+                    r12 + PAGE_SIZE
+                } else {
+                    r12 - PAGE_SIZE
+                };
                 return (VMCALL_RETRY, resume);
             }
             Some(TdxHostile::ResumeWithoutSharedBit) => {
                 self.convert(memory, start, start + chunk, form != 0);
-                let status = if start + chunk < end { VMCALL_RETRY } else { VMCALL_SUCCESS };
+                let status = if start + chunk < end {
+                    VMCALL_RETRY
+                } else {
+                    VMCALL_SUCCESS
+                };
                 return (status, (start + chunk) & !mask);
             }
             None => {}
@@ -443,7 +480,10 @@ impl Model {
             for gfn in first..last {
                 let page = &mut self.pages[gfn as usize];
                 if page.state != TdxPageState::Shared {
-                    *page = TdxPage { state: TdxPageState::Shared, level: 0 };
+                    *page = TdxPage {
+                        state: TdxPageState::Shared,
+                        level: 0,
+                    };
                     memory.fill(gfn * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
                 }
             }
@@ -457,13 +497,18 @@ impl Model {
                     let n = level_pages(l);
                     gfn % n == 0
                         && gfn + n <= last
-                        && self.pages[gfn as usize..(gfn + n) as usize].iter().all(|p| p.state == TdxPageState::Shared)
+                        && self.pages[gfn as usize..(gfn + n) as usize]
+                            .iter()
+                            .all(|p| p.state == TdxPageState::Shared)
                 })
                 .unwrap_or(0);
             let n = level_pages(level);
             for (i, page) in self.pages[gfn as usize..(gfn + n) as usize].iter_mut().enumerate() {
                 if page.state == TdxPageState::Shared {
-                    *page = TdxPage { state: TdxPageState::Pending, level };
+                    *page = TdxPage {
+                        state: TdxPageState::Pending,
+                        level,
+                    };
                     memory.fill((gfn + i as u64) * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
                 }
             }

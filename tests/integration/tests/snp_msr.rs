@@ -8,7 +8,13 @@ use integration::{boot_ghcb, ghcb_gpa, snp, MIB};
 
 #[test]
 fn negotiate_reports_versions_and_c_bit() {
-    let hv = snp(MIB, SnpConfig { c_bit: 47, ..SnpConfig::default() });
+    let hv = snp(
+        MIB,
+        SnpConfig {
+            c_bit: 47,
+            ..SnpConfig::default()
+        },
+    );
     // SAFETY: no memory effect.
     let info = unsafe { protocol::negotiate(&hv) }.unwrap();
     assert_eq!((info.min_version, info.max_version, info.c_bit), (1, 2, 47));
@@ -17,7 +23,14 @@ fn negotiate_reports_versions_and_c_bit() {
 #[test]
 fn negotiate_refuses_a_hypervisor_without_version_2() {
     for (min, max) in [(1, 1), (3, 4)] {
-        let hv = snp(MIB, SnpConfig { min_version: min, max_version: max, ..SnpConfig::default() });
+        let hv = snp(
+            MIB,
+            SnpConfig {
+                min_version: min,
+                max_version: max,
+                ..SnpConfig::default()
+            },
+        );
         // SAFETY: no memory effect.
         let err = unsafe { protocol::negotiate(&hv) }.unwrap_err();
         assert_eq!(err, ProtocolError::UnsupportedVersion { min, max });
@@ -26,20 +39,39 @@ fn negotiate_refuses_a_hypervisor_without_version_2() {
 
 #[test]
 fn negotiate_refuses_an_impossible_c_bit() {
-    let hv = snp(MIB, SnpConfig { c_bit: 63, ..SnpConfig::default() });
+    let hv = snp(
+        MIB,
+        SnpConfig {
+            c_bit: 63,
+            ..SnpConfig::default()
+        },
+    );
     // SAFETY: no memory effect.
     assert_eq!(unsafe { protocol::negotiate(&hv) }, Err(ProtocolError::BadCBit(63)));
 }
 
 #[test]
 fn features_require_snp() {
-    let hv = snp(MIB, SnpConfig { features: 0b11, ..SnpConfig::default() });
+    let hv = snp(
+        MIB,
+        SnpConfig {
+            features: 0b11,
+            ..SnpConfig::default()
+        },
+    );
     // SAFETY: no memory effect.
     let f = unsafe { protocol::hv_features(&hv) }.unwrap();
     assert_eq!(f, HvFeatures::SNP | HvFeatures::SNP_AP_CREATION);
-    let hv = snp(MIB, SnpConfig { features: 0b10, ..SnpConfig::default() });
+    let hv = snp(
+        MIB,
+        SnpConfig {
+            features: 0b10,
+            ..SnpConfig::default()
+        },
+    );
     // SAFETY: no memory effect.
-    assert_eq!(unsafe { protocol::hv_features(&hv) }, Err(ProtocolError::NoSnp(HvFeatures::SNP_AP_CREATION)));
+    let refused = unsafe { protocol::hv_features(&hv) };
+    assert_eq!(refused, Err(ProtocolError::NoSnp(HvFeatures::SNP_AP_CREATION)));
 }
 
 #[test]
@@ -47,7 +79,14 @@ fn boot_sequence_shares_and_registers_the_ghcb() {
     let hv = snp(MIB, SnpConfig::default());
     let page = boot_ghcb(&hv);
     assert_eq!(hv.registered_ghcb(), Some(page.gpa()));
-    assert_eq!(hv.rmp(page.gpa()), RmpEntry { assigned: false, validated: false, huge: false });
+    assert_eq!(
+        hv.rmp(page.gpa()),
+        RmpEntry {
+            assigned: false,
+            validated: false,
+            huge: false
+        }
+    );
     assert_eq!(hv.stats().protocol_violations, 0);
 }
 
@@ -56,7 +95,13 @@ fn registering_a_private_page_is_refused() {
     let hv = snp(MIB, SnpConfig::default());
     // SAFETY: no memory effect (the model refuses).
     let err = unsafe { protocol::register_ghcb(&hv, 0) }.unwrap_err();
-    assert_eq!(err, ProtocolError::RegistrationMismatch { requested: 0, echoed: (1 << 52) - 1 });
+    assert_eq!(
+        err,
+        ProtocolError::RegistrationMismatch {
+            requested: 0,
+            echoed: (1 << 52) - 1
+        }
+    );
 }
 
 #[test]
@@ -68,8 +113,18 @@ fn msr_psc_changes_one_page_each_way() {
         assert!(!hv.rmp(5 * 4096).assigned);
         protocol::page_state_change(&hv, 5, PscOp::Private).unwrap();
     }
-    assert_eq!(hv.rmp(5 * 4096), RmpEntry { assigned: true, validated: false, huge: false });
-    assert!(hv.rmp(4 * 4096).validated && hv.rmp(6 * 4096).validated, "neighbours untouched");
+    assert_eq!(
+        hv.rmp(5 * 4096),
+        RmpEntry {
+            assigned: true,
+            validated: false,
+            huge: false
+        }
+    );
+    assert!(
+        hv.rmp(4 * 4096).validated && hv.rmp(6 * 4096).validated,
+        "neighbours untouched"
+    );
 }
 
 #[test]
@@ -84,7 +139,13 @@ fn msr_psc_error_from_an_honest_hypervisor_is_typed() {
 fn terminate_reaches_the_hypervisor() {
     let hv = snp(MIB, SnpConfig::default());
     // SAFETY: the model records the request.
-    unsafe { protocol::terminate(&hv, protocol::reason::SET_GENERAL, protocol::reason::PROTOCOL_UNSUPPORTED) };
+    unsafe {
+        protocol::terminate(
+            &hv,
+            protocol::reason::SET_GENERAL,
+            protocol::reason::PROTOCOL_UNSUPPORTED,
+        )
+    };
     assert_eq!(hv.terminated(), Some((0, 1)));
 }
 
@@ -96,8 +157,14 @@ fn hostile_wrong_response_code_is_rejected_everywhere() {
     hv.set_hostile(Some(SnpHostile::MsrWrongCode));
     // SAFETY: the model's memory is not used by Rust code.
     unsafe {
-        assert!(matches!(protocol::negotiate(&hv), Err(ProtocolError::Msr(MsrProtocolError::WrongCode { expected: 1, .. }))));
-        assert!(matches!(protocol::hv_features(&hv), Err(ProtocolError::Msr(MsrProtocolError::WrongCode { expected: 0x81, .. }))));
+        assert!(matches!(
+            protocol::negotiate(&hv),
+            Err(ProtocolError::Msr(MsrProtocolError::WrongCode { expected: 1, .. }))
+        ));
+        assert!(matches!(
+            protocol::hv_features(&hv),
+            Err(ProtocolError::Msr(MsrProtocolError::WrongCode { expected: 0x81, .. }))
+        ));
         assert!(matches!(
             protocol::page_state_change(&hv, 1, PscOp::Shared),
             Err(ProtocolError::Msr(MsrProtocolError::WrongCode { expected: 0x15, .. }))
@@ -115,7 +182,10 @@ fn hostile_reserved_bits_are_rejected() {
     hv.set_hostile(Some(SnpHostile::MsrReservedBits));
     // SAFETY: as above.
     unsafe {
-        assert!(matches!(protocol::negotiate(&hv), Err(ProtocolError::Msr(MsrProtocolError::ReservedBits { .. }))));
+        assert!(matches!(
+            protocol::negotiate(&hv),
+            Err(ProtocolError::Msr(MsrProtocolError::ReservedBits { .. }))
+        ));
         assert!(matches!(
             protocol::page_state_change(&hv, 1, PscOp::Shared),
             Err(ProtocolError::Msr(MsrProtocolError::ReservedBits { .. }))
@@ -132,7 +202,13 @@ fn hostile_wrong_echoed_gfn_is_rejected() {
     hv.set_hostile(Some(SnpHostile::MsrWrongGfn));
     // SAFETY: as above.
     let err = unsafe { protocol::register_ghcb(&hv, gpa) }.unwrap_err();
-    assert_eq!(err, ProtocolError::RegistrationMismatch { requested: gpa >> 12, echoed: (gpa >> 12) + 1 });
+    assert_eq!(
+        err,
+        ProtocolError::RegistrationMismatch {
+            requested: gpa >> 12,
+            echoed: (gpa >> 12) + 1
+        }
+    );
 }
 
 #[test]

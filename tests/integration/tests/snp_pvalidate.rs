@@ -1,8 +1,8 @@
 //! PVALIDATE against the model's RMP.
 
 use ghcb::msr_protocol::PscOp;
-use ghcb::pvalidate::{pvalidate, pvalidate_range, PvalidateError, PvalidateRangeError};
 use ghcb::psc::change_page_state;
+use ghcb::pvalidate::{pvalidate, pvalidate_range, PvalidateError, PvalidateRangeError};
 use ghcb::PageSize;
 use hvmock::{MockSnp, SnpConfig};
 use integration::{boot_ghcb, snp, va, MIB};
@@ -57,7 +57,14 @@ fn no_update_is_an_error() {
     assert_eq!(err, PvalidateError::NoUpdate);
     // SAFETY: as above.
     let err = unsafe { pvalidate_range(&hv, va(&hv, 0), 3 * 4096, true, true) }.unwrap_err();
-    assert_eq!(err, PvalidateRangeError::Page { va: va(&hv, 0), size: PageSize::Size4K, error: PvalidateError::NoUpdate });
+    assert_eq!(
+        err,
+        PvalidateRangeError::Page {
+            va: va(&hv, 0),
+            size: PageSize::Size4K,
+            error: PvalidateError::NoUpdate
+        }
+    );
 }
 
 #[test]
@@ -68,7 +75,10 @@ fn validate_of_a_shared_page_fails() {
     unsafe {
         pvalidate(&hv, va(&hv, 0), PageSize::Size4K, false).unwrap();
         change_page_state(&mut ghcb, &hv, 0, 4096, PscOp::Shared, false).unwrap();
-        assert_eq!(pvalidate(&hv, va(&hv, 0), PageSize::Size4K, true), Err(PvalidateError::FailInput));
+        assert_eq!(
+            pvalidate(&hv, va(&hv, 0), PageSize::Size4K, true),
+            Err(PvalidateError::FailInput)
+        );
     }
 }
 
@@ -77,8 +87,14 @@ fn bad_input_is_typed() {
     let hv = snp(4 * MIB, SnpConfig::default());
     // SAFETY: the model rejects these without changes.
     unsafe {
-        assert_eq!(pvalidate(&hv, va(&hv, 4096), PageSize::Size2M, true), Err(PvalidateError::FailInput));
-        assert_eq!(pvalidate(&hv, 0x1000, PageSize::Size4K, true), Err(PvalidateError::FailInput));
+        assert_eq!(
+            pvalidate(&hv, va(&hv, 4096), PageSize::Size2M, true),
+            Err(PvalidateError::FailInput)
+        );
+        assert_eq!(
+            pvalidate(&hv, 0x1000, PageSize::Size4K, true),
+            Err(PvalidateError::FailInput)
+        );
         assert_eq!(
             pvalidate_range(&hv, va(&hv, 0), 0, true, true),
             Err(PvalidateRangeError::InvalidRange { va: va(&hv, 0), len: 0 })
@@ -92,8 +108,20 @@ fn decode_maps_every_code() {
     use ghcb::pvalidate::decode;
     use ghcb::RawPvalidate;
     assert_eq!(decode(RawPvalidate { eax: 0, carry: false }), Ok(()));
-    assert_eq!(decode(RawPvalidate { eax: 0, carry: true }), Err(PvalidateError::NoUpdate));
-    assert_eq!(decode(RawPvalidate { eax: 1, carry: false }), Err(PvalidateError::FailInput));
-    assert_eq!(decode(RawPvalidate { eax: 6, carry: false }), Err(PvalidateError::SizeMismatch));
-    assert_eq!(decode(RawPvalidate { eax: 9, carry: false }), Err(PvalidateError::Other(9)));
+    assert_eq!(
+        decode(RawPvalidate { eax: 0, carry: true }),
+        Err(PvalidateError::NoUpdate)
+    );
+    assert_eq!(
+        decode(RawPvalidate { eax: 1, carry: false }),
+        Err(PvalidateError::FailInput)
+    );
+    assert_eq!(
+        decode(RawPvalidate { eax: 6, carry: false }),
+        Err(PvalidateError::SizeMismatch)
+    );
+    assert_eq!(
+        decode(RawPvalidate { eax: 9, carry: false }),
+        Err(PvalidateError::Other(9))
+    );
 }

@@ -41,7 +41,9 @@ fn largest_aligned_first_over_a_mixed_range() {
     assert_eq!(calls.calls, 4);
     let seen = accepts(&td);
     assert_eq!(seen[2], (2 * MIB, 1, 0), "the aligned 2 MiB goes in one call");
-    assert!((start..start + len).step_by(4096).all(|g| td.page(g).state == TdxPageState::Accepted));
+    assert!((start..start + len)
+        .step_by(4096)
+        .all(|g| td.page(g).state == TdxPageState::Accepted));
     assert!(td.memory().is_filled(start, len, 0), "accepted pages are zeroed");
 }
 
@@ -58,7 +60,13 @@ fn one_gib_is_accepted_in_one_call() {
 /// falls back to 512 4 KiB ACCEPTs.
 #[test]
 fn size_mismatch_falls_back_to_smaller_pages() {
-    let td = tdx(4 * MIB, TdxConfig { max_aug_level: 0, ..TdxConfig::default() });
+    let td = tdx(
+        4 * MIB,
+        TdxConfig {
+            max_aug_level: 0,
+            ..TdxConfig::default()
+        },
+    );
     to_shared_then_private(&td, 0, 2 * MIB);
     let calls = accept(&td, 0, 2 * MIB).unwrap();
     assert_eq!(calls.accepted, [512, 0, 0]);
@@ -69,7 +77,13 @@ fn size_mismatch_falls_back_to_smaller_pages() {
 /// 1 GiB requested, VMM mapped 2 MiB: two levels of fallback stop at 2 MiB.
 #[test]
 fn one_gib_falls_back_to_2m_where_the_vmm_mapped_2m() {
-    let td = tdx(GIB, TdxConfig { max_aug_level: 1, ..TdxConfig::default() });
+    let td = tdx(
+        GIB,
+        TdxConfig {
+            max_aug_level: 1,
+            ..TdxConfig::default()
+        },
+    );
     to_shared_then_private(&td, 0, GIB);
     let calls = accept(&td, 0, GIB).unwrap();
     assert_eq!(calls.accepted, [0, 512, 0]);
@@ -84,20 +98,45 @@ fn already_accepted_is_reported_and_contents_untouched() {
     td.memory().fill(0, 4096, 0x42);
     // SAFETY: the model's memory is not used by Rust code.
     let err = unsafe { accept_page(&td, 0, PageLevel::Size4K) }.unwrap_err();
-    assert_eq!(err, AcceptError::AlreadyAccepted { gpa: 0, level: PageLevel::Size4K });
-    assert!(td.memory().is_filled(0, 4096, 0x42), "stale contents are never presented as fresh");
+    assert_eq!(
+        err,
+        AcceptError::AlreadyAccepted {
+            gpa: 0,
+            level: PageLevel::Size4K
+        }
+    );
+    assert!(
+        td.memory().is_filled(0, 4096, 0x42),
+        "stale contents are never presented as fresh"
+    );
 }
 
 /// A range in which one page was never converted (the VMM left it
 /// accepted) fails at that page; the pages before it are accepted.
 #[test]
 fn already_accepted_inside_a_range_stops_there() {
-    let td = tdx(4 * MIB, TdxConfig { max_aug_level: 0, ..TdxConfig::default() });
+    let td = tdx(
+        4 * MIB,
+        TdxConfig {
+            max_aug_level: 0,
+            ..TdxConfig::default()
+        },
+    );
     to_shared_then_private(&td, 0, 2 * 4096);
     to_shared_then_private(&td, 3 * 4096, 4096);
     let err = accept(&td, 0, 4 * 4096).unwrap_err();
-    assert_eq!(err, AcceptError::AlreadyAccepted { gpa: 2 * 4096, level: PageLevel::Size4K });
-    assert_eq!(td.page(3 * 4096).state, TdxPageState::Pending, "nothing after the failure is touched");
+    assert_eq!(
+        err,
+        AcceptError::AlreadyAccepted {
+            gpa: 2 * 4096,
+            level: PageLevel::Size4K
+        }
+    );
+    assert_eq!(
+        td.page(3 * 4096).state,
+        TdxPageState::Pending,
+        "nothing after the failure is touched"
+    );
 }
 
 #[test]
@@ -126,20 +165,33 @@ fn accept_of_a_shared_page_fails() {
     unsafe { map_gpa(&td, 0, 4096, Visibility::Shared, td.shared_mask()).unwrap() };
     assert_eq!(
         accept(&td, 0, 4096),
-        Err(AcceptError::Tdx { gpa: 0, level: PageLevel::Size4K, error: TdxError::EptWalkFailed })
+        Err(AcceptError::Tdx {
+            gpa: 0,
+            level: PageLevel::Size4K,
+            error: TdxError::EptWalkFailed
+        })
     );
-    assert!(td.memory().is_filled(0, 4096, SCRIBBLE), "the shared page keeps what the host left");
+    assert!(
+        td.memory().is_filled(0, 4096, SCRIBBLE),
+        "the shared page keeps what the host left"
+    );
 }
 
 #[test]
 fn malformed_ranges_send_nothing() {
     let td = tdx(4 * MIB, TdxConfig::default());
-    for (start, len) in [(0, 0), (100, 4096), (0, 100), (u64::MAX & !0xFFF, 8192)] {
+    for (start, len) in [(0, 0), (100, 4096), (0, 100), (!0xFFF, 8192)] {
         assert_eq!(accept(&td, start, len), Err(AcceptError::InvalidRange { start, len }));
     }
     // SAFETY: nothing is sent.
     let err = unsafe { accept_page(&td, 4096, PageLevel::Size2M) }.unwrap_err();
-    assert_eq!(err, AcceptError::InvalidRange { start: 4096, len: 2 * MIB });
+    assert_eq!(
+        err,
+        AcceptError::InvalidRange {
+            start: 4096,
+            len: 2 * MIB
+        }
+    );
     assert!(td.events().is_empty());
 }
 
@@ -148,19 +200,37 @@ fn shared_gpa_is_refused_by_the_module() {
     let td = tdx(4 * MIB, TdxConfig::default());
     // SAFETY: the model's memory is not used by Rust code.
     let err = unsafe { accept_page(&td, td.shared_mask(), PageLevel::Size4K) }.unwrap_err();
-    assert!(matches!(err, AcceptError::Tdx { error: TdxError::OperandInvalid { operand: 1 }, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            AcceptError::Tdx {
+                error: TdxError::OperandInvalid { operand: 1 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 /// The full TDX conversion of a range, private -> shared -> private: the
 /// private contents never survive, the new private pages come back zeroed.
 #[test]
 fn round_trip_private_shared_private() {
-    let td = tdx(8 * MIB, TdxConfig { map_gpa_chunk_pages: Some(100), ..TdxConfig::default() });
+    let td = tdx(
+        8 * MIB,
+        TdxConfig {
+            map_gpa_chunk_pages: Some(100),
+            ..TdxConfig::default()
+        },
+    );
     let (start, len) = (2 * MIB, 4 * MIB);
     td.memory().fill(start, len, 0x5A);
     // SAFETY: the model's memory is not used by Rust code.
     unsafe { map_gpa(&td, start, len, Visibility::Shared, td.shared_mask()).unwrap() };
-    assert!(td.memory().is_filled(start, len, SCRIBBLE), "the host never sees private data in clear");
+    assert!(
+        td.memory().is_filled(start, len, SCRIBBLE),
+        "the host never sees private data in clear"
+    );
     // SAFETY: as above.
     unsafe { map_gpa(&td, start, len, Visibility::Private, td.shared_mask()).unwrap() };
     let calls = accept(&td, start, len).unwrap();

@@ -8,11 +8,20 @@ use tdcall::{report_fatal_error, ve_info, vp_info, InfoError, TdAttributes, TdxE
 fn vp_info_decodes_gpaw_shared_bit_and_attributes() {
     for (gpaw, bit) in [(48u8, 47), (52, 51)] {
         let attrs = (1 << 28) | (1 << 0) | (1 << 40);
-        let td = tdx(MIB, TdxConfig { gpaw, attributes: attrs, ..TdxConfig::default() });
+        let td = tdx(
+            MIB,
+            TdxConfig {
+                gpaw,
+                attributes: attrs,
+                ..TdxConfig::default()
+            },
+        );
         let info = vp_info(&td).unwrap();
         assert_eq!(info.gpaw, gpaw);
         assert_eq!(info.shared_mask(), 1 << bit);
-        assert!(info.attributes.contains(TdAttributes::SEPT_VE_DISABLE | TdAttributes::DEBUG));
+        assert!(info
+            .attributes
+            .contains(TdAttributes::SEPT_VE_DISABLE | TdAttributes::DEBUG));
         assert!(!info.attributes.contains(TdAttributes::PKS));
         assert_eq!(info.attributes.bits(), attrs, "unknown bits are kept");
         assert_eq!((info.num_vcpus, info.max_vcpus, info.vcpu_index), (1, 1, 0));
@@ -21,7 +30,13 @@ fn vp_info_decodes_gpaw_shared_bit_and_attributes() {
 
 #[test]
 fn vp_info_rejects_a_gpaw_tdx_does_not_define() {
-    let td = tdx(MIB, TdxConfig { gpaw: 40, ..TdxConfig::default() });
+    let td = tdx(
+        MIB,
+        TdxConfig {
+            gpaw: 40,
+            ..TdxConfig::default()
+        },
+    );
     assert_eq!(vp_info(&td), Err(InfoError::UnsupportedGpaw(40)));
 }
 
@@ -40,7 +55,11 @@ fn ve_info_decodes_every_field() {
             instruction_info: 0x55,
         })
     );
-    assert_eq!(ve_info(&td), Err(TdxError::NoValidVeInfo), "the module keeps one #VE only");
+    assert_eq!(
+        ve_info(&td),
+        Err(TdxError::NoValidVeInfo),
+        "the module keeps one #VE only"
+    );
 }
 
 #[test]

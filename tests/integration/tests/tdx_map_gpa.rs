@@ -16,14 +16,21 @@ fn map_gpa_calls(td: &MockTdx) -> Vec<(u64, u64, u64, u64)> {
     td.events()
         .into_iter()
         .filter_map(|e| match e {
-            TdxEvent::MapGpa { gpa, size, status, resume } => Some((gpa, size, status, resume)),
+            TdxEvent::MapGpa {
+                gpa,
+                size,
+                status,
+                resume,
+            } => Some((gpa, size, status, resume)),
             _ => None,
         })
         .collect()
 }
 
 fn all_pages(td: &MockTdx, start: u64, len: u64, state: TdxPageState) -> bool {
-    (start..start + len).step_by(4096).all(|gpa| td.page(gpa).state == state)
+    (start..start + len)
+        .step_by(4096)
+        .all(|gpa| td.page(gpa).state == state)
 }
 
 #[test]
@@ -33,13 +40,22 @@ fn to_shared_in_one_call_sets_the_shared_bit_in_r12() {
     assert_eq!(calls.calls, 1);
     assert_eq!(map_gpa_calls(&td), vec![(MIB | SHARED_BIT_48, MIB, 0, 0)]);
     assert!(all_pages(&td, MIB, MIB, TdxPageState::Shared));
-    assert!(all_pages(&td, 0, MIB, TdxPageState::Accepted), "pages outside the range are untouched");
+    assert!(
+        all_pages(&td, 0, MIB, TdxPageState::Accepted),
+        "pages outside the range are untouched"
+    );
     assert!(all_pages(&td, 2 * MIB, 2 * MIB, TdxPageState::Accepted));
 }
 
 #[test]
 fn gpaw_52_uses_bit_51() {
-    let td = tdx(MIB, TdxConfig { gpaw: 52, ..TdxConfig::default() });
+    let td = tdx(
+        MIB,
+        TdxConfig {
+            gpaw: 52,
+            ..TdxConfig::default()
+        },
+    );
     map(&td, 0, 4096, Visibility::Shared).unwrap();
     assert_eq!(map_gpa_calls(&td)[0].0, 1 << 51);
 }
@@ -50,23 +66,41 @@ fn gpaw_52_uses_bit_51() {
 /// must follow it to the end.
 #[test]
 fn honest_chunked_retry_with_shared_bit_in_r11_is_followed() {
-    let td = tdx(4 * MIB, TdxConfig { map_gpa_chunk_pages: Some(3), ..TdxConfig::default() });
+    let td = tdx(
+        4 * MIB,
+        TdxConfig {
+            map_gpa_chunk_pages: Some(3),
+            ..TdxConfig::default()
+        },
+    );
     let calls = map(&td, 0, 10 * 4096, Visibility::Shared).unwrap();
     assert_eq!(calls.calls, 4);
     let seen = map_gpa_calls(&td);
-    assert_eq!(seen[0], (SHARED_BIT_48, 10 * 4096, 1, SHARED_BIT_48 | 3 * 4096));
-    assert_eq!(seen[1].0, SHARED_BIT_48 | 3 * 4096, "resumes where the VMM said, in shared form");
+    assert_eq!(seen[0], (SHARED_BIT_48, 10 * 4096, 1, SHARED_BIT_48 | (3 * 4096)));
+    assert_eq!(
+        seen[1].0,
+        SHARED_BIT_48 | (3 * 4096),
+        "resumes where the VMM said, in shared form"
+    );
     assert_eq!(seen[3].2, 0);
     assert!(all_pages(&td, 0, 10 * 4096, TdxPageState::Shared));
 }
 
 #[test]
 fn honest_chunked_retry_to_private_has_no_shared_bit() {
-    let td = tdx(4 * MIB, TdxConfig { map_gpa_chunk_pages: Some(2), ..TdxConfig::default() });
+    let td = tdx(
+        4 * MIB,
+        TdxConfig {
+            map_gpa_chunk_pages: Some(2),
+            ..TdxConfig::default()
+        },
+    );
     map(&td, 0, 5 * 4096, Visibility::Shared).unwrap();
     td.clear_events();
     map(&td, 0, 5 * 4096, Visibility::Private).unwrap();
-    assert!(map_gpa_calls(&td).iter().all(|c| c.0 & SHARED_BIT_48 == 0 && c.3 & SHARED_BIT_48 == 0));
+    assert!(map_gpa_calls(&td)
+        .iter()
+        .all(|c| c.0 & SHARED_BIT_48 == 0 && c.3 & SHARED_BIT_48 == 0));
     assert!(all_pages(&td, 0, 5 * 4096, TdxPageState::Pending));
 }
 
@@ -97,7 +131,10 @@ fn one_stall_more_than_the_limit_fails() {
             ..TdxConfig::default()
         },
     );
-    assert_eq!(map(&td, 0, 4 * 4096, Visibility::Shared), Err(MapGpaError::NoProgress { gpa: SHARED_BIT_48 }));
+    assert_eq!(
+        map(&td, 0, 4 * 4096, Visibility::Shared),
+        Err(MapGpaError::NoProgress { gpa: SHARED_BIT_48 })
+    );
 }
 
 /// Unbounded retry loops are the other known bug: a VMM that never makes
@@ -106,7 +143,12 @@ fn one_stall_more_than_the_limit_fails() {
 fn hostile_no_progress_forever_is_bounded() {
     let td = tdx(4 * MIB, TdxConfig::default());
     td.set_hostile(Some(TdxHostile::NoProgressForever));
-    assert_eq!(map(&td, MIB, MIB, Visibility::Shared), Err(MapGpaError::NoProgress { gpa: MIB | SHARED_BIT_48 }));
+    assert_eq!(
+        map(&td, MIB, MIB, Visibility::Shared),
+        Err(MapGpaError::NoProgress {
+            gpa: MIB | SHARED_BIT_48
+        })
+    );
     assert_eq!(map_gpa_calls(&td).len(), MAX_RETRIES_WITHOUT_PROGRESS as usize + 1);
 }
 
@@ -118,7 +160,10 @@ fn hostile_rewind_is_rejected_not_looped_on() {
     let td = tdx(4 * MIB, TdxConfig::default());
     td.set_hostile(Some(TdxHostile::ResumeRewind));
     let err = map(&td, MIB, MIB, Visibility::Shared).unwrap_err();
-    assert!(matches!(err, MapGpaError::ResumeOutOfRange { resume, .. } if resume == MIB | SHARED_BIT_48), "{err:?}");
+    assert!(
+        matches!(err, MapGpaError::ResumeOutOfRange { resume, .. } if resume == MIB | SHARED_BIT_48),
+        "{err:?}"
+    );
     assert_eq!(map_gpa_calls(&td).len(), 2);
 }
 
@@ -142,7 +187,10 @@ fn hostile_resume_at_end() {
     let td = tdx(4 * MIB, TdxConfig::default());
     td.set_hostile(Some(TdxHostile::ResumeAtEnd));
     let err = map(&td, MIB, MIB, Visibility::Private).unwrap_err();
-    assert!(matches!(err, MapGpaError::ResumeOutOfRange { resume, .. } if resume == 2 * MIB), "{err:?}");
+    assert!(
+        matches!(err, MapGpaError::ResumeOutOfRange { resume, .. } if resume == 2 * MIB),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -151,7 +199,9 @@ fn hostile_resume_unaligned() {
     td.set_hostile(Some(TdxHostile::ResumeUnaligned));
     assert_eq!(
         map(&td, MIB, MIB, Visibility::Shared),
-        Err(MapGpaError::ResumeUnaligned { resume: (MIB + 2048) | SHARED_BIT_48 })
+        Err(MapGpaError::ResumeUnaligned {
+            resume: (MIB + 2048) | SHARED_BIT_48
+        })
     );
 }
 
@@ -159,7 +209,13 @@ fn hostile_resume_unaligned() {
 /// a guest comparing against stripped addresses would take as in range.
 #[test]
 fn hostile_resume_without_shared_bit() {
-    let td = tdx(4 * MIB, TdxConfig { map_gpa_chunk_pages: Some(4), ..TdxConfig::default() });
+    let td = tdx(
+        4 * MIB,
+        TdxConfig {
+            map_gpa_chunk_pages: Some(4),
+            ..TdxConfig::default()
+        },
+    );
     td.set_hostile(Some(TdxHostile::ResumeWithoutSharedBit));
     assert_eq!(
         map(&td, MIB, MIB, Visibility::Shared),
@@ -173,8 +229,17 @@ fn hostile_garbage_status_is_a_typed_error() {
     for garbage in [2, 0x8000_0000_0000_0001, 0x8000_0000_0000_0002, 0xFFFF_FFFF_FFFF_FFFF] {
         td.set_hostile(Some(TdxHostile::GarbageStatus(garbage)));
         let err = map(&td, 0, 4096, Visibility::Shared).unwrap_err();
-        assert_eq!(err, MapGpaError::Refused { status: VmcallStatus::from_raw(garbage), gpa: SHARED_BIT_48 });
-        assert!(!matches!(VmcallStatus::from_raw(garbage), VmcallStatus::Success | VmcallStatus::Retry));
+        assert_eq!(
+            err,
+            MapGpaError::Refused {
+                status: VmcallStatus::from_raw(garbage),
+                gpa: SHARED_BIT_48
+            }
+        );
+        assert!(!matches!(
+            VmcallStatus::from_raw(garbage),
+            VmcallStatus::Success | VmcallStatus::Retry
+        ));
     }
 }
 
@@ -186,11 +251,20 @@ fn hostile_success_without_converting_is_caught_by_accept() {
     let td = tdx(4 * MIB, TdxConfig::default());
     td.set_hostile(Some(TdxHostile::SuccessWithoutConverting));
     map(&td, 0, 2 * MIB, Visibility::Shared).unwrap();
-    assert!(all_pages(&td, 0, 2 * MIB, TdxPageState::Accepted), "the VMM lied: nothing moved");
+    assert!(
+        all_pages(&td, 0, 2 * MIB, TdxPageState::Accepted),
+        "the VMM lied: nothing moved"
+    );
     map(&td, 0, 2 * MIB, Visibility::Private).unwrap();
     // SAFETY: the model's memory is not used by Rust code.
     let err = unsafe { tdcall::accept_range(&td, 0, 2 * MIB) }.unwrap_err();
-    assert_eq!(err, tdcall::AcceptError::AlreadyAccepted { gpa: 0, level: tdcall::PageLevel::Size4K });
+    assert_eq!(
+        err,
+        tdcall::AcceptError::AlreadyAccepted {
+            gpa: 0,
+            level: tdcall::PageLevel::Size4K
+        }
+    );
 }
 
 #[test]
@@ -199,7 +273,10 @@ fn vmm_errors_are_typed() {
     // Beyond guest memory: the model's VMM answers INVALID_OPERAND.
     assert_eq!(
         map(&td, 8 * MIB, 4096, Visibility::Shared),
-        Err(MapGpaError::Refused { status: VmcallStatus::InvalidOperand, gpa: (8 * MIB) | SHARED_BIT_48 })
+        Err(MapGpaError::Refused {
+            status: VmcallStatus::InvalidOperand,
+            gpa: (8 * MIB) | SHARED_BIT_48
+        })
     );
 }
 
@@ -207,7 +284,7 @@ fn vmm_errors_are_typed() {
 fn malformed_requests_send_nothing() {
     let td = tdx(4 * MIB, TdxConfig::default());
     let mask = td.shared_mask();
-    for (start, len) in [(0, 0), (1, 4096), (0, 4095), (u64::MAX & !0xFFF, 8192), (mask - 4096, 8192)] {
+    for (start, len) in [(0, 0), (1, 4096), (0, 4095), (!0xFFF, 8192), (mask - 4096, 8192)] {
         // SAFETY: nothing is sent.
         let err = unsafe { map_gpa(&td, start, len, Visibility::Shared, mask) }.unwrap_err();
         assert_eq!(err, MapGpaError::InvalidRange { start, len });
@@ -223,10 +300,25 @@ fn malformed_requests_send_nothing() {
 #[test]
 fn exposed_registers_are_treated_as_clobbered() {
     let td = tdx(4 * MIB, TdxConfig::default());
-    let mut regs = tdcall::Registers { rax: 0, rcx: tdcall::VMCALL_EXPOSED_REGS, r11: 0x10001, r12: 0, r13: 4096, ..Default::default() };
+    let mut regs = tdcall::Registers {
+        rax: 0,
+        rcx: tdcall::VMCALL_EXPOSED_REGS,
+        r11: 0x10001,
+        r12: 0,
+        r13: 4096,
+        ..Default::default()
+    };
     // SAFETY: the model's memory is not used by Rust code.
     unsafe { tdcall::Tdcall::tdcall(&td, &mut regs) };
-    assert_eq!((regs.r12, regs.r13, regs.r14, regs.r15), (hvmock::tdx::CLOBBER, hvmock::tdx::CLOBBER, hvmock::tdx::CLOBBER, hvmock::tdx::CLOBBER));
+    assert_eq!(
+        (regs.r12, regs.r13, regs.r14, regs.r15),
+        (
+            hvmock::tdx::CLOBBER,
+            hvmock::tdx::CLOBBER,
+            hvmock::tdx::CLOBBER,
+            hvmock::tdx::CLOBBER
+        )
+    );
     assert_eq!(regs.r10, 0);
     // And the typed wrapper still succeeds against such a VMM.
     assert!(map(&td, 4096, 4096, Visibility::Shared).is_ok());
