@@ -149,32 +149,78 @@ impl PscDescriptor {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Whether no more entries fit.
+    pub fn is_full(&self) -> bool {
+        self.len == MAX_ENTRIES
+    }
+
+    /// Forgets every entry.
+    pub fn clear(&mut self) {
+        self.len = 0;
+    }
 }
 
-/// Splits a GPA range into descriptors of at most [`MAX_ENTRIES`] entries,
-/// using one 2 MiB entry wherever `allow_2m`, the address is 2 MiB aligned
-/// and the range covers the whole 2 MiB.
+/// The entries for a GPA range: one 2 MiB entry wherever `allow_2m`, the
+/// address is 2 MiB aligned and the range covers the whole 2 MiB, 4 KiB
+/// entries elsewhere.
 #[derive(Clone, Debug)]
-pub struct PscBatches {
+pub struct PscEntries {
     next: u64,
     end: u64,
     op: PscOp,
     allow_2m: bool,
 }
 
-impl PscBatches {
-    /// Batches for `[gpa, gpa + len)`, both 4 KiB aligned (`None` if not, or
-    /// if the range wraps).
+impl PscEntries {
+    /// Entries for `[gpa, gpa + len)`, both 4 KiB aligned (`None` if not,
+    /// or if the range wraps).
     pub fn new(gpa: u64, len: u64, op: PscOp, allow_2m: bool) -> Option<Self> {
         let end = gpa.checked_add(len)?;
         if (gpa | len) & 0xFFF != 0 {
             return None;
         }
-        Some(PscBatches {
+        Some(PscEntries {
             next: gpa,
             end,
             op,
             allow_2m,
+        })
+    }
+}
+
+impl Iterator for PscEntries {
+    type Item = PscEntry;
+
+    fn next(&mut self) -> Option<PscEntry> {
+        if self.next >= self.end {
+            return None;
+        }
+        let huge = PageSize::Size2M.bytes();
+        let size = if self.allow_2m && self.next % huge == 0 && self.end - self.next >= huge {
+            PageSize::Size2M
+        } else {
+            PageSize::Size4K
+        };
+        let entry = PscEntry::new(self.next >> 12, self.op, size);
+        self.next += size.bytes();
+        Some(entry)
+    }
+}
+
+/// Splits a GPA range into descriptors of at most [`MAX_ENTRIES`] entries
+/// (see [`PscEntries`] for the entry sizes).
+#[derive(Clone, Debug)]
+pub struct PscBatches {
+    entries: core::iter::Peekable<PscEntries>,
+}
+
+impl PscBatches {
+    /// Batches for `[gpa, gpa + len)`, both 4 KiB aligned (`None` if not, or
+    /// if the range wraps).
+    pub fn new(gpa: u64, len: u64, op: PscOp, allow_2m: bool) -> Option<Self> {
+        Some(PscBatches {
+            entries: PscEntries::new(gpa, len, op, allow_2m)?.peekable(),
         })
     }
 }
@@ -184,15 +230,11 @@ impl Iterator for PscBatches {
 
     fn next(&mut self) -> Option<PscDescriptor> {
         let mut desc = PscDescriptor::default();
-        while self.next < self.end && desc.len < MAX_ENTRIES {
-            let huge = PageSize::Size2M.bytes();
-            let size = if self.allow_2m && self.next % huge == 0 && self.end - self.next >= huge {
-                PageSize::Size2M
-            } else {
-                PageSize::Size4K
+        while desc.len < MAX_ENTRIES {
+            match self.entries.next() {
+                Some(e) => desc.push(e),
+                None => break,
             };
-            desc.push(PscEntry::new(self.next >> 12, self.op, size));
-            self.next += size.bytes();
         }
         (!desc.is_empty()).then_some(desc)
     }

@@ -30,10 +30,12 @@
 extern crate alloc;
 
 mod memory;
+pub mod pagewalk;
 pub mod snp;
 pub mod tdx;
 
 pub use memory::GuestMemory;
+pub use pagewalk::{GuestPageTables, Mapping};
 pub use snp::{MockSnp, RmpEntry, SnpConfig, SnpHostile};
 pub use tdx::{MockTdx, TdxConfig, TdxEvent, TdxHostile, TdxPage, TdxPageState};
 

@@ -7,11 +7,18 @@ use core::ptr::NonNull;
 /// aligned to 2 MiB so that 2 MiB guest pages are 2 MiB aligned in the host
 /// too. GPA `g` lives at `base() + g`.
 ///
+/// The allocation is made with the allocator's natural alignment and
+/// aligned by hand: an over-aligned `alloc_zeroed` is a `memset` of the
+/// whole size, while a plain one is `calloc`, whose pages stay untouched
+/// (and cost nothing) until used.
+///
 /// Both the guest code under test and the models reach it through raw
 /// pointers, as a CPU and a device reach physical memory.
 #[derive(Debug)]
 pub struct GuestMemory {
     base: NonNull<u8>,
+    allocation: NonNull<u8>,
+    size: u64,
     layout: Layout,
 }
 
@@ -35,15 +42,24 @@ impl GuestMemory {
             size > 0 && size % crate::PAGE_SIZE == 0,
             "guest memory size must be whole pages"
         );
-        let layout = Layout::from_size_align(size as usize, 2 << 20).expect("guest memory layout");
+        const ALIGN: usize = 2 << 20;
+        let layout = Layout::from_size_align(size as usize + ALIGN, 16).expect("guest memory layout");
         // SAFETY: the layout has a non-zero size.
-        let base = NonNull::new(unsafe { alloc_zeroed(layout) }).expect("guest memory allocation");
-        GuestMemory { base, layout }
+        let allocation = NonNull::new(unsafe { alloc_zeroed(layout) }).expect("guest memory allocation");
+        let offset = allocation.as_ptr().align_offset(ALIGN);
+        // SAFETY: `offset < ALIGN`, inside the allocation's slack.
+        let base = unsafe { allocation.add(offset) };
+        GuestMemory {
+            base,
+            allocation,
+            size,
+            layout,
+        }
     }
 
     /// Size in bytes.
     pub fn size(&self) -> u64 {
-        self.layout.size() as u64
+        self.size
     }
 
     /// Number of 4 KiB pages.
@@ -134,6 +150,6 @@ impl GuestMemory {
 impl Drop for GuestMemory {
     fn drop(&mut self) {
         // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.base.as_ptr(), self.layout) }
+        unsafe { dealloc(self.allocation.as_ptr(), self.layout) }
     }
 }

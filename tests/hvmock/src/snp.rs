@@ -12,6 +12,7 @@ use ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
 use spin::Mutex;
 
 use crate::memory::GuestMemory;
+use crate::pagewalk::{AliasCheck, GuestPageTables, Violation};
 use crate::{PAGE_SIZE, SCRIBBLE};
 
 // GHCB MSR protocol function codes, GHCBData[11:0].
@@ -149,6 +150,7 @@ struct Model {
     ghcb_gpa: Option<u64>,
     terminated: Option<(u8, u8)>,
     stats: SnpStats,
+    aliases: AliasCheck,
 }
 
 /// The hypervisor + RMP model. Implements [`GhcbMsr`] and [`Pvalidate`]
@@ -187,6 +189,7 @@ impl MockSnp {
                 ghcb_gpa: None,
                 terminated: None,
                 stats: SnpStats::default(),
+                aliases: AliasCheck::default(),
             }),
         }
     }
@@ -214,6 +217,19 @@ impl MockSnp {
     /// The GHCB GPA registered, if any.
     pub fn registered_ghcb(&self) -> Option<u64> {
         self.model.lock().ghcb_gpa
+    }
+
+    /// From now on, PVALIDATE translates its address through these page
+    /// tables (as the hardware does) instead of taking a host address, and
+    /// every page state change and PVALIDATE checks that no other mapping
+    /// of its frames is present.
+    pub fn attach_page_tables(&self, tables: GuestPageTables) {
+        self.model.lock().aliases.tables = Some(tables);
+    }
+
+    /// Calls made while a mapping of their frames was present.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.model.lock().aliases.violations.clone()
     }
 
     /// (reason set, reason) of a termination request, if one came.
@@ -253,6 +269,10 @@ impl Model {
             PSC_REQ => {
                 let gfn = (value >> 12) & 0xFF_FFFF_FFFF;
                 let op = (value >> 52) & 0xF;
+                if memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) {
+                    self.aliases
+                        .check(memory, "PSC (MSR protocol)", gfn * PAGE_SIZE, PAGE_SIZE, None);
+                }
                 let malformed =
                     value >> 56 != 0 || !(1..=2).contains(&op) || !memory.contains(gfn * PAGE_SIZE, PAGE_SIZE);
                 let error = if malformed || hostile == Some(SnpHostile::MsrPscError) {
@@ -377,6 +397,8 @@ impl Model {
                 return (0, PSC_INVALID_ENTRY);
             }
             let n = (pages - done).min(budget);
+            self.aliases
+                .check(memory, "PSC", (gfn + done) * PAGE_SIZE, n * PAGE_SIZE, None);
             let whole = done == 0 && n == pages;
             self.set_state(memory, gfn + done, n, op == 1, whole && huge);
             budget -= n;
@@ -411,9 +433,20 @@ impl Model {
         self.stats.pvalidates += 1;
         let fail = |eax| RawPvalidate { eax, carry: false };
         let pages = size.bytes() / PAGE_SIZE;
-        let Some(gpa) = memory.gpa_of(va) else {
-            return fail(FAIL_INPUT);
+        let gpa = match self.aliases.tables {
+            Some(tables) => match tables.translate(memory, va) {
+                // PVALIDATE needs a private mapping: the C-bit set.
+                Some(m) if m.enc_set => m.pa,
+                _ => return fail(FAIL_INPUT),
+            },
+            None => match memory.gpa_of(va) {
+                Some(gpa) => gpa,
+                None => return fail(FAIL_INPUT),
+            },
         };
+        if memory.contains(gpa, size.bytes()) {
+            self.aliases.check(memory, "PVALIDATE", gpa, size.bytes(), Some(va));
+        }
         if gpa % size.bytes() != 0 || !memory.contains(gpa, size.bytes()) {
             return fail(FAIL_INPUT);
         }

@@ -12,6 +12,7 @@ use spin::Mutex;
 use tdcall::{Registers, Tdcall};
 
 use crate::memory::GuestMemory;
+use crate::pagewalk::{AliasCheck, GuestPageTables, Violation};
 use crate::{PAGE_SIZE, SCRIBBLE};
 
 // TDX Module v1.5 ABI Specification: leaves and completion status codes.
@@ -177,6 +178,7 @@ struct Model {
     pending_ve: Option<[u64; 5]>,
     events: Vec<TdxEvent>,
     fatal: Option<u64>,
+    aliases: AliasCheck,
 }
 
 /// The TDX module + VMM model. Implements [`Tdcall`].
@@ -216,6 +218,7 @@ impl MockTdx {
                 pending_ve: None,
                 events: Vec::new(),
                 fatal: None,
+                aliases: AliasCheck::default(),
             }),
         }
     }
@@ -259,6 +262,17 @@ impl MockTdx {
     /// Forgets recorded events.
     pub fn clear_events(&self) {
         self.model.lock().events.clear();
+    }
+
+    /// From now on, checks at every MapGPA and ACCEPT that no mapping of
+    /// the frames concerned is present in these page tables.
+    pub fn attach_page_tables(&self, tables: GuestPageTables) {
+        self.model.lock().aliases.tables = Some(tables);
+    }
+
+    /// Calls made while a mapping of their frames was present.
+    pub fn violations(&self) -> Vec<Violation> {
+        self.model.lock().aliases.violations.clone()
     }
 
     /// The error code of ReportFatalError, if the TD reported one.
@@ -330,6 +344,8 @@ impl Model {
         if first % pages != 0 || !memory.contains(gpa, pages * PAGE_SIZE) {
             return invalid;
         }
+        self.aliases
+            .check(memory, "TDG.MEM.PAGE.ACCEPT", gpa, pages * PAGE_SIZE, None);
         if self.busy_answers > 0 {
             self.busy_answers -= 1;
             return TDX_OPERAND_BUSY | OPERAND_RCX;
@@ -427,6 +443,7 @@ impl Model {
         let Some(end) = start.checked_add(size).filter(|&e| e <= memory.size() && e <= mask) else {
             return (VMCALL_INVALID_OPERAND, r12);
         };
+        self.aliases.check(memory, "MapGPA", start, end - start, None);
         let chunk = self
             .config
             .map_gpa_chunk_pages

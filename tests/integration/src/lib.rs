@@ -3,6 +3,9 @@
 //! guest does at boot.
 #![deny(missing_docs)]
 
+pub mod sim;
+pub mod world;
+
 use std::ptr::NonNull;
 use std::sync::Arc;
 

@@ -1,0 +1,73 @@
+//! Collapsing tables back into huge leaves: where a table maps 512
+//! contiguous, aligned frames with identical attributes, the pointer to it
+//! becomes one leaf and the table page is freed (after a TLB shootdown).
+//! Linux never undoes conversion splits; this is how the direct map gets
+//! its huge pages back.
+
+use core::sync::atomic::Ordering;
+
+use crate::pte::{flags_4k_to_huge, Level, ACCESSED, ADDRESS_BITS, DIRTY, HUGE, NO_EXECUTE, PRESENT, USER, WRITABLE};
+use crate::tables::{EntryLoc, PhysMem, Tables};
+
+/// Collapses the table that maps the `level`-sized region containing `va`
+/// (`level` is `Pd` for 2 MiB, `Pdpt` for 1 GiB) if it qualifies. Returns
+/// the freed table's physical address; the caller frees it only after a
+/// shootdown, since other CPUs' paging-structure caches may still point to
+/// it.
+pub(crate) fn try_collapse<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level) -> Option<u64> {
+    let loc = pointer_at(t, va, level)?;
+    let pointer = t.load(loc);
+    let table = t.enc.address(pointer, Level::Pt);
+    let child = level.lower()?;
+    let first = t.load(EntryLoc { table, index: 0 });
+    let base = t.enc.address(first, child);
+    if base % level.span() != 0 {
+        return None;
+    }
+    let address_field = ADDRESS_BITS & !(child.span() - 1) & !t.enc.mask();
+    let same = |e: u64| e & !address_field & !(ACCESSED | DIRTY);
+    let mut accessed_dirty = 0;
+    for i in 0..512 {
+        let e = t.load(EntryLoc { table, index: i });
+        let is_leaf = e & PRESENT != 0 && (child == Level::Pt || e & HUGE != 0);
+        if !is_leaf || same(e) != same(first) || t.enc.address(e, child) != base + i as u64 * child.span() {
+            return None;
+        }
+        accessed_dirty |= e & (ACCESSED | DIRTY);
+    }
+    let mut flags = same(first) | accessed_dirty;
+    if child == Level::Pt {
+        flags = flags_4k_to_huge(flags);
+    }
+    // The pointer's own rights restrict the leaves below it; the new leaf
+    // must keep those restrictions.
+    flags &= !(WRITABLE | USER) | (pointer & (WRITABLE | USER));
+    flags |= pointer & NO_EXECUTE;
+    let leaf = base | flags;
+    t.slot(loc)
+        .compare_exchange(pointer, leaf, Ordering::AcqRel, Ordering::Acquire)
+        .ok()?;
+    Some(table)
+}
+
+/// The present table-pointer entry at `level` on the path to `va`.
+fn pointer_at<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level) -> Option<EntryLoc> {
+    let mut table = t.root;
+    let mut current = Level::Pml4;
+    loop {
+        let loc = EntryLoc {
+            table,
+            index: current.index(va),
+        };
+        let entry = t.load(loc);
+        let is_pointer = entry & PRESENT != 0 && (current == Level::Pml4 || entry & HUGE == 0);
+        if !is_pointer || current == Level::Pt {
+            return None;
+        }
+        if current == level {
+            return Some(loc);
+        }
+        table = t.enc.address(entry, Level::Pt);
+        current = current.lower()?;
+    }
+}

@@ -1,0 +1,136 @@
+//! Counters the OS and benchmarks can read.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pte::Level;
+
+/// Running totals since the engine was created. Read with
+/// [`Engine::counters`](crate::Engine::counters).
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub(crate) map_gpa: AtomicU64,
+    pub(crate) accept: AtomicU64,
+    pub(crate) psc_exits: AtomicU64,
+    pub(crate) psc_entries: AtomicU64,
+    pub(crate) psc_msr: AtomicU64,
+    pub(crate) pvalidate: AtomicU64,
+    pub(crate) shootdowns: AtomicU64,
+    pub(crate) splits_1g: AtomicU64,
+    pub(crate) splits_2m: AtomicU64,
+    pub(crate) collapses_2m: AtomicU64,
+    pub(crate) collapses_1g: AtomicU64,
+    pub(crate) table_pages_in_use: AtomicU64,
+    pub(crate) pte_writes: AtomicU64,
+    pub(crate) conversions: AtomicU64,
+    pub(crate) failures: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// TDG.VP.VMCALL\<MapGPA\> calls.
+    pub map_gpa: u64,
+    /// TDG.MEM.PAGE.ACCEPT calls.
+    pub accept: u64,
+    /// Page State Change NAE exits (GHCB).
+    pub psc_exits: u64,
+    /// Page State Change entries sent through the GHCB.
+    pub psc_entries: u64,
+    /// Page State Change requests through the GHCB MSR protocol.
+    pub psc_msr: u64,
+    /// PVALIDATE executions.
+    pub pvalidate: u64,
+    /// TLB shootdowns requested.
+    pub shootdowns: u64,
+    /// 1 GiB leaves split into 2 MiB.
+    pub splits_1g: u64,
+    /// 2 MiB leaves split into 4 KiB.
+    pub splits_2m: u64,
+    /// Page tables collapsed into 2 MiB leaves.
+    pub collapses_2m: u64,
+    /// Page directories collapsed into 1 GiB leaves.
+    pub collapses_1g: u64,
+    /// Table pages taken from the frame source and not yet given back.
+    pub table_pages_in_use: u64,
+    /// Leaf entries written (not-present and present again).
+    pub pte_writes: u64,
+    /// Conversions completed.
+    pub conversions: u64,
+    /// Conversions that failed after the point of no return.
+    pub failures: u64,
+}
+
+impl CounterSnapshot {
+    /// Every hypercall and hypervisor-visible instruction, summed.
+    pub fn hypercalls(&self) -> u64 {
+        self.map_gpa + self.accept + self.psc_exits + self.psc_msr + self.pvalidate
+    }
+
+    /// The counts from `earlier` to `self`.
+    pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
+        CounterSnapshot {
+            map_gpa: self.map_gpa - earlier.map_gpa,
+            accept: self.accept - earlier.accept,
+            psc_exits: self.psc_exits - earlier.psc_exits,
+            psc_entries: self.psc_entries - earlier.psc_entries,
+            psc_msr: self.psc_msr - earlier.psc_msr,
+            pvalidate: self.pvalidate - earlier.pvalidate,
+            shootdowns: self.shootdowns - earlier.shootdowns,
+            splits_1g: self.splits_1g - earlier.splits_1g,
+            splits_2m: self.splits_2m - earlier.splits_2m,
+            collapses_2m: self.collapses_2m - earlier.collapses_2m,
+            collapses_1g: self.collapses_1g - earlier.collapses_1g,
+            table_pages_in_use: self.table_pages_in_use,
+            pte_writes: self.pte_writes - earlier.pte_writes,
+            conversions: self.conversions - earlier.conversions,
+            failures: self.failures - earlier.failures,
+        }
+    }
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn record_split(&self, level: Level) {
+        match level {
+            Level::Pdpt => Self::add(&self.splits_1g, 1),
+            _ => Self::add(&self.splits_2m, 1),
+        }
+        Self::add(&self.table_pages_in_use, 1);
+    }
+
+    pub(crate) fn record_collapse(&self, level: Level) {
+        match level {
+            Level::Pdpt => Self::add(&self.collapses_1g, 1),
+            _ => Self::add(&self.collapses_2m, 1),
+        }
+    }
+
+    pub(crate) fn record_table_freed(&self) {
+        self.table_pages_in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// A consistent-enough snapshot (each counter read once).
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            map_gpa: r(&self.map_gpa),
+            accept: r(&self.accept),
+            psc_exits: r(&self.psc_exits),
+            psc_entries: r(&self.psc_entries),
+            psc_msr: r(&self.psc_msr),
+            pvalidate: r(&self.pvalidate),
+            shootdowns: r(&self.shootdowns),
+            splits_1g: r(&self.splits_1g),
+            splits_2m: r(&self.splits_2m),
+            collapses_2m: r(&self.collapses_2m),
+            collapses_1g: r(&self.collapses_1g),
+            table_pages_in_use: r(&self.table_pages_in_use),
+            pte_writes: r(&self.pte_writes),
+            conversions: r(&self.conversions),
+            failures: r(&self.failures),
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! What the firmware and host must be told to convert memory, per platform.
+//!
+//! The engine calls [`Platform::convert`] only while every alias of every
+//! frame is not present, with the frames as sorted physical runs.
+
+mod runs;
+pub mod snp;
+pub mod tdx;
+
+pub use runs::{Runs, RunsIter};
+
+use crate::counters::Counters;
+use crate::pte::{EncryptionBit, Visibility};
+
+/// A failed firmware/host step. The frames it concerned are in an unknown
+/// state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlatformError {
+    /// TDX MapGPA failed.
+    MapGpa(tdcall::MapGpaError),
+    /// TDX ACCEPT failed.
+    Accept(tdcall::AcceptError),
+    /// SNP Page State Change through the GHCB failed.
+    Psc(ghcb::psc::PscError),
+    /// SNP Page State Change through the MSR protocol failed.
+    PscMsr(ghcb::protocol::ProtocolError),
+    /// SNP PVALIDATE failed.
+    Pvalidate(ghcb::pvalidate::PvalidateRangeError),
+    /// SNP needs the private scratch window and the engine has none.
+    NoScratchWindow,
+}
+
+/// Maps frames private at a virtual address only the calling CPU uses, for
+/// platforms that must touch the pages themselves (SNP PVALIDATE) while
+/// every public alias is not present.
+pub trait PrivateMap {
+    /// Maps the 2 MiB frame at `pa` (2 MiB aligned); returns its address.
+    fn map_2m(&mut self, pa: u64) -> u64;
+    /// Maps `count` (at most 512) contiguous 4 KiB frames from `pa`;
+    /// returns the address of the first.
+    fn map_4k(&mut self, pa: u64, count: u64) -> u64;
+    /// Removes the mapping.
+    fn unmap(&mut self);
+}
+
+/// A confidential-computing platform's side of a conversion.
+pub trait Platform {
+    /// The PTE encryption bit and what it means on this platform.
+    fn encryption(&self) -> EncryptionBit;
+
+    /// Tells the firmware/host that `runs` become `to`, and does the
+    /// guest-side steps that go with it (ACCEPT, PVALIDATE).
+    ///
+    /// # Safety
+    ///
+    /// No mapping of any frame in `runs` may be present anywhere but in
+    /// `window`, and nothing may rely on the frames' contents.
+    unsafe fn convert(
+        &self,
+        runs: Runs<'_>,
+        to: Visibility,
+        window: Option<&mut dyn PrivateMap>,
+        counters: &Counters,
+    ) -> Result<(), PlatformError>;
+
+    /// Asks the host to end the guest (failure policy). May return if the
+    /// host ignores it; the caller must then stop on its own.
+    fn terminate(&self, reason: u8);
+}

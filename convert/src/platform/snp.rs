@@ -1,0 +1,265 @@
+//! The SEV-SNP backend. To shared: PVALIDATE rescind, then Page State
+//! Change to shared. To private: Page State Change to private, then
+//! PVALIDATE validate. PVALIDATE goes through the private scratch window
+//! (the only mapping of the frame while its public aliases are not
+//! present); PSC through the calling CPU's GHCB, or the MSR protocol, one
+//! page per request, before a GHCB exists.
+
+use ghcb::msr_protocol::PscOp;
+use ghcb::psc::{submit, PscDescriptor, PscEntries, MAX_ENTRIES};
+use ghcb::pvalidate::pvalidate_range;
+use ghcb::{GhcbMsr, GhcbPage, Pvalidate};
+
+use super::{PlatformError, PrivateMap, Runs};
+use crate::counters::Counters;
+use crate::pte::{EncryptionBit, Visibility};
+use crate::Platform;
+
+/// Gives the backend the calling CPU's GHCB, if it has one.
+pub trait GhcbProvider {
+    /// Runs `f` with this CPU's GHCB, or `None` before one exists (the
+    /// backend then uses the MSR protocol).
+    fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R;
+}
+
+/// No GHCB (early boot): every page state change goes through the MSR
+/// protocol.
+#[derive(Debug, Default)]
+pub struct NoGhcb;
+
+impl GhcbProvider for NoGhcb {
+    fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R {
+        f(None)
+    }
+}
+
+/// One GHCB slot per CPU, filled as each CPU sets its GHCB up (see
+/// [`setup_ghcb`](crate::setup_ghcb)). `cpu` returns the calling CPU's
+/// index.
+#[derive(Debug)]
+pub struct PerCpuGhcbs<'a> {
+    slots: &'a [spin::Mutex<Option<GhcbPage>>],
+    cpu: fn() -> usize,
+}
+
+impl<'a> PerCpuGhcbs<'a> {
+    /// Slots in `slots`, indexed by `cpu()`.
+    pub const fn new(slots: &'a [spin::Mutex<Option<GhcbPage>>], cpu: fn() -> usize) -> Self {
+        PerCpuGhcbs { slots, cpu }
+    }
+
+    /// Installs the calling CPU's GHCB.
+    pub fn install(&self, page: GhcbPage) {
+        if let Some(slot) = self.slots.get((self.cpu)()) {
+            *slot.lock() = Some(page);
+        }
+    }
+}
+
+impl GhcbProvider for PerCpuGhcbs<'_> {
+    fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R {
+        match self.slots.get((self.cpu)()) {
+            Some(slot) => f(slot.lock().as_mut()),
+            None => f(None),
+        }
+    }
+}
+
+/// How the backend batches its calls. The defaults are the fewest calls
+/// the ABIs allow; [`SnpOptions::LINUX`] reproduces what Linux does today,
+/// for comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnpOptions {
+    /// Entries per PSC descriptor (at most 253).
+    pub psc_entries_per_exit: usize,
+    /// Use 2 MiB PSC entries where aligned.
+    pub psc_2m: bool,
+    /// Use 2 MiB PVALIDATE where aligned.
+    pub pvalidate_2m: bool,
+}
+
+impl SnpOptions {
+    /// The fewest calls: full descriptors, 2 MiB wherever aligned.
+    pub const MINIMAL: SnpOptions = SnpOptions {
+        psc_entries_per_exit: MAX_ENTRIES,
+        psc_2m: true,
+        pvalidate_2m: true,
+    };
+    /// Linux's strategy: 64-entry descriptors, 4 KiB everywhere.
+    pub const LINUX: SnpOptions = SnpOptions {
+        psc_entries_per_exit: 64,
+        psc_2m: false,
+        pvalidate_2m: false,
+    };
+}
+
+impl Default for SnpOptions {
+    fn default() -> Self {
+        Self::MINIMAL
+    }
+}
+
+/// SEV-SNP over a [`GhcbMsr`] and a [`Pvalidate`] (the instructions, or a
+/// model), with GHCBs from `G`.
+#[derive(Debug)]
+pub struct Snp<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> {
+    hv: H,
+    pvalidate: P,
+    ghcbs: G,
+    encryption: EncryptionBit,
+    options: SnpOptions,
+}
+
+impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
+    /// A backend for C-bit position `c_bit` (from SEV info or CPUID
+    /// 0x8000001F).
+    pub fn new(hv: H, pvalidate: P, ghcbs: G, c_bit: u8, options: SnpOptions) -> Option<Self> {
+        let encryption = EncryptionBit::snp(c_bit)?;
+        let options = SnpOptions {
+            psc_entries_per_exit: options.psc_entries_per_exit.clamp(1, MAX_ENTRIES),
+            ..options
+        };
+        Some(Snp {
+            hv,
+            pvalidate,
+            ghcbs,
+            encryption,
+            options,
+        })
+    }
+
+    /// The hypervisor interface.
+    pub fn hypervisor(&self) -> &H {
+        &self.hv
+    }
+
+    /// The GHCB provider.
+    pub fn ghcbs(&self) -> &G {
+        &self.ghcbs
+    }
+
+    unsafe fn page_state_change(&self, runs: Runs<'_>, op: PscOp, counters: &Counters) -> Result<(), PlatformError> {
+        self.ghcbs.with_ghcb(|ghcb| match ghcb {
+            Some(ghcb) => {
+                let mut desc = PscDescriptor::default();
+                let entries = runs
+                    .iter()
+                    .flat_map(|(pa, len)| PscEntries::new(pa, len, op, self.options.psc_2m).into_iter().flatten());
+                for entry in entries {
+                    desc.push(entry);
+                    if desc.entries().len() == self.options.psc_entries_per_exit {
+                        // SAFETY: the engine guarantees no alias is present.
+                        unsafe { self.submit(ghcb, &desc, counters)? };
+                        desc.clear();
+                    }
+                }
+                // SAFETY: as above.
+                unsafe { self.submit(ghcb, &desc, counters) }
+            }
+            None => {
+                for frame in runs.frames() {
+                    Counters::add(&counters.psc_msr, 1);
+                    // SAFETY: as above.
+                    unsafe { ghcb::protocol::page_state_change(&self.hv, frame >> 12, op) }
+                        .map_err(PlatformError::PscMsr)?;
+                }
+                Ok(())
+            }
+        })
+    }
+
+    unsafe fn submit(
+        &self,
+        ghcb: &mut GhcbPage,
+        desc: &PscDescriptor,
+        counters: &Counters,
+    ) -> Result<(), PlatformError> {
+        if desc.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: forwarded from `page_state_change`.
+        let done = unsafe { submit(ghcb, &self.hv, desc) };
+        match done {
+            Ok(d) => {
+                Counters::add(&counters.psc_exits, d.exits);
+                Counters::add(&counters.psc_entries, d.entries);
+                Ok(())
+            }
+            Err(e) => {
+                Counters::add(&counters.psc_exits, 1);
+                Err(PlatformError::Psc(e))
+            }
+        }
+    }
+
+    unsafe fn pvalidate(
+        &self,
+        runs: Runs<'_>,
+        validate: bool,
+        window: Option<&mut dyn PrivateMap>,
+        counters: &Counters,
+    ) -> Result<(), PlatformError> {
+        let window = window.ok_or(PlatformError::NoScratchWindow)?;
+        let huge = 2 << 20;
+        let result = runs.iter().try_for_each(|(pa, len)| {
+            let end = pa + len;
+            let mut cursor = pa;
+            while cursor < end {
+                let whole_2m = self.options.pvalidate_2m && cursor % huge == 0 && end - cursor >= huge;
+                let (va, bytes) = if whole_2m {
+                    (window.map_2m(cursor), huge)
+                } else {
+                    let bytes = (end.min((cursor / huge + 1) * huge)) - cursor;
+                    (window.map_4k(cursor, bytes / 4096), bytes)
+                };
+                // SAFETY: `va` is the window's private mapping of the
+                // frames, the only mapping present.
+                let calls = unsafe { pvalidate_range(&self.pvalidate, va, bytes, validate, whole_2m) };
+                match calls {
+                    Ok(c) => Counters::add(&counters.pvalidate, c.calls),
+                    Err(e) => {
+                        Counters::add(&counters.pvalidate, 1);
+                        return Err(PlatformError::Pvalidate(e));
+                    }
+                }
+                cursor += bytes;
+            }
+            Ok(())
+        });
+        window.unmap();
+        result
+    }
+}
+
+impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
+    fn encryption(&self) -> EncryptionBit {
+        self.encryption
+    }
+
+    unsafe fn convert(
+        &self,
+        runs: Runs<'_>,
+        to: Visibility,
+        window: Option<&mut dyn PrivateMap>,
+        counters: &Counters,
+    ) -> Result<(), PlatformError> {
+        // SAFETY (all four calls): the engine guarantees that no alias of
+        // the frames is present except the scratch window, and that nothing
+        // relies on their contents.
+        match to {
+            Visibility::Shared => unsafe {
+                self.pvalidate(runs, false, window, counters)?;
+                self.page_state_change(runs, PscOp::Shared, counters)
+            },
+            Visibility::Private => unsafe {
+                self.page_state_change(runs, PscOp::Private, counters)?;
+                self.pvalidate(runs, true, window, counters)
+            },
+        }
+    }
+
+    fn terminate(&self, reason: u8) {
+        // SAFETY: a termination request changes no memory.
+        unsafe { ghcb::protocol::terminate(&self.hv, ghcb::protocol::reason::SET_GENERAL, reason) };
+    }
+}

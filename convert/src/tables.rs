@@ -1,0 +1,116 @@
+//! Reaching page-table pages and walking the hierarchy.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pte::{EncryptionBit, Level, HUGE, PRESENT};
+
+/// Access to page-table pages by physical address: the embedding OS's
+/// direct map (`pa + offset`), an identity map, or a test's simulated
+/// memory.
+///
+/// # Safety
+///
+/// For every page-table page the engine is given or allocates, `table`
+/// must return a pointer to the 4 KiB page at `pa`, valid for atomic reads
+/// and writes for as long as the engine lives.
+pub unsafe trait PhysMem {
+    /// The page-table page at physical address `pa` (4 KiB aligned).
+    fn table(&self, pa: u64) -> *mut u64;
+}
+
+// SAFETY: forwarding keeps the implementation's guarantees.
+unsafe impl<T: PhysMem + ?Sized> PhysMem for &T {
+    fn table(&self, pa: u64) -> *mut u64 {
+        (**self).table(pa)
+    }
+}
+
+/// Where an entry lives: its table's physical address and its index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryLoc {
+    /// Physical address of the table.
+    pub table: u64,
+    /// Index in the table.
+    pub index: usize,
+}
+
+/// What a walk found for one virtual address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walk {
+    /// A present leaf at `level`.
+    Leaf {
+        /// Level of the leaf (its span is the page size).
+        level: Level,
+        /// Where it is.
+        loc: EntryLoc,
+        /// Its value.
+        entry: u64,
+    },
+    /// A non-present entry at `level`. A non-zero one may be a leaf the
+    /// engine made not-present (the rest of the entry is kept).
+    Absent {
+        /// Level of the entry.
+        level: Level,
+        /// Where it is.
+        loc: EntryLoc,
+        /// Its value.
+        entry: u64,
+    },
+}
+
+/// The page tables rooted at `root`, reached through `mem`.
+#[derive(Clone, Copy)]
+pub(crate) struct Tables<'m, M: PhysMem> {
+    pub mem: &'m M,
+    pub root: u64,
+    pub enc: EncryptionBit,
+}
+
+impl<M: PhysMem> Tables<'_, M> {
+    pub fn slot(&self, loc: EntryLoc) -> &AtomicU64 {
+        debug_assert!(loc.index < 512 && loc.table % 4096 == 0);
+        // SAFETY: `PhysMem` guarantees a valid, aligned 4 KiB table; the
+        // index is below 512. Entries are only accessed atomically.
+        unsafe { AtomicU64::from_ptr(self.mem.table(loc.table).add(loc.index)) }
+    }
+
+    pub fn load(&self, loc: EntryLoc) -> u64 {
+        self.slot(loc).load(Ordering::Acquire)
+    }
+
+    pub fn store(&self, loc: EntryLoc, value: u64) {
+        self.slot(loc).store(value, Ordering::Release)
+    }
+
+    /// Walks `va` down to the first leaf or non-present entry.
+    pub fn walk(&self, va: u64) -> Walk {
+        let mut table = self.root;
+        let mut level = Level::Pml4;
+        loop {
+            let loc = EntryLoc {
+                table,
+                index: level.index(va),
+            };
+            let entry = self.load(loc);
+            if entry & PRESENT == 0 {
+                return Walk::Absent { level, loc, entry };
+            }
+            let leaf = level == Level::Pt || (level.can_be_leaf() && entry & HUGE != 0);
+            match level.lower() {
+                Some(lower) if !leaf => {
+                    table = self.enc.address(entry, Level::Pt);
+                    level = lower;
+                }
+                _ => return Walk::Leaf { level, loc, entry },
+            }
+        }
+    }
+
+    /// The physical address `va` maps to, if present.
+    pub fn translate(&self, va: u64) -> Option<u64> {
+        match self.walk(va) {
+            Walk::Leaf { level, entry, .. } => Some(self.enc.address(entry, level) + (va & (level.span() - 1))),
+            Walk::Absent { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The private scratch window: a 2 MiB virtual range each CPU owns, where
+//! the engine maps frames private for PVALIDATE while every public alias of
+//! them is not present.
+
+use crate::platform::PrivateMap;
+use crate::pte::{Level, Visibility, ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
+use crate::tables::{EntryLoc, PhysMem, Tables, Walk};
+
+/// The calling CPU's window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowSlot {
+    /// 2 MiB-aligned start of a virtual range that only this CPU maps. Its
+    /// PML4 and PDPT entries must exist; the engine writes its PD entry.
+    pub va: u64,
+    /// A page-table page reserved for the window's 4 KiB mappings.
+    pub pt: u64,
+}
+
+/// Gives the engine the calling CPU's window.
+///
+/// # Safety
+///
+/// The slot returned must satisfy [`WindowSlot`]'s rules, and the caller's
+/// conversion must stay on this CPU until it returns (no migration).
+pub unsafe trait ScratchWindow {
+    /// This CPU's window.
+    fn slot(&self) -> WindowSlot;
+    /// Invalidates this CPU's TLB entries for `[va, va + len)` (`invlpg`,
+    /// see [`arch::invlpg`](crate::arch::invlpg)).
+    fn invalidate_local(&self, va: u64, len: u64);
+}
+
+/// The engine's side of the window.
+pub(crate) struct WindowMap<'t, 'm, M: PhysMem> {
+    tables: &'t Tables<'m, M>,
+    window: &'t dyn ScratchWindow,
+    slot: WindowSlot,
+    pde: EntryLoc,
+    mapped: bool,
+}
+
+impl<'t, 'm, M: PhysMem> WindowMap<'t, 'm, M> {
+    /// `None` if the window's PD entry cannot be reached.
+    pub fn new(tables: &'t Tables<'m, M>, window: &'t dyn ScratchWindow) -> Option<Self> {
+        let slot = window.slot();
+        let pde = match tables.walk(slot.va) {
+            Walk::Absent {
+                level: Level::Pd, loc, ..
+            }
+            | Walk::Leaf {
+                level: Level::Pd, loc, ..
+            } => loc,
+            Walk::Leaf { level: Level::Pt, .. } => EntryLoc {
+                table: pd_table_of(tables, slot.va)?,
+                index: Level::Pd.index(slot.va),
+            },
+            _ => return None,
+        };
+        Some(WindowMap {
+            tables,
+            window,
+            slot,
+            pde,
+            mapped: false,
+        })
+    }
+
+    fn private_leaf(&self, pa: u64) -> u64 {
+        pa | PRESENT | WRITABLE | ACCESSED | DIRTY | NO_EXECUTE | self.tables.enc.bits_for(Visibility::Private)
+    }
+}
+
+fn pd_table_of<M: PhysMem>(tables: &Tables<'_, M>, va: u64) -> Option<u64> {
+    let mut table = tables.root;
+    for level in [Level::Pml4, Level::Pdpt] {
+        let e = tables.load(EntryLoc {
+            table,
+            index: level.index(va),
+        });
+        if e & PRESENT == 0 || (level == Level::Pdpt && e & HUGE != 0) {
+            return None;
+        }
+        table = tables.enc.address(e, Level::Pt);
+    }
+    Some(table)
+}
+
+impl<M: PhysMem> PrivateMap for WindowMap<'_, '_, M> {
+    fn map_2m(&mut self, pa: u64) -> u64 {
+        self.tables.store(self.pde, self.private_leaf(pa) | HUGE);
+        self.window.invalidate_local(self.slot.va, 2 << 20);
+        self.mapped = true;
+        self.slot.va
+    }
+
+    fn map_4k(&mut self, pa: u64, count: u64) -> u64 {
+        let count = count.min(512) as usize;
+        for i in 0..512 {
+            let entry = if i < count {
+                self.private_leaf(pa + i as u64 * 4096)
+            } else {
+                0
+            };
+            self.tables.store(
+                EntryLoc {
+                    table: self.slot.pt,
+                    index: i,
+                },
+                entry,
+            );
+        }
+        self.tables.store(
+            self.pde,
+            self.slot.pt | TABLE_POINTER | self.tables.enc.bits_for(Visibility::Private),
+        );
+        self.window.invalidate_local(self.slot.va, 2 << 20);
+        self.mapped = true;
+        self.slot.va
+    }
+
+    fn unmap(&mut self) {
+        if self.mapped {
+            self.tables.store(self.pde, 0);
+            self.window.invalidate_local(self.slot.va, 2 << 20);
+            self.mapped = false;
+        }
+    }
+}

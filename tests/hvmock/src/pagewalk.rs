@@ -1,0 +1,148 @@
+//! The models' own reading of the guest's page tables, as the hardware
+//! walks them: to translate the address PVALIDATE is given, and to check,
+//! at every hypercall, that no alias of a converting frame is present.
+//!
+//! Written independently of the engine's walker, so that the two check each
+//! other.
+
+use alloc::vec::Vec;
+
+use crate::memory::GuestMemory;
+
+const PRESENT: u64 = 1;
+const PAGE_SIZE_BIT: u64 = 1 << 7;
+const ADDRESS: u64 = 0x000F_FFFF_FFFF_F000;
+
+/// Where the guest's page tables are: CR3 and the PTE encryption bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestPageTables {
+    /// Physical address of the PML4.
+    pub cr3: u64,
+    /// The encryption bit (TDX shared bit, SNP C-bit, or a test bit).
+    pub enc_mask: u64,
+}
+
+/// One present leaf mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// Canonical virtual address.
+    pub va: u64,
+    /// Physical address.
+    pub pa: u64,
+    /// Bytes mapped (4 KiB, 2 MiB or 1 GiB).
+    pub size: u64,
+    /// Whether the entry carries the encryption bit.
+    pub enc_set: bool,
+}
+
+impl Mapping {
+    /// Whether it maps any of `[pa, pa + len)`.
+    pub fn overlaps(&self, pa: u64, len: u64) -> bool {
+        self.pa < pa + len && pa < self.pa + self.size
+    }
+}
+
+fn canonical(va: u64) -> u64 {
+    if va & (1 << 47) != 0 {
+        va | 0xFFFF_0000_0000_0000
+    } else {
+        va
+    }
+}
+
+impl GuestPageTables {
+    fn entry(&self, mem: &GuestMemory, table: u64, index: u64) -> u64 {
+        mem.read_u64(table + index * 8)
+    }
+
+    fn next_table(&self, entry: u64) -> u64 {
+        entry & ADDRESS & !self.enc_mask
+    }
+
+    /// Every present leaf mapping.
+    pub fn mappings(&self, mem: &GuestMemory) -> Vec<Mapping> {
+        let mut out = Vec::new();
+        self.collect(mem, self.cr3, 4, 0, &mut out);
+        out
+    }
+
+    fn collect(&self, mem: &GuestMemory, table: u64, level: u32, va_base: u64, out: &mut Vec<Mapping>) {
+        let span = 1u64 << (12 + 9 * (level - 1));
+        for i in 0..512 {
+            let e = self.entry(mem, table, i);
+            if e & PRESENT == 0 {
+                continue;
+            }
+            let va = va_base + i * span;
+            if level == 1 || (level < 4 && e & PAGE_SIZE_BIT != 0) {
+                let pa = e & ADDRESS & !self.enc_mask & !(span - 1);
+                out.push(Mapping {
+                    va: canonical(va),
+                    pa,
+                    size: span,
+                    enc_set: e & self.enc_mask != 0,
+                });
+            } else {
+                self.collect(mem, self.next_table(e), level - 1, va, out);
+            }
+        }
+    }
+
+    /// The leaf mapping `va`, if present; `pa` is that of `va` itself.
+    pub fn translate(&self, mem: &GuestMemory, va: u64) -> Option<Mapping> {
+        let mut table = self.cr3;
+        for level in (1..=4u32).rev() {
+            let shift = 12 + 9 * (level - 1);
+            let e = self.entry(mem, table, (va >> shift) & 511);
+            if e & PRESENT == 0 {
+                return None;
+            }
+            if level == 1 || (level < 4 && e & PAGE_SIZE_BIT != 0) {
+                let span = 1u64 << shift;
+                let pa = (e & ADDRESS & !self.enc_mask & !(span - 1)) + (va & (span - 1));
+                return Some(Mapping {
+                    va,
+                    pa,
+                    size: span,
+                    enc_set: e & self.enc_mask != 0,
+                });
+            }
+            table = self.next_table(e);
+        }
+        None
+    }
+}
+
+/// A hypercall made while a mapping of one of its frames was present: the
+/// window in which an access could go through a mapping whose attribute
+/// disagrees with the page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The call.
+    pub call: &'static str,
+    /// Start of the frames it concerned.
+    pub pa: u64,
+    /// The mapping that was present.
+    pub mapping: Mapping,
+}
+
+/// Page tables to check at every call, and what was found.
+#[derive(Debug, Default)]
+pub(crate) struct AliasCheck {
+    pub tables: Option<GuestPageTables>,
+    pub violations: Vec<Violation>,
+}
+
+impl AliasCheck {
+    /// Records every present mapping of `[pa, pa + len)` except the one at
+    /// `allowed_va` (PVALIDATE's own address).
+    pub fn check(&mut self, mem: &GuestMemory, call: &'static str, pa: u64, len: u64, allowed_va: Option<u64>) {
+        let Some(tables) = self.tables else { return };
+        for mapping in tables.mappings(mem) {
+            let allowed = allowed_va.is_some_and(|va| va >= mapping.va && va - mapping.va < mapping.size);
+            if mapping.overlaps(pa, len) && !allowed {
+                self.violations.push(Violation { call, pa, mapping });
+            }
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! A simulated OS for the engine: page tables in [`GuestMemory`], a frame
+//! source that catches leaks and double use, a counting TLB shootdown, and
+//! per-CPU scratch windows.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use convert::bits::{HUGE, PRESENT, TABLE_POINTER};
+use convert::{
+    EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
+};
+use hvmock::GuestMemory;
+
+/// Where the direct map starts (1 GiB aligned).
+pub const DIRECT_MAP_VA: u64 = 0xFFFF_8880_0000_0000;
+/// The vmalloc-style area.
+pub const VMALLOC_VA: u64 = 0xFFFF_C900_0000_0000;
+/// A registered alias area (like a kernel-image mapping).
+pub const ALIAS_VA: u64 = 0xFFFF_FFFF_8000_0000;
+/// Scratch windows, 2 MiB per CPU.
+pub const WINDOW_VA: u64 = 0xFFFF_FE00_0000_0000;
+
+/// Page-table pages by physical address: simulated memory.
+#[derive(Debug, Clone)]
+pub struct SimPhys(pub Arc<GuestMemory>);
+
+// SAFETY: every table the engine touches lies in the simulated memory,
+// which outlives the engine; `ptr` checks bounds.
+unsafe impl PhysMem for SimPhys {
+    fn table(&self, pa: u64) -> *mut u64 {
+        self.0.ptr(pa).cast()
+    }
+}
+
+#[derive(Debug)]
+struct FramesInner {
+    next: u64,
+    end: u64,
+    free: Vec<u64>,
+    in_use: BTreeSet<u64>,
+    allowance: Option<usize>,
+}
+
+/// Frames for page tables from `[start, end)` of simulated memory: a bump
+/// allocator with a free list (what an early-boot OS has). Panics on a
+/// double allocation or a free of a frame it did not hand out: either
+/// would be table-page double use.
+#[derive(Debug)]
+pub struct SimFrames {
+    mem: Arc<GuestMemory>,
+    inner: Mutex<FramesInner>,
+}
+
+impl SimFrames {
+    /// Frames from `[start, end)`.
+    pub fn new(mem: Arc<GuestMemory>, start: u64, end: u64) -> Self {
+        let inner = FramesInner {
+            next: start,
+            end,
+            free: Vec::new(),
+            in_use: BTreeSet::new(),
+            allowance: None,
+        };
+        SimFrames {
+            mem,
+            inner: Mutex::new(inner),
+        }
+    }
+
+    /// Frames handed out and not given back.
+    pub fn in_use(&self) -> usize {
+        self.inner.lock().unwrap().in_use.len()
+    }
+
+    /// The frames handed out and not given back.
+    pub fn in_use_set(&self) -> BTreeSet<u64> {
+        self.inner.lock().unwrap().in_use.clone()
+    }
+
+    /// Allows only `n` more allocations (`None`: unlimited).
+    pub fn set_allowance(&self, n: Option<usize>) {
+        self.inner.lock().unwrap().allowance = n;
+    }
+}
+
+impl FrameSource for SimFrames {
+    fn allocate_frame(&self) -> Option<u64> {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(n) = inner.allowance.as_mut() {
+            if *n == 0 {
+                return None;
+            }
+            *n -= 1;
+        }
+        let pa = match inner.free.pop() {
+            Some(pa) => pa,
+            None if inner.next < inner.end => {
+                inner.next += 4096;
+                inner.next - 4096
+            }
+            None => return None,
+        };
+        assert!(inner.in_use.insert(pa), "frame {pa:#x} handed out twice");
+        self.mem.fill(pa, 4096, 0);
+        Some(pa)
+    }
+
+    fn free_frame(&self, pa: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        assert!(inner.in_use.remove(&pa), "frame {pa:#x} freed but not in use");
+        // Scribble it: a use after free then shows up as garbage mappings.
+        self.mem.fill(pa, 4096, 0xEE);
+        inner.free.push(pa);
+    }
+}
+
+/// Counts shootdowns.
+#[derive(Debug, Default)]
+pub struct SimTlb {
+    /// Shootdowns so far.
+    pub count: AtomicU64,
+    /// Ranges of the last shootdown (empty: everything).
+    pub last: Mutex<Vec<VaRange>>,
+}
+
+impl TlbShootdown for SimTlb {
+    fn shootdown(&self, ranges: &[VaRange]) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        *self.last.lock().unwrap() = ranges.to_vec();
+    }
+}
+
+/// One scratch window per simulated CPU; the CPU is the calling thread's
+/// index in `cpu_of`.
+#[derive(Debug)]
+pub struct SimWindows {
+    slots: Vec<WindowSlot>,
+    /// Local invalidations requested.
+    pub invalidations: AtomicU64,
+}
+
+thread_local! {
+    static CPU: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes the calling thread simulated CPU `cpu`.
+pub fn set_cpu(cpu: usize) {
+    CPU.with(|c| c.set(cpu));
+}
+
+/// The calling thread's simulated CPU.
+pub fn current_cpu() -> usize {
+    CPU.with(|c| c.get())
+}
+
+impl SimWindows {
+    /// Windows for `cpus` CPUs, with their PD path built in `builder`'s
+    /// tables and a PT page each.
+    pub fn new(builder: &mut TableBuilder<'_>, cpus: usize) -> Self {
+        let slots = (0..cpus)
+            .map(|cpu| {
+                let va = WINDOW_VA + cpu as u64 * (2 << 20);
+                builder.table_at(va, Level::Pd);
+                WindowSlot {
+                    va,
+                    pt: builder.frames.allocate_frame().expect("window PT"),
+                }
+            })
+            .collect();
+        SimWindows {
+            slots,
+            invalidations: AtomicU64::new(0),
+        }
+    }
+}
+
+// SAFETY: each simulated CPU (thread) gets its own window, whose PD path
+// exists; a conversion stays on its thread.
+unsafe impl ScratchWindow for SimWindows {
+    fn slot(&self) -> WindowSlot {
+        self.slots[current_cpu()]
+    }
+    fn invalidate_local(&self, _va: u64, _len: u64) {
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Builds page tables in simulated memory the way an OS would at boot.
+#[derive(Debug)]
+pub struct TableBuilder<'f> {
+    mem: Arc<GuestMemory>,
+    /// Where the tables come from.
+    pub frames: &'f SimFrames,
+    /// The PML4.
+    pub root: u64,
+    enc: EncryptionBit,
+}
+
+impl<'f> TableBuilder<'f> {
+    /// A new, empty hierarchy.
+    pub fn new(mem: Arc<GuestMemory>, frames: &'f SimFrames, enc: EncryptionBit) -> Self {
+        let root = frames.allocate_frame().expect("root table");
+        TableBuilder { mem, frames, root, enc }
+    }
+
+    /// A builder over tables that already exist.
+    pub fn existing(mem: Arc<GuestMemory>, frames: &'f SimFrames, root: u64, enc: EncryptionBit) -> Self {
+        TableBuilder { mem, frames, root, enc }
+    }
+
+    fn entry_pa(table: u64, level: Level, va: u64) -> u64 {
+        table + 8 * level.index(va) as u64
+    }
+
+    /// The table of `level` on the path to `va`, created as needed.
+    pub fn table_at(&mut self, va: u64, level: Level) -> u64 {
+        let mut table = self.root;
+        let mut current = Level::Pml4;
+        while current != level {
+            let at = Self::entry_pa(table, current, va);
+            let e = self.mem.read_u64(at);
+            table = if e & PRESENT != 0 {
+                assert!(e & HUGE == 0, "a leaf is in the way at {va:#x}");
+                self.enc.address(e, Level::Pt)
+            } else {
+                let new = self.frames.allocate_frame().expect("table frame");
+                self.mem
+                    .write_u64(at, new | TABLE_POINTER | self.enc.bits_for(Visibility::Private));
+                new
+            };
+            current = current.lower().unwrap();
+        }
+        table
+    }
+
+    /// Maps `[pa, pa + len)` at `va` with leaves of `page` size carrying
+    /// `flags` (4 KiB form for `Level::Pt`, with `HUGE` added for larger)
+    /// and the encryption bits of `side`.
+    pub fn map(&mut self, va: u64, pa: u64, len: u64, page: Level, flags: u64, side: Visibility) {
+        let span = page.span();
+        assert!(
+            va % span == 0 && pa % span == 0 && len % span == 0,
+            "misaligned mapping"
+        );
+        let leaf_flags = if page == Level::Pt {
+            flags
+        } else {
+            convert::bits::flags_4k_to_huge(flags)
+        };
+        for off in (0..len).step_by(span as usize) {
+            let table = self.table_at(va + off, page);
+            self.mem.write_u64(
+                Self::entry_pa(table, page, va + off),
+                (pa + off) | leaf_flags | self.enc.bits_for(side) | PRESENT,
+            );
+        }
+    }
+}
+
+/// A state table covering `[0, size)`.
+pub fn state_storage(size: u64) -> Vec<AtomicU8> {
+    (0..size / 4096).map(|_| AtomicU8::new(0)).collect()
+}

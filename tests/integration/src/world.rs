@@ -1,0 +1,260 @@
+//! Ready-made guests for engine tests: 2 GiB of simulated memory, a direct
+//! map of one 1 GiB page then 2 MiB pages, a vmalloc area, an alias area,
+//! scratch windows, and a TDX or SNP model watching the page tables.
+
+use std::ptr::NonNull;
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
+
+use convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
+use convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use convert::platform::tdx::Tdx;
+use convert::{Config, DirectMap, EncryptionBit, Engine, Level, StateTable, Visibility};
+use ghcb::GhcbPage;
+use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
+
+use crate::sim::{current_cpu, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder, DIRECT_MAP_VA, VMALLOC_VA};
+use crate::{GIB, MIB};
+
+/// Guest memory size.
+pub const MEMORY: u64 = 2 * GIB;
+/// Page-table frames come from `[TABLES, MEMORY)`.
+pub const TABLES: u64 = MEMORY - 64 * MIB;
+/// Simulated CPUs.
+pub const CPUS: usize = 4;
+/// Flags of the direct map's leaves (4 KiB form).
+pub const DIRECT_MAP_FLAGS: u64 = WRITABLE | NO_EXECUTE | ACCESSED | DIRTY | (1 << 8);
+
+/// How the direct map is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// `[0, 1 GiB)` one 1 GiB page, `[1 GiB, 2 GiB)` 2 MiB pages.
+    Mixed,
+    /// `[0, 1 GiB)` 2 MiB pages, `[1 GiB, 2 GiB)` 4 KiB pages.
+    Small,
+}
+
+/// The parts of a simulated guest, without the platform model.
+#[derive(Debug)]
+pub struct Machine {
+    /// Its memory.
+    pub mem: Arc<GuestMemory>,
+    /// Table access.
+    pub phys: SimPhys,
+    /// Table frames.
+    pub frames: SimFrames,
+    /// Shootdowns.
+    pub tlb: SimTlb,
+    /// Scratch windows.
+    pub windows: SimWindows,
+    /// Per-frame state storage.
+    pub states: Vec<AtomicU8>,
+    /// CR3.
+    pub root: u64,
+    /// The PTE encryption bit.
+    pub enc: EncryptionBit,
+    /// Table frames in use right after boot.
+    pub boot_tables: usize,
+    next_vmalloc: std::sync::atomic::AtomicU64,
+}
+
+impl Machine {
+    /// Builds memory and page tables.
+    pub fn new(enc: EncryptionBit, shape: Shape) -> Self {
+        let mem = Arc::new(GuestMemory::new(MEMORY));
+        let frames = SimFrames::new(mem.clone(), TABLES, MEMORY);
+        let (root, windows) = {
+            let mut b = TableBuilder::new(mem.clone(), &frames, enc);
+            let (low, high) = match shape {
+                Shape::Mixed => (Level::Pdpt, Level::Pd),
+                Shape::Small => (Level::Pd, Level::Pt),
+            };
+            b.map(DIRECT_MAP_VA, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
+            b.map(
+                DIRECT_MAP_VA + GIB,
+                GIB,
+                GIB,
+                high,
+                DIRECT_MAP_FLAGS,
+                Visibility::Private,
+            );
+            let windows = SimWindows::new(&mut b, CPUS);
+            (b.root, windows)
+        };
+        let boot_tables = frames.in_use();
+        Machine {
+            phys: SimPhys(mem.clone()),
+            states: crate::sim::state_storage(MEMORY),
+            mem,
+            frames,
+            tlb: SimTlb::default(),
+            windows,
+            root,
+            enc,
+            boot_tables,
+            next_vmalloc: std::sync::atomic::AtomicU64::new(VMALLOC_VA),
+        }
+    }
+
+    /// The engine configuration for this machine.
+    pub fn config(&self) -> Config {
+        Config {
+            root: self.root,
+            direct_map: DirectMap {
+                va: DIRECT_MAP_VA,
+                pa: 0,
+                len: MEMORY,
+            },
+            collapse: true,
+            collapse_1g: true,
+        }
+    }
+
+    /// What the models need to watch the page tables.
+    pub fn page_tables(&self) -> GuestPageTables {
+        GuestPageTables {
+            cr3: self.root,
+            enc_mask: self.enc.mask(),
+        }
+    }
+
+    /// Maps `frames` (4 KiB each) at a fresh vmalloc-style address, 4 KiB
+    /// pages, private; returns the address.
+    pub fn vmalloc(&self, frames: &[u64]) -> u64 {
+        let len = frames.len() as u64 * 4096;
+        let va = self.next_vmalloc.fetch_add(
+            len.div_ceil(2 * MIB) * 2 * MIB + 2 * MIB,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let mut b = self.builder();
+        for (i, &pa) in frames.iter().enumerate() {
+            b.map(
+                va + i as u64 * 4096,
+                pa,
+                4096,
+                Level::Pt,
+                DIRECT_MAP_FLAGS,
+                Visibility::Private,
+            );
+        }
+        va
+    }
+
+    /// A builder over this machine's tables.
+    pub fn builder(&self) -> TableBuilder<'_> {
+        TableBuilder::existing(self.mem.clone(), &self.frames, self.root, self.enc)
+    }
+
+    /// The direct-map address of `pa`.
+    pub fn direct(pa: u64) -> u64 {
+        DIRECT_MAP_VA + pa
+    }
+}
+
+/// A TDX guest: the machine and the TDX module + VMM model.
+#[derive(Debug)]
+pub struct TdxWorld {
+    /// The machine.
+    pub m: Machine,
+    /// The model, watching the page tables.
+    pub tdx: MockTdx,
+}
+
+/// The engine type of a TDX world.
+pub type TdxEngine<'w> = Engine<'w, &'w SimPhys, &'w SimFrames, &'w SimTlb, Tdx<&'w MockTdx>>;
+
+impl TdxWorld {
+    /// A TD with GPAW 48 and the given model configuration.
+    pub fn new(config: TdxConfig, shape: Shape) -> Self {
+        let m = Machine::new(EncryptionBit::tdx(1 << (config.gpaw - 1)).unwrap(), shape);
+        let tdx = MockTdx::new(m.mem.clone(), config);
+        tdx.attach_page_tables(m.page_tables());
+        TdxWorld { m, tdx }
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> TdxEngine<'_> {
+        let platform = Tdx::new(&self.tdx, self.tdx.shared_mask()).unwrap();
+        Engine::new(
+            self.m.config(),
+            &self.m.phys,
+            &self.m.frames,
+            &self.m.tlb,
+            platform,
+            StateTable::new(0, &self.m.states),
+        )
+    }
+}
+
+/// An SNP guest: the machine, the hypervisor + RMP model, per-CPU GHCBs.
+#[derive(Debug)]
+pub struct SnpWorld {
+    /// The machine.
+    pub m: Machine,
+    /// The model, watching the page tables.
+    pub snp: MockSnp,
+    /// GHCB slots, one per CPU.
+    pub ghcbs: &'static [spin::Mutex<Option<GhcbPage>>],
+}
+
+/// The engine type of an SNP world.
+pub type SnpEngine<'w> =
+    Engine<'w, &'w SimPhys, &'w SimFrames, &'w SimTlb, Snp<&'w MockSnp, &'w MockSnp, PerCpuGhcbs<'static>>>;
+
+impl SnpWorld {
+    /// A guest with C-bit 51 and the given model configuration.
+    pub fn new(config: SnpConfig, shape: Shape) -> Self {
+        let m = Machine::new(EncryptionBit::snp(config.c_bit).unwrap(), shape);
+        let snp = MockSnp::new(m.mem.clone(), config);
+        snp.attach_page_tables(m.page_tables());
+        let ghcbs = Box::leak(
+            (0..CPUS)
+                .map(|_| spin::Mutex::new(None))
+                .collect::<Vec<_>>()
+                .into_boxed_slice(),
+        );
+        SnpWorld { m, snp, ghcbs }
+    }
+
+    /// The engine, with the given batching options.
+    pub fn engine_with(&self, options: SnpOptions) -> SnpEngine<'_> {
+        let platform = Snp::new(
+            &self.snp,
+            &self.snp,
+            PerCpuGhcbs::new(self.ghcbs, current_cpu),
+            51,
+            options,
+        )
+        .unwrap();
+        Engine::new(
+            self.m.config(),
+            &self.m.phys,
+            &self.m.frames,
+            &self.m.tlb,
+            platform,
+            StateTable::new(0, &self.m.states),
+        )
+        .with_window(&self.m.windows)
+    }
+
+    /// The engine with the fewest-calls options.
+    pub fn engine(&self) -> SnpEngine<'_> {
+        self.engine_with(SnpOptions::MINIMAL)
+    }
+
+    /// Sets up the calling CPU's GHCB at `pa` through `engine` (MSR
+    /// protocol, since it has none yet) and installs it.
+    ///
+    /// # Panics
+    ///
+    /// If the (honest) model refuses: a fixture error.
+    pub fn boot_ghcb(&self, engine: &SnpEngine<'_>, pa: u64) {
+        // SAFETY: negotiation has no memory effect.
+        unsafe { ghcb::protocol::negotiate(&self.snp) }.expect("negotiate");
+        let ptr = NonNull::new(self.m.mem.ptr(pa).cast()).unwrap();
+        // SAFETY: `ptr` is the page at `pa` in the simulated memory, used by
+        // nothing else.
+        let page = unsafe { convert::setup_ghcb(engine, pa, ptr) }.expect("GHCB setup");
+        *self.ghcbs[current_cpu()].lock() = Some(page);
+    }
+}
