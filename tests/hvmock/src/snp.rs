@@ -147,7 +147,8 @@ struct Model {
     config: SnpConfig,
     rmp: Vec<RmpEntry>,
     hostile: Option<SnpHostile>,
-    ghcb_gpa: Option<u64>,
+    /// One GHCB per vCPU: every page registered so far.
+    ghcb_gpas: Vec<u64>,
     terminated: Option<(u8, u8)>,
     stats: SnpStats,
     aliases: AliasCheck,
@@ -186,7 +187,7 @@ impl MockSnp {
                 config,
                 rmp,
                 hostile: None,
-                ghcb_gpa: None,
+                ghcb_gpas: Vec::new(),
                 terminated: None,
                 stats: SnpStats::default(),
                 aliases: AliasCheck::default(),
@@ -214,9 +215,9 @@ impl MockSnp {
         self.model.lock().stats
     }
 
-    /// The GHCB GPA registered, if any.
+    /// The GHCB GPA registered last, if any.
     pub fn registered_ghcb(&self) -> Option<u64> {
-        self.model.lock().ghcb_gpa
+        self.model.lock().ghcb_gpas.last().copied()
     }
 
     /// From now on, PVALIDATE translates its address through these page
@@ -259,7 +260,7 @@ impl Model {
                     gfn
                 };
                 if memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) && !self.rmp[gfn as usize].assigned {
-                    self.ghcb_gpa = Some(gfn * PAGE_SIZE);
+                    self.ghcb_gpas.push(gfn * PAGE_SIZE);
                     (REGISTER_RESP, echoed << 12)
                 } else {
                     // Only a shared page can be a GHCB: refuse with all ones.
@@ -478,7 +479,7 @@ unsafe impl GhcbMsr for MockSnp {
         if msr_value & 0xFFF != 0 {
             return m.msr_protocol(&self.memory, msr_value);
         }
-        if m.ghcb_gpa != Some(msr_value) {
+        if !m.ghcb_gpas.contains(&msr_value) {
             // A real hypervisor would terminate the guest; the model
             // records it and leaves the GHCB untouched.
             m.stats.protocol_violations += 1;

@@ -32,6 +32,10 @@ pub enum Shape {
     Mixed,
     /// `[0, 1 GiB)` 2 MiB pages, `[1 GiB, 2 GiB)` 4 KiB pages.
     Small,
+    /// `[0, 1 GiB)` one 1 GiB page if the flag says so, else 2 MiB pages;
+    /// in `[1 GiB, 2 GiB)`, the first 64 2 MiB regions are 4 KiB pages
+    /// where their bit in the mask is set, the rest 2 MiB pages.
+    Random(bool, u64),
 }
 
 /// The parts of a simulated guest, without the platform model.
@@ -65,19 +69,28 @@ impl Machine {
         let frames = SimFrames::new(mem.clone(), TABLES, MEMORY);
         let (root, windows) = {
             let mut b = TableBuilder::new(mem.clone(), &frames, enc);
-            let (low, high) = match shape {
-                Shape::Mixed => (Level::Pdpt, Level::Pd),
-                Shape::Small => (Level::Pd, Level::Pt),
+            let (low, high, small_mask) = match shape {
+                Shape::Mixed => (Level::Pdpt, Level::Pd, 0),
+                Shape::Small => (Level::Pd, Level::Pt, 0),
+                Shape::Random(gib_page, mask) => (if gib_page { Level::Pdpt } else { Level::Pd }, Level::Pd, mask),
             };
             b.map(DIRECT_MAP_VA, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
-            b.map(
-                DIRECT_MAP_VA + GIB,
-                GIB,
-                GIB,
-                high,
-                DIRECT_MAP_FLAGS,
-                Visibility::Private,
-            );
+            for region in 0..512u64 {
+                let pa = GIB + region * 2 * MIB;
+                let page = if region < 64 && small_mask & (1 << region) != 0 {
+                    Level::Pt
+                } else {
+                    high
+                };
+                b.map(
+                    DIRECT_MAP_VA + pa,
+                    pa,
+                    2 * MIB,
+                    page,
+                    DIRECT_MAP_FLAGS,
+                    Visibility::Private,
+                );
+            }
             let windows = SimWindows::new(&mut b, CPUS);
             (b.root, windows)
         };

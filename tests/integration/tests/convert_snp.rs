@@ -1,0 +1,121 @@
+//! The engine on SEV-SNP: GHCB set up shared from the start, PSC batched,
+//! PVALIDATE through the private scratch window.
+
+use convert::platform::snp::SnpOptions;
+use convert::{PageState, Target, Visibility};
+use hvmock::{RmpEntry, SnpConfig};
+use integration::world::{Machine, Shape, SnpWorld};
+use integration::{GIB, MIB};
+
+const GHCB_PA: u64 = 1536 * MIB;
+
+#[test]
+fn ghcb_is_shared_from_the_start_through_the_msr_protocol() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    w.boot_ghcb(&e, GHCB_PA);
+    let c = e.counters();
+    assert_eq!(
+        (c.psc_msr, c.psc_exits, c.pvalidate),
+        (1, 0, 1),
+        "before a GHCB: the MSR protocol"
+    );
+    assert_eq!(w.snp.registered_ghcb(), Some(GHCB_PA));
+    assert_eq!(
+        w.snp.rmp(GHCB_PA),
+        RmpEntry {
+            assigned: false,
+            validated: false,
+            huge: false
+        }
+    );
+    let m = w.m.page_tables().translate(&w.m.mem, Machine::direct(GHCB_PA)).unwrap();
+    assert!(!m.enc_set, "the direct map maps the GHCB shared (C-bit clear)");
+    assert_eq!(e.state(GHCB_PA), Some(PageState::Shared));
+    assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
+}
+
+#[test]
+fn round_trip_uses_2m_psc_and_pvalidate_where_aligned() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    w.boot_ghcb(&e, GHCB_PA);
+    let before = e.counters();
+    // 64 MiB, 2 MiB aligned, in the 1 GiB page.
+    let (pa, len) = (64 * MIB, 64 * MIB);
+    e.convert(Target::Physical { pa, len }, Visibility::Shared).unwrap();
+    let c = e.counters().since(&before);
+    // The RMP holds 4 KiB entries at boot: each 2 MiB rescind falls back.
+    assert_eq!(c.psc_exits, 1);
+    assert_eq!(c.psc_entries, 32);
+    assert_eq!(c.shootdowns, 1);
+    assert!((pa..pa + len).step_by(4096).all(|g| !w.snp.rmp(g).assigned));
+    let before = e.counters();
+    e.convert(Target::Physical { pa, len }, Visibility::Private).unwrap();
+    let c = e.counters().since(&before);
+    assert_eq!(
+        (c.psc_exits, c.psc_entries, c.pvalidate),
+        (1, 32, 32),
+        "2 MiB PSC entries, 2 MiB PVALIDATE"
+    );
+    assert!((pa..pa + len).step_by(4096).all(|g| w.snp.rmp(g)
+        == RmpEntry {
+            assigned: true,
+            validated: true,
+            huge: true
+        }));
+    e.release_deferred_tables();
+    assert_eq!(
+        w.m.frames.in_use(),
+        w.m.boot_tables + 1,
+        "only the PT around the (shared) GHCB remains"
+    );
+    assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
+}
+
+#[test]
+fn linux_strategy_costs_more_calls_for_the_same_work() {
+    let (pa, len) = (GIB + 64 * MIB, 16 * MIB);
+    let run = |options| {
+        let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+        let e = w.engine_with(options);
+        w.boot_ghcb(&e, GHCB_PA);
+        e.convert(Target::Physical { pa, len }, Visibility::Shared).unwrap();
+        let before = e.counters();
+        e.convert(Target::Physical { pa, len }, Visibility::Private).unwrap();
+        assert!(w.snp.violations().is_empty());
+        e.counters().since(&before)
+    };
+    let ours = run(SnpOptions::MINIMAL);
+    let linux = run(SnpOptions::LINUX);
+    assert_eq!((ours.psc_exits, ours.psc_entries, ours.pvalidate), (1, 8, 8));
+    assert_eq!((linux.psc_exits, linux.psc_entries, linux.pvalidate), (64, 4096, 4096));
+}
+
+#[test]
+fn without_a_window_snp_refuses_and_poisons_nothing_it_did_not_touch() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let platform =
+        convert::platform::snp::Snp::new(&w.snp, &w.snp, convert::platform::snp::NoGhcb, 51, SnpOptions::MINIMAL)
+            .unwrap();
+    let e = convert::Engine::new(
+        w.m.config(),
+        &w.m.phys,
+        &w.m.frames,
+        &w.m.tlb,
+        platform,
+        convert::StateTable::new(0, &w.m.states),
+    );
+    let err = e
+        .convert(Target::Physical { pa: 4 * MIB, len: 4096 }, Visibility::Shared)
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        convert::ConvertError::Platform {
+            error: convert::PlatformError::NoScratchWindow,
+            ..
+        }
+    ));
+    assert_eq!(e.state(4 * MIB), Some(PageState::Poisoned));
+    assert_eq!(e.state(4 * MIB + 4096), Some(PageState::Private));
+}
