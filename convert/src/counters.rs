@@ -19,7 +19,8 @@ pub struct Counters {
     pub(crate) splits_2m: AtomicU64,
     pub(crate) collapses_2m: AtomicU64,
     pub(crate) collapses_1g: AtomicU64,
-    pub(crate) table_pages_in_use: AtomicU64,
+    pub(crate) table_pages_taken: AtomicU64,
+    pub(crate) table_pages_freed: AtomicU64,
     pub(crate) pte_writes: AtomicU64,
     pub(crate) conversions: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -50,8 +51,11 @@ pub struct CounterSnapshot {
     pub collapses_2m: u64,
     /// Page directories collapsed into 1 GiB leaves.
     pub collapses_1g: u64,
-    /// Table pages taken from the frame source and not yet given back.
-    pub table_pages_in_use: u64,
+    /// Table pages taken from the frame source for splits.
+    pub table_pages_taken: u64,
+    /// Table pages given back after collapses. May exceed the pages taken:
+    /// a collapse also frees tables the OS built at boot.
+    pub table_pages_freed: u64,
     /// Leaf entries written (not-present and present again).
     pub pte_writes: u64,
     /// Conversions completed.
@@ -61,6 +65,12 @@ pub struct CounterSnapshot {
 }
 
 impl CounterSnapshot {
+    /// Table pages the engine holds beyond what the OS built: taken minus
+    /// freed (negative when collapses freed boot-time tables).
+    pub fn table_pages_net(&self) -> i64 {
+        self.table_pages_taken as i64 - self.table_pages_freed as i64
+    }
+
     /// Every hypercall and hypervisor-visible instruction, summed.
     pub fn hypercalls(&self) -> u64 {
         self.map_gpa + self.accept + self.psc_exits + self.psc_msr + self.pvalidate
@@ -80,7 +90,8 @@ impl CounterSnapshot {
             splits_2m: self.splits_2m - earlier.splits_2m,
             collapses_2m: self.collapses_2m - earlier.collapses_2m,
             collapses_1g: self.collapses_1g - earlier.collapses_1g,
-            table_pages_in_use: self.table_pages_in_use,
+            table_pages_taken: self.table_pages_taken - earlier.table_pages_taken,
+            table_pages_freed: self.table_pages_freed - earlier.table_pages_freed,
             pte_writes: self.pte_writes - earlier.pte_writes,
             conversions: self.conversions - earlier.conversions,
             failures: self.failures - earlier.failures,
@@ -98,7 +109,7 @@ impl Counters {
             Level::Pdpt => Self::add(&self.splits_1g, 1),
             _ => Self::add(&self.splits_2m, 1),
         }
-        Self::add(&self.table_pages_in_use, 1);
+        Self::add(&self.table_pages_taken, 1);
     }
 
     pub(crate) fn record_collapse(&self, level: Level) {
@@ -109,7 +120,7 @@ impl Counters {
     }
 
     pub(crate) fn record_table_freed(&self) {
-        self.table_pages_in_use.fetch_sub(1, Ordering::Relaxed);
+        Self::add(&self.table_pages_freed, 1);
     }
 
     /// A consistent-enough snapshot (each counter read once).
@@ -127,7 +138,8 @@ impl Counters {
             splits_2m: r(&self.splits_2m),
             collapses_2m: r(&self.collapses_2m),
             collapses_1g: r(&self.collapses_1g),
-            table_pages_in_use: r(&self.table_pages_in_use),
+            table_pages_taken: r(&self.table_pages_taken),
+            table_pages_freed: r(&self.table_pages_freed),
             pte_writes: r(&self.pte_writes),
             conversions: r(&self.conversions),
             failures: r(&self.failures),

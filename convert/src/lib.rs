@@ -34,6 +34,8 @@ mod shootdown;
 mod split;
 mod state;
 mod tables;
+#[cfg(test)]
+mod testmem;
 mod window;
 
 pub use counters::{CounterSnapshot, Counters};

@@ -105,3 +105,163 @@ fn split_leaf<M: PhysMem>(t: &Tables<'_, M>, level: Level, loc: EntryLoc, table:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collapse::try_collapse;
+    use crate::pte::{EncryptionBit, ACCESSED, DIRTY, NO_EXECUTE, PAT_4K, PAT_HUGE, WRITABLE};
+    use crate::reserve::FrameSource;
+    use crate::testmem::TestMem;
+
+    const VA: u64 = 0xFFFF_8880_0000_0000;
+    const GLOBAL: u64 = 1 << 8;
+    const PWT: u64 = 1 << 3;
+
+    fn setup(level: Level, flags: u64) -> (TestMem, u64, EncryptionBit) {
+        let mem = TestMem::new();
+        let root = mem.allocate_frame().unwrap();
+        let enc = EncryptionBit::snp(51).unwrap();
+        let t = mem.tables(root, enc);
+        let table = mem.table_for(&t, VA, level);
+        t.store(
+            EntryLoc {
+                table,
+                index: level.index(VA),
+            },
+            0x4000_0000 | flags | HUGE | PRESENT | (1 << 51),
+        );
+        (mem, root, enc)
+    }
+
+    fn reserve(mem: &TestMem, n: usize) -> Reserve {
+        let mut r = Reserve::new();
+        assert!(r.fill(n, mem, mem));
+        r
+    }
+
+    #[test]
+    fn split_1g_keeps_every_attribute_in_2m_leaves() {
+        let flags = WRITABLE | NO_EXECUTE | GLOBAL | PAT_HUGE | PWT | ACCESSED | DIRTY;
+        let (mem, root, enc) = setup(Level::Pdpt, flags);
+        let t = mem.tables(root, enc);
+        let counters = Counters::default();
+        let mut r = reserve(&mem, 1);
+        assert!(split_at(&t, VA + 6 * (2 << 20), &mut r, &counters));
+        for i in 0..512u64 {
+            let (level, _, e) = leaf_at(&t, VA + i * (2 << 20)).unwrap();
+            assert_eq!(level, Level::Pd);
+            assert_eq!(e, (0x4000_0000 + i * (2 << 20)) | flags | HUGE | PRESENT | (1 << 51));
+        }
+        assert_eq!(counters.snapshot().splits_1g, 1);
+    }
+
+    #[test]
+    fn split_2m_moves_pat_to_bit_7() {
+        let flags = WRITABLE | NO_EXECUTE | GLOBAL | PAT_HUGE;
+        let (mem, root, enc) = setup(Level::Pd, flags);
+        let t = mem.tables(root, enc);
+        let mut r = reserve(&mem, 1);
+        assert!(split_at(&t, VA + 4096, &mut r, &Counters::default()));
+        for i in 0..512u64 {
+            let (level, _, e) = leaf_at(&t, VA + i * 4096).unwrap();
+            assert_eq!(level, Level::Pt);
+            assert_eq!(
+                e,
+                (0x4000_0000 + i * 4096) | WRITABLE | NO_EXECUTE | GLOBAL | PAT_4K | PRESENT | (1 << 51)
+            );
+        }
+    }
+
+    #[test]
+    fn aligned_boundaries_split_nothing() {
+        let (mem, root, enc) = setup(Level::Pdpt, WRITABLE);
+        let t = mem.tables(root, enc);
+        assert_eq!(tables_needed(&t, [VA, VA + (1 << 30)].into_iter()), 0);
+        let mut r = Reserve::new();
+        assert!(
+            split_at(&t, VA, &mut r, &Counters::default()),
+            "no table needed, none taken"
+        );
+        assert_eq!(leaf_at(&t, VA).unwrap().0, Level::Pdpt);
+    }
+
+    #[test]
+    fn boundary_counting_per_level_and_shared_leaves_once() {
+        let (mem, root, enc) = setup(Level::Pdpt, WRITABLE);
+        let t = mem.tables(root, enc);
+        let mib2 = 2 << 20;
+        // 2 MiB aligned inside 1 GiB: the 1 GiB split only.
+        assert_eq!(tables_needed(&t, [VA + mib2, VA + 3 * mib2].into_iter()), 1);
+        // 4 KiB inside: 1 GiB + 2 MiB.
+        assert_eq!(tables_needed(&t, [VA + 4096].into_iter()), 2);
+        // Both ends in the same 2 MiB: 1 GiB + that 2 MiB, once each.
+        assert_eq!(tables_needed(&t, [VA + 4096, VA + 8192].into_iter()), 2);
+        // Ends in two 2 MiB pieces of the same 1 GiB: 1 + 2.
+        assert_eq!(tables_needed(&t, [VA + 4096, VA + mib2 + 4096].into_iter()), 3);
+        // The plan is exact: splitting takes exactly what was counted.
+        let mut r = reserve(&mem, 3);
+        let c = Counters::default();
+        assert!(split_at(&t, VA + 4096, &mut r, &c) && split_at(&t, VA + mib2 + 4096, &mut r, &c));
+        assert!(r.take(&mem).is_none());
+    }
+
+    #[test]
+    fn collapse_inverts_split_at_both_levels() {
+        let flags = WRITABLE | NO_EXECUTE | GLOBAL | PAT_HUGE | ACCESSED | DIRTY;
+        let (mem, root, enc) = setup(Level::Pdpt, flags);
+        let t = mem.tables(root, enc);
+        let before = t.load(leaf_at(&t, VA).unwrap().1);
+        let mut r = reserve(&mem, 2);
+        let c = Counters::default();
+        assert!(split_at(&t, VA + 4096, &mut r, &c));
+        let pt = try_collapse(&t, VA, Level::Pd).expect("2 MiB collapse");
+        let pd = try_collapse(&t, VA, Level::Pdpt).expect("1 GiB collapse");
+        assert_ne!(pt, pd);
+        let (level, loc, _) = leaf_at(&t, VA).unwrap();
+        assert_eq!((level, t.load(loc)), (Level::Pdpt, before));
+    }
+
+    #[test]
+    fn collapse_refuses_what_would_change_a_translation() {
+        let (mem, root, enc) = setup(Level::Pd, WRITABLE | NO_EXECUTE);
+        let t = mem.tables(root, enc);
+        let c = Counters::default();
+        let entry_loc = |i: u64| leaf_at(&t, VA + i * 4096).unwrap().1;
+        let cases: [(&str, fn(u64) -> u64); 4] = [
+            ("not present", |e| e & !PRESENT),
+            ("other attributes", |e| e & !NO_EXECUTE),
+            ("other side", |e| e & !(1 << 51)),
+            ("not contiguous", |e| e + 4096),
+        ];
+        for (what, change) in cases {
+            let mut r = reserve(&mem, 1);
+            assert!(split_at(&t, VA + 4096, &mut r, &c));
+            let loc = entry_loc(300);
+            let original = t.load(loc);
+            t.store(loc, change(original));
+            assert_eq!(try_collapse(&t, VA, Level::Pd), None, "{what}");
+            t.store(loc, original);
+            assert!(
+                try_collapse(&t, VA, Level::Pd).is_some(),
+                "{what}: collapses once restored"
+            );
+        }
+        // Accessed/dirty differences do not block a collapse: they are
+        // OR-ed into the new leaf.
+        let mut r = reserve(&mem, 1);
+        assert!(split_at(&t, VA + 4096, &mut r, &c));
+        let loc = entry_loc(7);
+        t.store(loc, t.load(loc) | ACCESSED | DIRTY);
+        assert!(try_collapse(&t, VA, Level::Pd).is_some());
+        let (_, loc, e) = leaf_at(&t, VA).unwrap();
+        assert_eq!(e & (ACCESSED | DIRTY), ACCESSED | DIRTY);
+        // A read-only pointer restricts the collapsed leaf.
+        let mut r = reserve(&mem, 1);
+        assert!(split_at(&t, VA + 4096, &mut r, &c));
+        let pointer = t.load(loc);
+        t.store(loc, pointer & !WRITABLE);
+        assert!(try_collapse(&t, VA, Level::Pd).is_some());
+        assert_eq!(t.load(loc) & WRITABLE, 0, "the pointer's restriction survives");
+    }
+}

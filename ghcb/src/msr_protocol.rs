@@ -1,11 +1,11 @@
 //! The GHCB MSR protocol: requests and responses carried in the GHCB MSR
 //! itself (GHCB spec #56421 v2, section 2.3.1, "GHCB MSR Protocol").
-//! GHCBData[11:0] is the function code; the rest is its payload. Usable
+//! GHCBData\[11:0\] is the function code; the rest is its payload. Usable
 //! before any GHCB page exists, one request per VMGEXIT.
 //!
 //! This module only encodes and decodes; [`crate::protocol`] sends.
 
-/// Mask of the function code, GHCBData[11:0].
+/// Mask of the function code, GHCBData\[11:0\].
 pub const CODE_MASK: u64 = 0xFFF;
 
 /// Function codes (GHCB spec table "GHCB MSR Protocol").
@@ -33,7 +33,7 @@ pub mod code {
 /// A response that does not answer the request it follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsrProtocolError {
-    /// GHCBData[11:0] is not the response code for the request.
+    /// GHCBData\[11:0\] is not the response code for the request.
     WrongCode {
         /// The code expected.
         expected: u64,
@@ -57,8 +57,8 @@ fn expect_code(response: u64, expected: u64, reserved: u64) -> Result<u64, MsrPr
     Ok(response)
 }
 
-/// SEV information: GHCBData[63:48] = max protocol version, [47:32] = min,
-/// [31:24] = C-bit position, [23:12] reserved.
+/// SEV information: GHCBData\[63:48\] = max protocol version, \[47:32\] = min,
+/// \[31:24\] = C-bit position, \[23:12\] reserved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SevInfo {
     /// Highest GHCB protocol version the hypervisor supports.
@@ -84,7 +84,7 @@ pub fn sev_info_response(response: u64) -> Result<SevInfo, MsrProtocolError> {
     })
 }
 
-/// Encodes a register-GHCB request for the page at `gpa`: GHCBData[63:12] =
+/// Encodes a register-GHCB request for the page at `gpa`: GHCBData\[63:12\] =
 /// GFN.
 pub const fn register_ghcb_request(gpa: u64) -> u64 {
     (gpa & !CODE_MASK) | code::REGISTER_GHCB_REQUEST
@@ -116,14 +116,14 @@ impl PscOp {
     }
 }
 
-/// Encodes a single-page PSC request: GHCBData[51:12] = GFN, [55:52] =
-/// operation, [63:56] reserved.
+/// Encodes a single-page PSC request: GHCBData\[51:12\] = GFN, \[55:52\] =
+/// operation, \[63:56\] reserved.
 pub const fn psc_request(gfn: u64, op: PscOp) -> u64 {
     ((gfn & 0xFF_FFFF_FFFF) << 12) | ((op as u64) << 52) | code::PSC_REQUEST
 }
 
-/// Decodes the PSC response: GHCBData[63:32] = error code (0 = success),
-/// [31:12] reserved. Returns the error code.
+/// Decodes the PSC response: GHCBData\[63:32\] = error code (0 = success),
+/// \[31:12\] reserved. Returns the error code.
 pub fn psc_response(response: u64) -> Result<u32, MsrProtocolError> {
     expect_code(response, code::PSC_RESPONSE, 0xFFFF_F000).map(|r| (r >> 32) as u32)
 }
@@ -133,13 +133,13 @@ pub const fn hv_features_request() -> u64 {
     code::HV_FEATURES_REQUEST
 }
 
-/// Decodes the hypervisor feature response: GHCBData[63:12] = feature bits.
+/// Decodes the hypervisor feature response: GHCBData\[63:12\] = feature bits.
 pub fn hv_features_response(response: u64) -> Result<u64, MsrProtocolError> {
     expect_code(response, code::HV_FEATURES_RESPONSE, 0).map(|r| r >> 12)
 }
 
-/// Encodes a termination request: GHCBData[15:12] = reason code set,
-/// [23:16] = reason code.
+/// Encodes a termination request: GHCBData\[15:12\] = reason code set,
+/// \[23:16\] = reason code.
 pub const fn terminate_request(reason_set: u8, reason: u8) -> u64 {
     (((reason_set & 0xF) as u64) << 12) | ((reason as u64) << 16) | code::TERMINATE_REQUEST
 }

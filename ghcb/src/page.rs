@@ -30,13 +30,13 @@ unsafe impl Send for GhcbPage {}
 /// An NAE event the hypervisor did not complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NaeError {
-    /// SW_EXITINFO1[31:0] = 1: the hypervisor reports an error; SW_EXITINFO2
+    /// SW_EXITINFO1\[31:0\] = 1: the hypervisor reports an error; SW_EXITINFO2
     /// says which (GHCB spec, "Hypervisor error reporting").
     Hypervisor {
         /// SW_EXITINFO2 as the hypervisor left it.
         info2: u64,
     },
-    /// SW_EXITINFO1[31:0] is neither 0 nor 1.
+    /// SW_EXITINFO1\[31:0\] is neither 0 nor 1.
     Unexpected {
         /// SW_EXITINFO1 as the hypervisor left it.
         info1: u64,

@@ -35,7 +35,7 @@ pub enum ProtocolError {
     PageStateChange {
         /// The page's GFN.
         gfn: u64,
-        /// GHCBData[63:32] of the response.
+        /// GHCBData\[63:32\] of the response.
         error: u32,
     },
 }

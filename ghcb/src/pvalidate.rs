@@ -159,6 +159,9 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
     Ok(calls)
 }
 
+/// # Safety
+///
+/// As for [`Pvalidate::pvalidate`].
 unsafe fn pvalidate_4k<P: Pvalidate + ?Sized>(
     p: &P,
     va: u64,

@@ -76,6 +76,11 @@ pub unsafe fn accept_page<T: Tdcall + ?Sized>(tdcall: &T, gpa: u64, level: PageL
     unsafe { accept_one(tdcall, gpa, level, &mut calls) }
 }
 
+/// One ACCEPT, retried while busy; `calls` counts the TDCALLs.
+///
+/// # Safety
+///
+/// As for [`accept_page`].
 unsafe fn accept_one<T: Tdcall + ?Sized>(
     tdcall: &T,
     gpa: u64,
@@ -138,6 +143,10 @@ pub unsafe fn accept_range<T: Tdcall + ?Sized>(tdcall: &T, start: u64, len: u64)
 
 /// Accepts one aligned block, splitting it on size mismatch. Recursion depth
 /// is at most two.
+///
+/// # Safety
+///
+/// As for [`accept_page`], for every page of the block.
 unsafe fn accept_block<T: Tdcall + ?Sized>(
     tdcall: &T,
     gpa: u64,

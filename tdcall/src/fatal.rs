@@ -4,7 +4,7 @@ use crate::regs::Tdcall;
 use crate::vmcall::{subfunction, tdvmcall, VmcallError, VmcallStatus};
 
 /// Tells the VMM that the TD hit an unrecoverable error (GHCI v1.5,
-/// "TDG.VP.VMCALL<ReportFatalError>": R12 bits 31:0 = TD-specific error
+/// "TDG.VP.VMCALL\<ReportFatalError\>": R12 bits 31:0 = TD-specific error
 /// code, bit 63 = R13 holds the GPA of a shared page with details; we send
 /// no details page).
 ///

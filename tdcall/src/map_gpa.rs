@@ -1,7 +1,7 @@
 //! TDG.VP.VMCALL\<MapGPA\>: asking the VMM to move a GPA range between the
 //! private and the shared space, with the GHCI's retry protocol.
 //!
-//! GHCI v1.5, "TDG.VP.VMCALL<MapGPA>": R12 = start GPA (the shared bit set
+//! GHCI v1.5, "TDG.VP.VMCALL\<MapGPA\>": R12 = start GPA (the shared bit set
 //! to request shared), R13 = size. The VMM may process part of the range
 //! and answer `TDG.VP.VMCALL_RETRY` with R11 = the GPA to resume from. That
 //! GPA is host-controlled, so before it is used it must:

@@ -6,9 +6,9 @@ use crate::status::{TdxError, TdxStatus};
 /// TDG.VP.VMCALL sub-function numbers, passed in R11 (GHCI v1.5, "TDG.VP.VMCALL
 /// Interface": vendor-specific leaves start at 0x10000).
 pub mod subfunction {
-    /// `<MapGPA>`: change a GPA range between private and shared.
+    /// `\<MapGPA\>`: change a GPA range between private and shared.
     pub const MAP_GPA: u64 = 0x10001;
-    /// `<ReportFatalError>`: tell the VMM the TD cannot continue.
+    /// `\<ReportFatalError\>`: tell the VMM the TD cannot continue.
     pub const REPORT_FATAL_ERROR: u64 = 0x10003;
 }
 

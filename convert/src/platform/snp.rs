@@ -138,6 +138,12 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         &self.ghcbs
     }
 
+    /// Page state change of every frame of `runs`: through this CPU's GHCB,
+    /// or the MSR protocol before it has one.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::convert`].
     unsafe fn page_state_change(&self, runs: Runs<'_>, op: PscOp, counters: &Counters) -> Result<(), PlatformError> {
         self.ghcbs.with_ghcb(|ghcb| match ghcb {
             Some(ghcb) => {
@@ -168,6 +174,9 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         })
     }
 
+    /// # Safety
+    ///
+    /// As for [`Platform::convert`], for the descriptor's frames.
     unsafe fn submit(
         &self,
         ghcb: &mut GhcbPage,
@@ -192,6 +201,11 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         }
     }
 
+    /// PVALIDATE of every frame of `runs` through the scratch window.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::convert`].
     unsafe fn pvalidate(
         &self,
         runs: Runs<'_>,
@@ -243,18 +257,21 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
         window: Option<&mut dyn PrivateMap>,
         counters: &Counters,
     ) -> Result<(), PlatformError> {
-        // SAFETY (all four calls): the engine guarantees that no alias of
-        // the frames is present except the scratch window, and that nothing
-        // relies on their contents.
         match to {
-            Visibility::Shared => unsafe {
-                self.pvalidate(runs, false, window, counters)?;
-                self.page_state_change(runs, PscOp::Shared, counters)
-            },
-            Visibility::Private => unsafe {
-                self.page_state_change(runs, PscOp::Private, counters)?;
-                self.pvalidate(runs, true, window, counters)
-            },
+            Visibility::Shared => {
+                // SAFETY: the engine guarantees that no alias of the frames
+                // is present except the scratch window, and that nothing
+                // relies on their contents.
+                unsafe { self.pvalidate(runs, false, window, counters)? };
+                // SAFETY: as above.
+                unsafe { self.page_state_change(runs, PscOp::Shared, counters) }
+            }
+            Visibility::Private => {
+                // SAFETY: as above.
+                unsafe { self.page_state_change(runs, PscOp::Private, counters)? };
+                // SAFETY: as above.
+                unsafe { self.pvalidate(runs, true, window, counters) }
+            }
         }
     }
 

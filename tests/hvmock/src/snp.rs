@@ -228,6 +228,13 @@ impl MockSnp {
         self.model.lock().aliases.tables = Some(tables);
     }
 
+    /// Turns the alias check off (`false`) or on. It walks every present
+    /// mapping at every call: runs that measure something else over large
+    /// page tables may skip it.
+    pub fn set_alias_check(&self, enabled: bool) {
+        self.model.lock().aliases.disabled = !enabled;
+    }
+
     /// Calls made while a mapping of their frames was present.
     pub fn violations(&self) -> Vec<Violation> {
         self.model.lock().aliases.violations.clone()

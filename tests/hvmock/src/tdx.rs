@@ -143,7 +143,7 @@ pub enum TdxEvent {
         /// Status returned.
         status: u64,
     },
-    /// TDG.VP.VMCALL<MapGPA>.
+    /// TDG.VP.VMCALL\<MapGPA\>.
     MapGpa {
         /// R12.
         gpa: u64,
@@ -154,7 +154,7 @@ pub enum TdxEvent {
         /// R11 returned.
         resume: u64,
     },
-    /// TDG.VP.VMCALL<ReportFatalError>.
+    /// TDG.VP.VMCALL\<ReportFatalError\>.
     ReportFatalError {
         /// R12.
         code: u64,
@@ -268,6 +268,13 @@ impl MockTdx {
     /// the frames concerned is present in these page tables.
     pub fn attach_page_tables(&self, tables: GuestPageTables) {
         self.model.lock().aliases.tables = Some(tables);
+    }
+
+    /// Turns the alias check off (`false`) or on. It walks every present
+    /// mapping at every call: runs that measure something else over large
+    /// page tables may skip it.
+    pub fn set_alias_check(&self, enabled: bool) {
+        self.model.lock().aliases.disabled = !enabled;
     }
 
     /// Calls made while a mapping of their frames was present.

@@ -19,7 +19,7 @@ fn one_page_in_a_1g_leaf_splits_twice_and_collapses_back() {
         .unwrap();
     let c = e.counters();
     assert_eq!((c.splits_1g, c.splits_2m), (1, 1));
-    assert_eq!(c.table_pages_in_use, 2);
+    assert_eq!(c.table_pages_net(), 2);
     assert_eq!(c.map_gpa, 1);
     assert_eq!(c.shootdowns, 1);
     assert_eq!(w.tdx.page(pa).state, TdxPageState::Shared);
@@ -41,7 +41,7 @@ fn one_page_in_a_1g_leaf_splits_twice_and_collapses_back() {
     assert_eq!((c.collapses_2m, c.collapses_1g), (1, 1));
     assert_eq!(c.accept, 1);
     e.release_deferred_tables();
-    assert_eq!(e.counters().table_pages_in_use, 0);
+    assert_eq!(e.counters().table_pages_net(), 0);
     assert_eq!(w.m.frames.in_use(), w.m.boot_tables, "no table page leaked");
     assert_eq!(
         tables.translate(&w.m.mem, Machine::direct(pa)).unwrap().size,
@@ -88,7 +88,7 @@ fn a_2m_range_inside_a_1g_leaf_splits_only_the_1g() {
     )
     .unwrap();
     let c = e.counters();
-    assert_eq!((c.splits_1g, c.splits_2m, c.table_pages_in_use), (1, 0, 1));
+    assert_eq!((c.splits_1g, c.splits_2m, c.table_pages_net()), (1, 0, 1));
     e.convert(
         Target::Physical {
             pa: 6 * MIB,
