@@ -14,6 +14,7 @@ use spin::Mutex;
 
 use crate::collapse::try_collapse;
 use crate::counters::{CounterSnapshot, Counters};
+use crate::deferred::Deferred;
 use crate::platform::{Platform, PlatformError, PrivateMap, Runs};
 use crate::policy::{FailureAction, FailurePolicy, ReportOnly};
 use crate::pte::{EncryptionBit, Level, Visibility, PRESENT};
@@ -158,13 +159,6 @@ pub struct Config {
     pub collapse_1g: bool,
 }
 
-/// Tables freed by a collapse, kept until a shootdown has removed every
-/// CPU's cached pointer to them.
-struct Deferred {
-    frames: [u64; 256],
-    len: usize,
-}
-
 /// A physical range and the virtual ranges of one batch.
 #[derive(Clone, Copy)]
 struct Batch<'s> {
@@ -219,10 +213,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             window: None,
             policy: &ReportOnly,
             aliases: Mutex::new([None; MAX_ALIASES]),
-            tables_lock: Mutex::new(Deferred {
-                frames: [0; 256],
-                len: 0,
-            }),
+            tables_lock: Mutex::new(Deferred::new()),
             counters: Counters::default(),
         }
     }
@@ -287,18 +278,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// Frees tables left by collapses after one shootdown. Conversions do
     /// this on their own; call it to return the memory sooner.
     pub fn release_deferred_tables(&self) {
-        let pending = {
-            let mut d = self.tables_lock.lock();
-            let pending = Deferred {
-                frames: d.frames,
-                len: d.len,
-            };
-            d.len = 0;
-            pending
-        };
-        if pending.len > 0 {
+        let pending = core::mem::replace(&mut *self.tables_lock.lock(), Deferred::new());
+        if !pending.is_empty() {
             self.shootdown(&[]);
-            self.free_tables(&pending);
+            self.free_tables(pending);
         }
     }
 
@@ -423,17 +406,12 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 shootdown.add(va, len);
             });
             reserve.release(&self.mem, &self.frames);
-            let pending = Deferred {
-                frames: deferred.frames,
-                len: deferred.len,
-            };
-            deferred.len = 0;
-            pending
+            core::mem::replace(&mut *deferred, Deferred::new())
         };
-        if !shootdown.is_empty() || pending_frees.len > 0 {
+        if !shootdown.is_empty() || !pending_frees.is_empty() {
             self.shootdown(shootdown.ranges());
         }
-        self.free_tables(&pending_frees);
+        self.free_tables(pending_frees);
 
         // From here on no alias of the batch is present: a stray access
         // takes an ordinary #PF.
@@ -574,14 +552,12 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             while region < va + len {
                 if let Some(table) = try_collapse(tables, region, level) {
                     self.counters.record_collapse(level);
-                    if deferred.len == deferred.frames.len() {
-                        // Out of room: make the pending frees safe now.
+                    if !deferred.push(table, &self.mem, &self.frames) {
+                        // No room to wait: make the pending frees safe now.
                         self.shootdown(&[]);
-                        self.free_tables(deferred);
-                        deferred.len = 0;
+                        self.free_tables(core::mem::replace(deferred, Deferred::new()));
+                        let _ = deferred.push(table, &self.mem, &self.frames);
                     }
-                    deferred.frames[deferred.len] = table;
-                    deferred.len += 1;
                 }
                 region += span;
             }
@@ -612,11 +588,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         self.tlb.shootdown(ranges);
     }
 
-    fn free_tables(&self, deferred: &Deferred) {
-        for &pa in &deferred.frames[..deferred.len] {
-            self.frames.free_frame(pa);
-            self.counters.record_table_freed();
-        }
+    fn free_tables(&self, deferred: Deferred) {
+        deferred.free_all(&self.mem, &self.frames, || self.counters.record_table_freed());
     }
 }
 

@@ -24,6 +24,7 @@
 pub mod arch;
 mod collapse;
 mod counters;
+mod deferred;
 mod engine;
 mod ghcb_setup;
 pub mod platform;

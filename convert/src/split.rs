@@ -228,7 +228,8 @@ mod tests {
         let t = mem.tables(root, enc);
         let c = Counters::default();
         let entry_loc = |i: u64| leaf_at(&t, VA + i * 4096).unwrap().1;
-        let cases: [(&str, fn(u64) -> u64); 4] = [
+        type Change = fn(u64) -> u64;
+        let cases: [(&str, Change); 4] = [
             ("not present", |e| e & !PRESENT),
             ("other attributes", |e| e & !NO_EXECUTE),
             ("other side", |e| e & !(1 << 51)),

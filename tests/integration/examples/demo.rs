@@ -73,58 +73,81 @@ fn main() {
         println!("(the models check every hypercall for present aliases: ~30 s in release; --fast skips the check)");
     }
     let frames = scattered_frames();
-    let len = frames.len() as u64 * 4096;
+    let mut sorted = frames.clone();
+    sorted.sort_unstable();
+    let runs = convert::Runs::Frames(&sorted).iter().count();
     println!(
-        "16 MiB vmalloc-style buffer: {} frames, scattered over 2 GiB",
+        "16 MiB vmalloc-style buffer: {} frames in {runs} physical runs, scattered over 2 GiB",
         frames.len()
     );
+    // Scratch for the buffer's frame list: with room for all 4096 frames
+    // (32 KiB; a kernel would use a static or per-CPU buffer) the whole
+    // buffer is one transaction, one shootdown, one MapGPA per physical
+    // run. `Engine::convert` uses 2 KiB of stack: 256 frames per
+    // transaction.
+    let mut scratch = vec![0u64; frames.len()];
 
     println!("\n== TDX (GPAW 48, shared bit 47) ==");
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.tdx.set_alias_check(check);
-    let va = w.m.vmalloc(&frames);
     let e = w.engine();
-    println!("  before: {}", layout(&w.m));
-    e.convert(Target::Virtual { va, len }, Visibility::Shared)
-        .expect("to shared");
-    print("to shared ", &e.counters());
-    println!("  shared:  {}", layout(&w.m));
-    let mid = e.counters();
-    e.convert(Target::Virtual { va, len }, Visibility::Private)
-        .expect("to private");
-    e.release_deferred_tables();
-    print("to private", &e.counters().since(&mid));
-    println!("  after:  {}", layout(&w.m));
+    run(&e, &w.m, &frames, &mut scratch, CounterSnapshot::default());
     println!(
-        "  table pages held beyond boot (taken - freed): {}; alias violations seen by the model: {}{}",
-        e.counters().table_pages_net(),
+        "  alias violations seen by the model: {}{}",
         w.tdx.violations().len(),
-        if check { "" } else { " (check skipped: --fast)" }
+        skipped(check)
     );
 
     println!("\n== SEV-SNP (C-bit 51) ==");
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.snp.set_alias_check(check);
-    let va = w.m.vmalloc(&frames);
     let e = w.engine();
     w.boot_ghcb(&e, MEMORY - 100 * MIB);
     print("GHCB setup", &e.counters());
-    let start = e.counters();
-    println!("  before: {}", layout(&w.m));
-    e.convert(Target::Virtual { va, len }, Visibility::Shared)
+    run(&e, &w.m, &frames, &mut scratch, e.counters());
+    println!(
+        "  alias violations seen by the model: {}{}",
+        w.snp.violations().len(),
+        skipped(check)
+    );
+}
+
+fn skipped(check: bool) -> &'static str {
+    if check {
+        ""
+    } else {
+        " (check skipped: --fast)"
+    }
+}
+
+fn run<M, F, T, P>(
+    e: &convert::Engine<'_, M, F, T, P>,
+    m: &Machine,
+    frames: &[u64],
+    scratch: &mut [u64],
+    start: CounterSnapshot,
+) where
+    M: convert::PhysMem,
+    F: convert::FrameSource,
+    T: convert::TlbShootdown,
+    P: convert::Platform,
+{
+    let va = m.vmalloc(frames);
+    let len = frames.len() as u64 * 4096;
+    println!("  before: {}", layout(m));
+    e.convert_with_scratch(Target::Virtual { va, len }, Visibility::Shared, scratch)
         .expect("to shared");
     print("to shared ", &e.counters().since(&start));
-    println!("  shared:  {}", layout(&w.m));
+    println!("  shared: {}", layout(m));
     let mid = e.counters();
-    e.convert(Target::Virtual { va, len }, Visibility::Private)
+    e.convert_with_scratch(Target::Virtual { va, len }, Visibility::Private, scratch)
         .expect("to private");
     e.release_deferred_tables();
     print("to private", &e.counters().since(&mid));
-    println!("  after:  {}", layout(&w.m));
+    println!("  after:  {}", layout(m));
     println!(
-        "  table pages held beyond boot (taken - freed): {}; alias violations seen by the model: {}{}",
-        e.counters().table_pages_net(),
-        w.snp.violations().len(),
-        if check { "" } else { " (check skipped: --fast)" }
+        "  table pages: {} taken, {} freed (collapses also free tables the OS built at boot)",
+        e.counters().table_pages_taken,
+        e.counters().table_pages_freed
     );
 }
