@@ -334,3 +334,50 @@ fn concurrent_disjoint_conversions_and_overlap_refusal() {
     assert!(outcomes.iter().any(|r| matches!(r, Err(ConvertError::Refused { .. }))));
     assert_eq!(e.state(100 * MIB), Some(PageState::Shared));
 }
+
+/// A hypervisor that registers another GFN than the GHCB's is refused by
+/// the setup, which goes no further.
+#[test]
+fn ghcb_registration_lie_is_refused_by_setup() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    w.snp.set_hostile(Some(SnpHostile::MsrWrongGfn));
+    let pa = 1536 * MIB;
+    let ptr = std::ptr::NonNull::new(w.m.mem.ptr(pa).cast()).unwrap();
+    // SAFETY: the page is used by nothing else.
+    let err = unsafe { convert::setup_ghcb(&e, pa, ptr) }.unwrap_err();
+    assert_eq!(
+        err,
+        convert::GhcbSetupError::Register(ghcb::protocol::ProtocolError::RegistrationMismatch {
+            requested: pa >> 12,
+            echoed: (pa >> 12) + 1
+        })
+    );
+}
+
+/// Before a GHCB exists: an MSR-protocol PSC "success" without an RMP
+/// change, on the way back to private, is caught by PVALIDATE.
+#[test]
+fn snp_msr_psc_without_rmp_change_is_caught_by_pvalidate() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    e.convert(Target::Physical { pa: PA, len: LEN }, Visibility::Shared)
+        .unwrap();
+    assert_eq!(e.counters().psc_msr, LEN / 4096, "no GHCB: the MSR protocol");
+    w.snp.set_hostile(Some(SnpHostile::MsrPscWithoutRmpChange));
+    let err = e
+        .convert(Target::Physical { pa: PA, len: LEN }, Visibility::Private)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConvertError::Platform {
+                error: PlatformError::Pvalidate(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(e.state(PA), Some(PageState::Poisoned));
+    assert!(w.m.page_tables().translate(&w.m.mem, Machine::direct(PA)).is_none());
+}
