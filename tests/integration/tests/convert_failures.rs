@@ -155,31 +155,46 @@ fn every_snp_hostile_mode_poisons_only_its_batch() {
     }
 }
 
-/// PSC "success" without an RMP change, on the way to private: PVALIDATE
-/// through the window finds the pages unassigned.
+/// A page state change "success" without an RMP change, on the way back
+/// to private: the PVALIDATE through the window finds the pages
+/// unassigned. Through the GHCB, and before one exists, through the MSR
+/// protocol.
 #[test]
 fn snp_psc_without_rmp_change_is_caught_by_pvalidate() {
-    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    let e = w.engine();
-    w.boot_ghcb(&e, 1536 * MIB);
-    e.convert(Target::Physical { pa: PA, len: LEN }, Visibility::Shared)
-        .unwrap();
-    w.snp.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
-    let err = e
-        .convert(Target::Physical { pa: PA, len: LEN }, Visibility::Private)
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ConvertError::Platform {
-                error: PlatformError::Pvalidate(_),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(e.state(PA), Some(PageState::Poisoned));
-    assert!(w.m.page_tables().translate(&w.m.mem, Machine::direct(PA)).is_none());
+    for (with_ghcb, lie) in [
+        (true, SnpHostile::PscSuccessWithoutRmpChange),
+        (false, SnpHostile::MsrPscWithoutRmpChange),
+    ] {
+        let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+        let e = w.engine();
+        if with_ghcb {
+            w.boot_ghcb(&e, 1536 * MIB);
+        }
+        e.convert(Target::Physical { pa: PA, len: LEN }, Visibility::Shared)
+            .unwrap();
+        let expected_msr = if with_ghcb { 1 } else { LEN / 4096 };
+        assert_eq!(
+            e.counters().psc_msr,
+            expected_msr,
+            "the GHCB, or the MSR protocol without one"
+        );
+        w.snp.set_hostile(Some(lie));
+        let err = e
+            .convert(Target::Physical { pa: PA, len: LEN }, Visibility::Private)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConvertError::Platform {
+                    error: PlatformError::Pvalidate(_),
+                    ..
+                }
+            ),
+            "{lie:?}: {err:?}"
+        );
+        assert_eq!(e.state(PA), Some(PageState::Poisoned));
+        assert!(w.m.page_tables().translate(&w.m.mem, Machine::direct(PA)).is_none());
+    }
 }
 
 /// Before a GHCB exists the MSR protocol carries the PSC: its lies too.
@@ -353,31 +368,4 @@ fn ghcb_registration_lie_is_refused_by_setup() {
             echoed: (pa >> 12) + 1
         })
     );
-}
-
-/// Before a GHCB exists: an MSR-protocol PSC "success" without an RMP
-/// change, on the way back to private, is caught by PVALIDATE.
-#[test]
-fn snp_msr_psc_without_rmp_change_is_caught_by_pvalidate() {
-    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    let e = w.engine();
-    e.convert(Target::Physical { pa: PA, len: LEN }, Visibility::Shared)
-        .unwrap();
-    assert_eq!(e.counters().psc_msr, LEN / 4096, "no GHCB: the MSR protocol");
-    w.snp.set_hostile(Some(SnpHostile::MsrPscWithoutRmpChange));
-    let err = e
-        .convert(Target::Physical { pa: PA, len: LEN }, Visibility::Private)
-        .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            ConvertError::Platform {
-                error: PlatformError::Pvalidate(_),
-                ..
-            }
-        ),
-        "{err:?}"
-    );
-    assert_eq!(e.state(PA), Some(PageState::Poisoned));
-    assert!(w.m.page_tables().translate(&w.m.mem, Machine::direct(PA)).is_none());
 }
