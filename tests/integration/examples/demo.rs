@@ -70,7 +70,9 @@ fn main() {
     // ~400,000 4 KiB leaves that is most of the run time. `--fast` skips it.
     let check = !std::env::args().any(|a| a == "--fast");
     if check {
-        println!("(the models check every hypercall for present aliases: ~30 s in release; --fast skips the check)");
+        println!(
+            "(the models check every hypercall for present aliases: about 50 s in release; --fast skips the check)"
+        );
     }
     let frames = scattered_frames();
     let mut sorted = frames.clone();
