@@ -38,6 +38,8 @@ mod tables;
 #[cfg(test)]
 mod testmem;
 mod window;
+#[cfg(feature = "zeropad")]
+pub mod zeropad;
 
 pub use counters::{CounterSnapshot, Counters};
 pub use engine::{Alias, Config, ConvertError, DirectMap, Engine, Report, Target, MAX_ALIASES};
