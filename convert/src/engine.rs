@@ -516,31 +516,47 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     fn set_leaves(&self, tables: &Tables<'_, M>, va: u64, len: u64, to: Option<Visibility>) {
         let end = va + len;
         let mut cursor = va;
+        let mut writes = 0;
         while cursor < end {
             let Some((level, loc, _)) = leaf_at(tables, cursor) else {
                 cursor = (cursor / PAGE + 1) * PAGE;
                 continue;
             };
-            debug_assert!(
-                cursor % level.span() == 0 && cursor + level.span() <= end,
-                "split to fit"
-            );
-            let slot = tables.slot(loc);
-            match to {
-                None => {
-                    slot.fetch_and(!PRESENT, Ordering::AcqRel);
+            // One walk per table: run along its entries while they are
+            // leaves of the same level inside the range.
+            for index in loc.index..512 {
+                if cursor >= end {
+                    break;
                 }
-                Some(side) => {
-                    let entry = slot.load(Ordering::Acquire);
-                    slot.store(
-                        (entry & !self.enc.mask()) | self.enc.bits_for(side) | PRESENT,
-                        Ordering::Release,
-                    );
+                let slot = tables.slot(crate::tables::EntryLoc {
+                    table: loc.table,
+                    index,
+                });
+                let entry = slot.load(Ordering::Acquire);
+                let leaf_shaped = entry != 0 && (level == Level::Pt || entry & crate::pte::HUGE != 0);
+                if !leaf_shaped {
+                    break;
                 }
+                debug_assert!(
+                    cursor % level.span() == 0 && cursor + level.span() <= end,
+                    "split to fit"
+                );
+                match to {
+                    None => {
+                        slot.fetch_and(!PRESENT, Ordering::AcqRel);
+                    }
+                    Some(side) => {
+                        slot.store(
+                            (entry & !self.enc.mask()) | self.enc.bits_for(side) | PRESENT,
+                            Ordering::Release,
+                        );
+                    }
+                }
+                writes += 1;
+                cursor += level.span();
             }
-            Counters::add(&self.counters.pte_writes, 1);
-            cursor += level.span();
         }
+        Counters::add(&self.counters.pte_writes, writes);
     }
 
     fn collapse(&self, tables: &Tables<'_, M>, va: u64, len: u64, deferred: &mut Deferred) {

@@ -29,6 +29,7 @@ mod engine;
 mod ghcb_setup;
 pub mod platform;
 mod policy;
+pub mod pool;
 mod pte;
 mod reserve;
 mod shootdown;

@@ -8,18 +8,44 @@ use crate::counters::Counters;
 use crate::pte::{EncryptionBit, Visibility};
 use crate::Platform;
 
+/// How the backend batches its calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TdxOptions {
+    /// One MapGPA (and one largest-first ACCEPT sweep) per contiguous
+    /// physical run. Off: one per 4 KiB frame of a scattered batch, as
+    /// Linux does for vmalloc buffers.
+    pub coalesce_runs: bool,
+}
+
+impl TdxOptions {
+    /// The fewest calls.
+    pub const MINIMAL: TdxOptions = TdxOptions { coalesce_runs: true };
+    /// Linux's strategy, for comparison.
+    pub const LINUX: TdxOptions = TdxOptions { coalesce_runs: false };
+}
+
 /// TDX over any [`Tdcall`] (the instruction, or a model).
 #[derive(Debug)]
 pub struct Tdx<T: Tdcall> {
     tdcall: T,
     shared_mask: u64,
+    options: TdxOptions,
 }
 
 impl<T: Tdcall> Tdx<T> {
     /// A backend using `shared_mask` (from TDG.VP.INFO) as the shared bit.
     pub fn new(tdcall: T, shared_mask: u64) -> Option<Self> {
         EncryptionBit::tdx(shared_mask)?;
-        Some(Tdx { tdcall, shared_mask })
+        Some(Tdx {
+            tdcall,
+            shared_mask,
+            options: TdxOptions::MINIMAL,
+        })
+    }
+
+    /// The same backend with other batching.
+    pub fn with_options(self, options: TdxOptions) -> Self {
+        Tdx { options, ..self }
     }
 
     /// A backend configured from TDG.VP.INFO.
@@ -28,12 +54,26 @@ impl<T: Tdcall> Tdx<T> {
         Ok(Tdx {
             shared_mask: info.shared_mask(),
             tdcall,
+            options: TdxOptions::MINIMAL,
         })
     }
 
     /// The TDCALL implementation.
     pub fn tdcall(&self) -> &T {
         &self.tdcall
+    }
+
+    /// Calls `f` per contiguous run, or per 4 KiB frame of a scattered batch
+    /// when runs are not coalesced.
+    fn for_each_piece(
+        &self,
+        runs: Runs<'_>,
+        mut f: impl FnMut(u64, u64) -> Result<(), PlatformError>,
+    ) -> Result<(), PlatformError> {
+        match runs {
+            Runs::Frames(_) if !self.options.coalesce_runs => runs.frames().try_for_each(|pa| f(pa, 4096)),
+            _ => runs.iter().try_for_each(|(pa, len)| f(pa, len)),
+        }
     }
 }
 
@@ -53,30 +93,24 @@ impl<T: Tdcall> Platform for Tdx<T> {
             Visibility::Private => tdcall::Visibility::Private,
             Visibility::Shared => tdcall::Visibility::Shared,
         };
-        for (pa, len) in runs.iter() {
+        self.for_each_piece(runs, |pa, len| {
             // SAFETY: the engine guarantees no alias of the run is present
             // and nothing relies on its contents.
             let calls = unsafe { map_gpa(&self.tdcall, pa, len, visibility, self.shared_mask) };
-            match calls {
-                Ok(c) => Counters::add(&counters.map_gpa, c.calls),
-                Err(e) => {
-                    Counters::add(&counters.map_gpa, 1);
-                    return Err(PlatformError::MapGpa(e));
-                }
-            }
-        }
+            calls.map(|c| Counters::add(&counters.map_gpa, c.calls)).map_err(|e| {
+                Counters::add(&counters.map_gpa, 1);
+                PlatformError::MapGpa(e)
+            })
+        })?;
         if to == Visibility::Private {
-            for (pa, len) in runs.iter() {
+            self.for_each_piece(runs, |pa, len| {
                 // SAFETY: as above; ACCEPT zeroes pages nobody relies on.
                 let accepted = unsafe { accept_range(&self.tdcall, pa, len) };
-                match accepted {
-                    Ok(c) => Counters::add(&counters.accept, c.calls),
-                    Err(e) => {
-                        Counters::add(&counters.accept, 1);
-                        return Err(PlatformError::Accept(e));
-                    }
-                }
-            }
+                accepted.map(|c| Counters::add(&counters.accept, c.calls)).map_err(|e| {
+                    Counters::add(&counters.accept, 1);
+                    PlatformError::Accept(e)
+                })
+            })?;
         }
         Ok(())
     }

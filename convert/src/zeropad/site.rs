@@ -47,7 +47,7 @@ impl Site {
 /// Emits `asm!` whose load (the instruction between `;`s) is recorded as a
 /// zeropad site. Instructions before and after it go outside the record.
 ///
-/// ```ignore
+/// ```text
 /// zeropad_asm!(; "mov {v}, qword ptr [{p}]" ; ; v = lateout(reg) value, p = in(reg) ptr, options(nostack));
 /// ```
 #[macro_export]

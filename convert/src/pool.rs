@@ -1,0 +1,273 @@
+//! A pool of shared memory for drivers that churn small shared buffers
+//! (DMA bounce buffers, virtio rings): it converts whole 2 MiB-aligned
+//! chunks once, so no allocation needs a split or a hypercall, and hands
+//! out 4 KiB-granular buffers from them. A chunk that empties goes back to
+//! private only when more than `keep_empty` chunks are empty (hysteresis),
+//! so a driver that frees and reallocates does not convert back and forth.
+//!
+//! Thread-safe (one spin lock; a chunk conversion happens with it held, so
+//! allocations wait for it: it is rare by design). `no_std`, no heap.
+
+use spin::Mutex;
+
+use crate::engine::{ConvertError, Engine, Report, Target};
+use crate::platform::Platform;
+use crate::pte::Visibility;
+use crate::reserve::FrameSource;
+use crate::shootdown::TlbShootdown;
+use crate::tables::PhysMem;
+
+/// Chunk size: 2 MiB, so a chunk in a direct map of 2 MiB or larger pages
+/// converts as whole entries.
+pub const CHUNK: u64 = 2 << 20;
+const PAGES: usize = 512;
+/// The most chunks a pool holds (128 MiB).
+pub const MAX_CHUNKS: usize = 64;
+
+/// Converts memory: the engine, or anything standing in for it.
+pub trait Convert {
+    /// Converts `target` to `to`.
+    fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError>;
+}
+
+impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Convert for Engine<'_, M, F, T, P> {
+    fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
+        Engine::convert(self, target, to)
+    }
+}
+
+impl<C: Convert + ?Sized> Convert for &C {
+    fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
+        (**self).convert(target, to)
+    }
+}
+
+/// Where chunks come from: 2 MiB-aligned, private, otherwise unused
+/// physical memory.
+pub trait ChunkSource {
+    /// A chunk, or `None`.
+    fn allocate_chunk(&self) -> Option<u64>;
+    /// Gives a chunk back (private again).
+    fn free_chunk(&self, pa: u64);
+}
+
+/// A buffer from the pool: shared, physically contiguous.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedBuffer {
+    /// Physical address.
+    pub pa: u64,
+    /// Bytes (a multiple of 4 KiB).
+    pub len: u64,
+}
+
+/// Why the pool could not serve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PoolError {
+    /// Zero bytes, or more than a chunk.
+    BadSize(u64),
+    /// No room, and no chunk to be had (or the pool is at `MAX_CHUNKS`).
+    Exhausted,
+    /// Converting a new chunk failed; it was dropped, not reused.
+    Convert(ConvertError),
+    /// `free` of a buffer the pool did not hand out.
+    NotAllocated(SharedBuffer),
+}
+
+/// What the pool has done.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Buffers handed out.
+    pub allocations: u64,
+    /// Buffers given back.
+    pub frees: u64,
+    /// Chunks converted to shared.
+    pub chunks_shared: u64,
+    /// Chunks converted back to private and returned.
+    pub chunks_returned: u64,
+    /// Chunks lost to a failed conversion (poisoned by the engine).
+    pub chunks_lost: u64,
+    /// Chunks held now.
+    pub chunks_held: u64,
+}
+
+#[derive(Clone, Copy)]
+struct Chunk {
+    pa: u64,
+    /// One bit per page, set = free.
+    free: [u64; PAGES / 64],
+    used: u16,
+}
+
+impl Chunk {
+    fn new(pa: u64) -> Self {
+        Chunk {
+            pa,
+            free: [!0; PAGES / 64],
+            used: 0,
+        }
+    }
+
+    fn is_free(&self, page: usize) -> bool {
+        self.free[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    fn set(&mut self, first: usize, count: usize, free: bool) {
+        for page in first..first + count {
+            if free {
+                self.free[page / 64] |= 1 << (page % 64);
+            } else {
+                self.free[page / 64] &= !(1 << (page % 64));
+            }
+        }
+    }
+
+    /// First run of `count` free pages.
+    fn find(&self, count: usize) -> Option<usize> {
+        let mut run = 0;
+        for page in 0..PAGES {
+            run = if self.is_free(page) { run + 1 } else { 0 };
+            if run == count {
+                return Some(page + 1 - count);
+            }
+        }
+        None
+    }
+}
+
+struct Inner {
+    chunks: [Option<Chunk>; MAX_CHUNKS],
+    stats: PoolStats,
+}
+
+/// The shared-memory pool.
+pub struct SharedPool<C: Convert, S: ChunkSource> {
+    converter: C,
+    source: S,
+    keep_empty: usize,
+    inner: Mutex<Inner>,
+}
+
+impl<C: Convert, S: ChunkSource> core::fmt::Debug for SharedPool<C, S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SharedPool")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
+    /// A pool converting through `converter`, chunks from `source`, keeping
+    /// up to `keep_empty` empty chunks shared.
+    pub fn new(converter: C, source: S, keep_empty: usize) -> Self {
+        SharedPool {
+            converter,
+            source,
+            keep_empty,
+            inner: Mutex::new(Inner {
+                chunks: [None; MAX_CHUNKS],
+                stats: PoolStats::default(),
+            }),
+        }
+    }
+
+    /// What the pool has done.
+    pub fn stats(&self) -> PoolStats {
+        self.inner.lock().stats
+    }
+
+    /// A shared buffer of `bytes` (rounded up to 4 KiB, at most 2 MiB).
+    pub fn alloc(&self, bytes: u64) -> Result<SharedBuffer, PoolError> {
+        if bytes == 0 || bytes > CHUNK {
+            return Err(PoolError::BadSize(bytes));
+        }
+        let pages = bytes.div_ceil(4096) as usize;
+        let mut inner = self.inner.lock();
+        // Partly used chunks first, so empty ones can go back.
+        let fitting = |empty: bool| {
+            inner.chunks.iter().enumerate().find_map(|(i, c)| {
+                c.as_ref()
+                    .filter(|c| (c.used == 0) == empty)
+                    .and_then(|c| c.find(pages))
+                    .map(|page| (i, page))
+            })
+        };
+        let found = fitting(false).or_else(|| fitting(true));
+        let (slot, page) = match found {
+            Some(hit) => hit,
+            None => {
+                let slot = inner
+                    .chunks
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(PoolError::Exhausted)?;
+                let pa = self.source.allocate_chunk().ok_or(PoolError::Exhausted)?;
+                if let Err(e) = self
+                    .converter
+                    .convert(Target::Physical { pa, len: CHUNK }, Visibility::Shared)
+                {
+                    // Refused before any change: the chunk is still
+                    // private and can go back. Failed later: poisoned.
+                    if matches!(e, ConvertError::Platform { .. }) {
+                        inner.stats.chunks_lost += 1;
+                    } else {
+                        self.source.free_chunk(pa);
+                    }
+                    return Err(PoolError::Convert(e));
+                }
+                inner.stats.chunks_shared += 1;
+                inner.stats.chunks_held += 1;
+                inner.chunks[slot] = Some(Chunk::new(pa));
+                (slot, 0)
+            }
+        };
+        let chunk = inner.chunks[slot].as_mut().ok_or(PoolError::Exhausted)?;
+        chunk.set(page, pages, false);
+        chunk.used += pages as u16;
+        let buffer = SharedBuffer {
+            pa: chunk.pa + page as u64 * 4096,
+            len: pages as u64 * 4096,
+        };
+        inner.stats.allocations += 1;
+        Ok(buffer)
+    }
+
+    /// Gives `buffer` back. An emptied chunk beyond `keep_empty` goes back
+    /// to private and to the source.
+    pub fn free(&self, buffer: SharedBuffer) -> Result<(), PoolError> {
+        let mut inner = self.inner.lock();
+        let pages = (buffer.len / 4096) as usize;
+        let slot = inner
+            .chunks
+            .iter()
+            .position(|c| c.is_some_and(|c| buffer.pa >= c.pa && buffer.pa + buffer.len <= c.pa + CHUNK))
+            .ok_or(PoolError::NotAllocated(buffer))?;
+        let chunk = inner.chunks[slot].as_mut().ok_or(PoolError::NotAllocated(buffer))?;
+        let first = ((buffer.pa - chunk.pa) / 4096) as usize;
+        if buffer.len == 0 || buffer.pa % 4096 != 0 || (first..first + pages).any(|p| chunk.is_free(p)) {
+            return Err(PoolError::NotAllocated(buffer));
+        }
+        chunk.set(first, pages, true);
+        chunk.used -= pages as u16;
+        let emptied = chunk.used == 0;
+        inner.stats.frees += 1;
+        if emptied {
+            let empty = inner.chunks.iter().flatten().filter(|c| c.used == 0).count();
+            if empty > self.keep_empty {
+                let pa = inner.chunks[slot].take().map_or(0, |c| c.pa);
+                inner.stats.chunks_held -= 1;
+                match self
+                    .converter
+                    .convert(Target::Physical { pa, len: CHUNK }, Visibility::Private)
+                {
+                    Ok(_) => {
+                        inner.stats.chunks_returned += 1;
+                        self.source.free_chunk(pa);
+                    }
+                    // Poisoned by the engine: never handed out again.
+                    Err(_) => inner.stats.chunks_lost += 1,
+                }
+            }
+        }
+        Ok(())
+    }
+}

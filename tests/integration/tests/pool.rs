@@ -1,0 +1,145 @@
+//! The shared-memory pool over the engine and the TDX model.
+
+use std::sync::Mutex;
+
+use convert::pool::{ChunkSource, PoolError, SharedBuffer, SharedPool, CHUNK};
+use convert::{PageState, Target, Visibility};
+use hvmock::{TdxConfig, TdxHostile, TdxPageState};
+use integration::world::{Shape, TdxWorld};
+use integration::{GIB, MIB};
+
+/// Chunks from the 2 MiB-mapped half of the test guest.
+struct Chunks(Mutex<Vec<u64>>);
+
+impl Chunks {
+    fn new(n: u64) -> Self {
+        Chunks(Mutex::new((0..n).rev().map(|i| GIB + 256 * MIB + i * CHUNK).collect()))
+    }
+}
+
+impl ChunkSource for Chunks {
+    fn allocate_chunk(&self) -> Option<u64> {
+        self.0.lock().unwrap().pop()
+    }
+    fn free_chunk(&self, pa: u64) {
+        self.0.lock().unwrap().push(pa);
+    }
+}
+
+#[test]
+fn churn_costs_no_split_and_almost_no_hypercalls() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(8), 1);
+    let mut live: Vec<SharedBuffer> = Vec::new();
+    let mut x = 12345u64;
+    for i in 0..5000 {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        if live.len() < 40 && (x >> 60) % 3 != 0 || live.is_empty() {
+            let bytes = 4096 * (1 + (x >> 33) % 16);
+            let b = pool.alloc(bytes).unwrap();
+            assert_eq!(e.state(b.pa), Some(PageState::Shared), "allocation {i}");
+            assert_eq!(w.tdx.page(b.pa + b.len - 4096).state, TdxPageState::Shared);
+            live.push(b);
+        } else {
+            let b = live.swap_remove((x >> 20) as usize % live.len());
+            pool.free(b).unwrap();
+        }
+    }
+    let c = e.counters();
+    assert_eq!(
+        (c.splits_1g, c.splits_2m),
+        (0, 0),
+        "2 MiB chunks in a 2 MiB-mapped region split nothing"
+    );
+    let stats = pool.stats();
+    assert!(
+        c.hypercalls() * 100 < stats.allocations,
+        "{} hypercalls for {} allocations",
+        c.hypercalls(),
+        stats.allocations
+    );
+    // Buffers never overlap.
+    let mut spans: Vec<(u64, u64)> = live.iter().map(|b| (b.pa, b.pa + b.len)).collect();
+    spans.sort();
+    assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0));
+    for b in live {
+        pool.free(b).unwrap();
+    }
+    let stats = pool.stats();
+    assert_eq!(stats.chunks_held, 1, "one empty chunk kept (hysteresis)");
+    assert_eq!(stats.chunks_shared - stats.chunks_returned, 1);
+    assert!(w.tdx.violations().is_empty());
+}
+
+#[test]
+fn misuse_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(1), 0);
+    assert_eq!(pool.alloc(0), Err(PoolError::BadSize(0)));
+    assert_eq!(pool.alloc(CHUNK + 1), Err(PoolError::BadSize(CHUNK + 1)));
+    let a = pool.alloc(CHUNK).unwrap();
+    assert_eq!(
+        pool.alloc(4096),
+        Err(PoolError::Exhausted),
+        "one chunk, full, no more to be had"
+    );
+    let stranger = SharedBuffer { pa: 4096, len: 4096 };
+    assert_eq!(pool.free(stranger), Err(PoolError::NotAllocated(stranger)));
+    pool.free(a).unwrap();
+    assert_eq!(pool.free(a), Err(PoolError::NotAllocated(a)), "double free");
+    assert_eq!(pool.stats().chunks_returned, 1, "keep_empty 0: back to private at once");
+    assert_eq!(e.state(a.pa), Some(PageState::Private));
+}
+
+/// A chunk whose conversion fails is poisoned by the engine and never
+/// handed out; the pool reports the failure and goes on with other chunks.
+#[test]
+fn a_poisoned_chunk_is_never_reused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
+    assert!(matches!(pool.alloc(8192), Err(PoolError::Convert(_))));
+    assert_eq!(pool.stats().chunks_lost, 1);
+    w.tdx.set_hostile(None);
+    let b = pool.alloc(8192).unwrap();
+    assert_eq!(e.state(b.pa), Some(PageState::Shared));
+    assert_ne!(b.pa, GIB + 256 * MIB, "not the poisoned chunk");
+    let _ = e.convert(Target::Physical { pa: b.pa, len: 4096 }, Visibility::Private);
+}
+
+#[test]
+fn concurrent_allocations_never_overlap() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(16), 2);
+    let all: Vec<Vec<SharedBuffer>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|t| {
+                let pool = &pool;
+                s.spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0..500u64 {
+                        let b = pool.alloc(4096 * (1 + (i * 7 + t) % 16)).unwrap();
+                        if i % 3 == 0 {
+                            pool.free(b).unwrap();
+                        } else {
+                            mine.push(b);
+                        }
+                        if mine.len() > 30 {
+                            pool.free(mine.remove(0)).unwrap();
+                        }
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut spans: Vec<(u64, u64)> = all.iter().flatten().map(|b| (b.pa, b.pa + b.len)).collect();
+    spans.sort();
+    assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "overlapping buffers");
+    assert!(spans.iter().all(|&(pa, _)| e.state(pa) == Some(PageState::Shared)));
+}
