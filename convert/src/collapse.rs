@@ -19,7 +19,8 @@ pub(crate) fn try_collapse<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level)
     let pointer = t.load(loc);
     let table = t.enc.address(pointer, Level::Pt);
     let child = level.lower()?;
-    let first = t.load(EntryLoc { table, index: 0 });
+    let entries = t.entries(table);
+    let first = entries[0].load(Ordering::Acquire);
     let base = t.enc.address(first, child);
     if base % level.span() != 0 {
         return None;
@@ -27,8 +28,8 @@ pub(crate) fn try_collapse<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level)
     let address_field = ADDRESS_BITS & !(child.span() - 1) & !t.enc.mask();
     let same = |e: u64| e & !address_field & !(ACCESSED | DIRTY);
     let mut accessed_dirty = 0;
-    for i in 0..512 {
-        let e = t.load(EntryLoc { table, index: i });
+    for (i, entry) in entries.iter().enumerate() {
+        let e = entry.load(Ordering::Acquire);
         let is_leaf = e & PRESENT != 0 && (child == Level::Pt || e & HUGE != 0);
         if !is_leaf || same(e) != same(first) || t.enc.address(e, child) != base + i as u64 * child.span() {
             return None;

@@ -26,8 +26,6 @@ use crate::tables::{PhysMem, Tables};
 use crate::window::{ScratchWindow, WindowMap};
 
 const PAGE: u64 = 4096;
-const MIB2: u64 = 2 << 20;
-const GIB: u64 = 1 << 30;
 
 /// The OS's direct map: `[pa, pa + len)` mapped at `va`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -382,7 +380,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let from = PageState::of(to.other());
         self.claim(batch.runs, from)
             .map_err(|(pa, state)| ConvertError::Refused { pa, state, converted })?;
-        let aliases = *self.aliases.lock();
+        let aliases = self.linear_aliases(&self.aliases.lock());
         let tables = self.tables();
         let mut shootdown = ShootdownSet::new();
 
@@ -429,12 +427,25 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
 
         {
             let mut deferred = self.tables_lock.lock();
-            self.for_each_alias(batch, &aliases, |kind, va, len| {
-                self.set_leaves(&tables, va, len, Some(to));
-                if kind == AliasKind::DirectMap && self.config.collapse {
-                    self.collapse(&tables, va, len, &mut deferred);
-                }
+            self.for_each_alias(batch, &aliases, |_, va, len| {
+                self.set_leaves(&tables, va, len, Some(to))
             });
+            // Only once every alias is present again can a table qualify.
+            // 2 MiB over the whole batch first: a 1 GiB region qualifies only
+            // once its 2 MiB regions have collapsed.
+            let levels: &[Level] = match (self.config.collapse, self.config.collapse_1g) {
+                (false, _) => &[],
+                (true, false) => &[Level::Pd],
+                (true, true) => &[Level::Pd, Level::Pdpt],
+            };
+            for &level in levels {
+                let mut last = None;
+                self.for_each_alias(batch, &aliases, |kind, va, len| {
+                    if kind == AliasKind::DirectMap {
+                        self.collapse(&tables, va, len, level, &mut deferred, &mut last);
+                    }
+                });
+            }
         }
         for pa in batch.runs.frames() {
             self.states.settle(pa, PageState::of(to));
@@ -462,9 +473,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
 
     /// Table pages the splits of this batch need (see `split::tables_needed`):
     /// each alias's boundaries in ascending order, counted alias by alias.
-    fn plan(&self, tables: &Tables<'_, M>, batch: Batch<'_>, aliases: &[Option<Alias>; MAX_ALIASES]) -> usize {
-        let linear = self.linear_aliases(aliases);
-        let from_linear: usize = linear
+    fn plan(&self, tables: &Tables<'_, M>, batch: Batch<'_>, aliases: &[Option<(AliasKind, Alias)>]) -> usize {
+        let from_linear: usize = aliases
             .iter()
             .flatten()
             .map(|&(_, alias)| tables_needed(tables, overlaps(batch.runs, alias).flat_map(|(va, len)| [va, va + len])))
@@ -497,10 +507,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     fn for_each_alias(
         &self,
         batch: Batch<'_>,
-        aliases: &[Option<Alias>; MAX_ALIASES],
+        aliases: &[Option<(AliasKind, Alias)>],
         mut f: impl FnMut(AliasKind, u64, u64),
     ) {
-        for (kind, alias) in self.linear_aliases(aliases).into_iter().flatten() {
+        for &(kind, alias) in aliases.iter().flatten() {
             for (va, len) in overlaps(batch.runs, alias) {
                 f(kind, va, len);
             }
@@ -524,14 +534,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             };
             // One walk per table: run along its entries while they are
             // leaves of the same level inside the range.
-            for index in loc.index..512 {
+            for slot in &tables.entries(loc.table)[loc.index..] {
                 if cursor >= end {
                     break;
                 }
-                let slot = tables.slot(crate::tables::EntryLoc {
-                    table: loc.table,
-                    index,
-                });
                 let entry = slot.load(Ordering::Acquire);
                 let leaf_shaped = entry != 0 && (level == Level::Pt || entry & crate::pte::HUGE != 0);
                 if !leaf_shaped {
@@ -542,9 +548,11 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                     "split to fit"
                 );
                 match to {
-                    None => {
-                        slot.fetch_and(!PRESENT, Ordering::AcqRel);
-                    }
+                    // A plain store, not a locked and: the table lock keeps
+                    // other CPUs' software out, and an accessed/dirty bit
+                    // the hardware sets meanwhile is moot for a page whose
+                    // contents the conversion destroys.
+                    None => slot.store(entry & !PRESENT, Ordering::Release),
                     Some(side) => {
                         slot.store(
                             (entry & !self.enc.mask()) | self.enc.bits_for(side) | PRESENT,
@@ -559,13 +567,24 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         Counters::add(&self.counters.pte_writes, writes);
     }
 
-    fn collapse(&self, tables: &Tables<'_, M>, va: u64, len: u64, deferred: &mut Deferred) {
-        for (span, level) in [(MIB2, Level::Pd), (GIB, Level::Pdpt)] {
-            if level == Level::Pdpt && !self.config.collapse_1g {
-                break;
-            }
-            let mut region = va / span * span;
-            while region < va + len {
+    /// Collapses the tables of the `level`-sized regions `[va, va + len)`
+    /// touches. `last` remembers the last region tried in this pass: ranges
+    /// come in address order, so neighbours share regions and each is
+    /// looked at once.
+    fn collapse(
+        &self,
+        tables: &Tables<'_, M>,
+        va: u64,
+        len: u64,
+        level: Level,
+        deferred: &mut Deferred,
+        last: &mut Option<u64>,
+    ) {
+        let span = level.span();
+        let mut region = va / span * span;
+        while region < va + len {
+            if *last != Some(region) {
+                *last = Some(region);
                 if let Some(table) = try_collapse(tables, region, level) {
                     self.counters.record_collapse(level);
                     if !deferred.push(table, &self.mem, &self.frames) {
@@ -575,8 +594,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                         let _ = deferred.push(table, &self.mem, &self.frames);
                     }
                 }
-                region += span;
             }
+            region += span;
         }
     }
 

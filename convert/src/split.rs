@@ -85,10 +85,10 @@ fn split_leaf<M: PhysMem>(t: &Tables<'_, M>, level: Level, loc: EntryLoc, table:
         } else {
             attributes
         };
-        for i in 0..512 {
-            t.store(
-                EntryLoc { table, index: i },
+        for (i, entry) in t.entries(table).iter().enumerate() {
+            entry.store(
                 (base + i as u64 * child_level.span()) | child_attributes,
+                core::sync::atomic::Ordering::Relaxed,
             );
         }
         if t.slot(loc)

@@ -74,6 +74,14 @@ impl<M: PhysMem> Tables<'_, M> {
         unsafe { AtomicU64::from_ptr(self.mem.table(loc.table).add(loc.index)) }
     }
 
+    /// All 512 entries of the table at `table`, for loops over a table.
+    pub fn entries(&self, table: u64) -> &[AtomicU64; 512] {
+        debug_assert!(table % 4096 == 0);
+        // SAFETY: `PhysMem` guarantees a valid, aligned 4 KiB table, i.e.
+        // 512 u64 entries, accessed only atomically.
+        unsafe { &*self.mem.table(table).cast::<[AtomicU64; 512]>() }
+    }
+
     pub fn load(&self, loc: EntryLoc) -> u64 {
         self.slot(loc).load(Ordering::Acquire)
     }

@@ -12,7 +12,8 @@ pub struct WindowSlot {
     /// 2 MiB-aligned start of a virtual range that only this CPU maps. Its
     /// PML4 and PDPT entries must exist; the engine writes its PD entry.
     pub va: u64,
-    /// A page-table page reserved for the window's 4 KiB mappings.
+    /// A zeroed page-table page reserved for the window's 4 KiB mappings.
+    /// The engine leaves it zeroed again after each use.
     pub pt: u64,
 }
 
@@ -37,6 +38,9 @@ pub(crate) struct WindowMap<'t, 'm, M: PhysMem> {
     slot: WindowSlot,
     pde: EntryLoc,
     mapped: bool,
+    /// PT entries \[0, n) hold 4 KiB mappings from the last `map_4k`; the
+    /// rest of the PT is zero (so it is all zero between transactions).
+    pt_entries: usize,
 }
 
 impl<'t, 'm, M: PhysMem> WindowMap<'t, 'm, M> {
@@ -62,6 +66,7 @@ impl<'t, 'm, M: PhysMem> WindowMap<'t, 'm, M> {
             slot,
             pde,
             mapped: false,
+            pt_entries: 0,
         })
     }
 
@@ -95,7 +100,9 @@ impl<M: PhysMem> PrivateMap for WindowMap<'_, '_, M> {
 
     fn map_4k(&mut self, pa: u64, count: u64) -> u64 {
         let count = count.min(512) as usize;
-        for i in 0..512 {
+        // Entries past `count` that the last call filled must go; the rest
+        // are zero already.
+        for i in 0..count.max(self.pt_entries) {
             let entry = if i < count {
                 self.private_leaf(pa + i as u64 * 4096)
             } else {
@@ -109,6 +116,7 @@ impl<M: PhysMem> PrivateMap for WindowMap<'_, '_, M> {
                 entry,
             );
         }
+        self.pt_entries = count;
         self.tables.store(
             self.pde,
             self.slot.pt | TABLE_POINTER | self.tables.enc.bits_for(Visibility::Private),
@@ -121,6 +129,16 @@ impl<M: PhysMem> PrivateMap for WindowMap<'_, '_, M> {
     fn unmap(&mut self) {
         if self.mapped {
             self.tables.store(self.pde, 0);
+            for i in 0..self.pt_entries {
+                self.tables.store(
+                    EntryLoc {
+                        table: self.slot.pt,
+                        index: i,
+                    },
+                    0,
+                );
+            }
+            self.pt_entries = 0;
             self.window.invalidate_local(self.slot.va, 2 << 20);
             self.mapped = false;
         }

@@ -18,6 +18,8 @@
 //! [`MAX_EXITS_WITHOUT_PROGRESS`] exits in a row that advance nothing. The
 //! loop is therefore bounded whatever the hypervisor does.
 
+use core::mem::MaybeUninit;
+
 use crate::hypervisor::GhcbMsr;
 use crate::layout::Field;
 use crate::msr_protocol::PscOp;
@@ -114,25 +116,45 @@ impl PscHeader {
 }
 
 /// The guest's own copy of a request: at most [`MAX_ENTRIES`] entries.
-#[derive(Clone, Debug)]
+///
+/// Entries past `len` are left uninitialised: building a one-entry request
+/// should not cost a 2 KiB clear.
 pub struct PscDescriptor {
-    entries: [PscEntry; MAX_ENTRIES],
+    entries: [MaybeUninit<PscEntry>; MAX_ENTRIES],
     len: usize,
 }
 
 impl Default for PscDescriptor {
     fn default() -> Self {
         PscDescriptor {
-            entries: [PscEntry(0); MAX_ENTRIES],
+            entries: [const { MaybeUninit::uninit() }; MAX_ENTRIES],
             len: 0,
         }
+    }
+}
+
+impl Clone for PscDescriptor {
+    fn clone(&self) -> Self {
+        let mut copy = PscDescriptor::default();
+        for &e in self.entries() {
+            copy.push(e);
+        }
+        copy
+    }
+}
+
+impl core::fmt::Debug for PscDescriptor {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list().entries(self.entries()).finish()
     }
 }
 
 impl PscDescriptor {
     /// The entries.
     pub fn entries(&self) -> &[PscEntry] {
-        &self.entries[..self.len]
+        // SAFETY: `push` initialises entries in order; the first `len` are
+        // initialised, and `MaybeUninit<T>` has `T`'s layout.
+        unsafe { core::slice::from_raw_parts(self.entries.as_ptr().cast::<PscEntry>(), self.len) }
     }
 
     /// Appends an entry; `false` when full.
@@ -140,7 +162,7 @@ impl PscDescriptor {
         if self.len == MAX_ENTRIES {
             return false;
         }
-        self.entries[self.len] = entry;
+        self.entries[self.len] = MaybeUninit::new(entry);
         self.len += 1;
         true
     }

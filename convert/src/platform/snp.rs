@@ -76,6 +76,9 @@ pub struct SnpOptions {
     pub psc_2m: bool,
     /// Use 2 MiB PVALIDATE where aligned.
     pub pvalidate_2m: bool,
+    /// Allow 2 MiB entries and PVALIDATE for the frames of a scattered
+    /// (vmalloc-style) batch too, where they happen to form an aligned 2 MiB.
+    pub huge_for_scattered: bool,
 }
 
 impl SnpOptions {
@@ -84,12 +87,15 @@ impl SnpOptions {
         psc_entries_per_exit: MAX_ENTRIES,
         psc_2m: true,
         pvalidate_2m: true,
+        huge_for_scattered: true,
     };
-    /// Linux's strategy: 64-entry descriptors, 4 KiB everywhere.
+    /// Linux's strategy: 64-entry descriptors, 4 KiB PSC and PVALIDATE for
+    /// vmalloc frames (2 MiB for aligned contiguous ranges).
     pub const LINUX: SnpOptions = SnpOptions {
         psc_entries_per_exit: 64,
-        psc_2m: false,
-        pvalidate_2m: false,
+        psc_2m: true,
+        pvalidate_2m: true,
+        huge_for_scattered: false,
     };
 }
 
@@ -138,6 +144,11 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         &self.ghcbs
     }
 
+    /// Whether 2 MiB pieces may be used for `runs`, given the option.
+    fn huge(&self, runs: Runs<'_>, option: bool) -> bool {
+        option && (self.options.huge_for_scattered || matches!(runs, Runs::One { .. }))
+    }
+
     /// Page state change of every frame of `runs`: through this CPU's GHCB,
     /// or the MSR protocol before it has one.
     ///
@@ -148,9 +159,11 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         self.ghcbs.with_ghcb(|ghcb| match ghcb {
             Some(ghcb) => {
                 let mut desc = PscDescriptor::default();
-                let entries = runs
-                    .iter()
-                    .flat_map(|(pa, len)| PscEntries::new(pa, len, op, self.options.psc_2m).into_iter().flatten());
+                let entries = runs.iter().flat_map(|(pa, len)| {
+                    PscEntries::new(pa, len, op, self.huge(runs, self.options.psc_2m))
+                        .into_iter()
+                        .flatten()
+                });
                 for entry in entries {
                     desc.push(entry);
                     if desc.entries().len() == self.options.psc_entries_per_exit {
@@ -219,7 +232,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
             let end = pa + len;
             let mut cursor = pa;
             while cursor < end {
-                let whole_2m = self.options.pvalidate_2m && cursor % huge == 0 && end - cursor >= huge;
+                let whole_2m = self.huge(runs, self.options.pvalidate_2m) && cursor % huge == 0 && end - cursor >= huge;
                 let (va, bytes) = if whole_2m {
                     (window.map_2m(cursor), huge)
                 } else {

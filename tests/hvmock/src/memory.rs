@@ -58,6 +58,7 @@ impl GuestMemory {
     }
 
     /// Size in bytes.
+    #[inline]
     pub fn size(&self) -> u64 {
         self.size
     }
@@ -73,6 +74,7 @@ impl GuestMemory {
     }
 
     /// Whether `[gpa, gpa + len)` lies inside the memory.
+    #[inline]
     pub fn contains(&self, gpa: u64, len: u64) -> bool {
         gpa.checked_add(len).is_some_and(|end| end <= self.size())
     }
@@ -82,6 +84,7 @@ impl GuestMemory {
     /// # Panics
     ///
     /// If `gpa` is outside the memory.
+    #[inline]
     pub fn ptr(&self, gpa: u64) -> *mut u8 {
         assert!(gpa < self.size(), "GPA {gpa:#x} outside guest memory");
         // SAFETY: in bounds of the allocation.
@@ -129,6 +132,7 @@ impl GuestMemory {
     /// # Panics
     ///
     /// If unaligned or out of bounds.
+    #[inline]
     pub fn read_u64(&self, gpa: u64) -> u64 {
         assert!(gpa % 8 == 0 && self.contains(gpa, 8));
         // SAFETY: in bounds and aligned.
@@ -140,6 +144,7 @@ impl GuestMemory {
     /// # Panics
     ///
     /// If unaligned or out of bounds.
+    #[inline]
     pub fn write_u64(&self, gpa: u64, value: u64) {
         assert!(gpa % 8 == 0 && self.contains(gpa, 8));
         // SAFETY: in bounds and aligned.

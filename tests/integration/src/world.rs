@@ -18,7 +18,7 @@ use crate::{GIB, MIB};
 
 /// Guest memory size.
 pub const MEMORY: u64 = 2 * GIB;
-/// Page-table frames come from `[TABLES, MEMORY)`.
+/// Page-table frames come from the top 64 MiB of memory.
 pub const TABLES: u64 = MEMORY - 64 * MIB;
 /// Simulated CPUs.
 pub const CPUS: usize = 4;
@@ -65,15 +65,12 @@ pub struct Machine {
 impl Machine {
     /// Builds memory and page tables.
     pub fn new(enc: EncryptionBit, shape: Shape) -> Self {
-        let mem = Arc::new(GuestMemory::new(MEMORY));
-        let frames = SimFrames::new(mem.clone(), TABLES, MEMORY);
-        let (root, windows) = {
-            let mut b = TableBuilder::new(mem.clone(), &frames, enc);
-            let (low, high, small_mask) = match shape {
-                Shape::Mixed => (Level::Pdpt, Level::Pd, 0),
-                Shape::Small => (Level::Pd, Level::Pt, 0),
-                Shape::Random(gib_page, mask) => (if gib_page { Level::Pdpt } else { Level::Pd }, Level::Pd, mask),
-            };
+        let (low, high, small_mask) = match shape {
+            Shape::Mixed => (Level::Pdpt, Level::Pd, 0),
+            Shape::Small => (Level::Pd, Level::Pt, 0),
+            Shape::Random(gib_page, mask) => (if gib_page { Level::Pdpt } else { Level::Pd }, Level::Pd, mask),
+        };
+        Self::build(enc, MEMORY, |b| {
             b.map(DIRECT_MAP_VA, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
             for region in 0..512u64 {
                 let pa = GIB + region * 2 * MIB;
@@ -91,13 +88,40 @@ impl Machine {
                     Visibility::Private,
                 );
             }
+        })
+    }
+
+    /// `levels.len()` GiB of memory, GiB `i` of the direct map built from
+    /// leaves of `levels[i]`.
+    pub fn with_gib_levels(enc: EncryptionBit, levels: &[Level]) -> Self {
+        Self::build(enc, levels.len() as u64 * GIB, |b| {
+            for (i, &level) in levels.iter().enumerate() {
+                let pa = i as u64 * GIB;
+                b.map(
+                    DIRECT_MAP_VA + pa,
+                    pa,
+                    GIB,
+                    level,
+                    DIRECT_MAP_FLAGS,
+                    Visibility::Private,
+                );
+            }
+        })
+    }
+
+    fn build(enc: EncryptionBit, size: u64, direct_map: impl FnOnce(&mut TableBuilder<'_>)) -> Self {
+        let mem = Arc::new(GuestMemory::new(size));
+        let frames = SimFrames::new(mem.clone(), size - 64 * MIB, size);
+        let (root, windows) = {
+            let mut b = TableBuilder::new(mem.clone(), &frames, enc);
+            direct_map(&mut b);
             let windows = SimWindows::new(&mut b, CPUS);
             (b.root, windows)
         };
         let boot_tables = frames.in_use();
         Machine {
             phys: SimPhys(mem.clone()),
-            states: crate::sim::state_storage(MEMORY),
+            states: crate::sim::state_storage(size),
             mem,
             frames,
             tlb: SimTlb::default(),
@@ -109,6 +133,11 @@ impl Machine {
         }
     }
 
+    /// Bytes of memory.
+    pub fn size(&self) -> u64 {
+        self.mem.size()
+    }
+
     /// The engine configuration for this machine.
     pub fn config(&self) -> Config {
         Config {
@@ -116,7 +145,7 @@ impl Machine {
             direct_map: DirectMap {
                 va: DIRECT_MAP_VA,
                 pa: 0,
-                len: MEMORY,
+                len: self.size(),
             },
             collapse: true,
             collapse_1g: true,

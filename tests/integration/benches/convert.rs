@@ -1,0 +1,724 @@
+//! The conversion benchmark (issue 6): workloads W1-W4 on TDX and SEV-SNP,
+//! our engine beside a Linux-strategy configuration of the same engine and
+//! the lower bound the ABIs allow, with zero-cost counted hypercalls.
+//!
+//! Run: `scripts/bench-convert` (`--quick`: smaller workloads, one run,
+//! count targets checked, for CI). Writes SVG pictures of the direct map to
+//! `target/bench/`.
+
+use std::time::Instant;
+
+use convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use convert::platform::tdx::{Tdx, TdxOptions};
+use convert::pool::{ChunkSource, SharedPool};
+use convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, Visibility};
+use hvmock::GuestPageTables;
+use integration::null::{NullSnp, NullTdx};
+use integration::sim::{SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
+use integration::world::Machine;
+use integration::{GIB, MIB};
+
+const PAGE: u64 = 4096;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Plat {
+    Tdx,
+    Snp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Strategy {
+    Ours,
+    Linux,
+}
+
+type SimEngine<'m, P> = Engine<'m, &'m SimPhys, &'m SimFrames, &'m SimTlb, P>;
+
+/// One conversion: target, direction, scratch for the frame list.
+type Conv<'c> = dyn Fn(Target, Visibility, &mut [u64]) + 'c;
+/// A workload: runs its conversions through the given one, given what its
+/// setup returned; returns the units (pages, conversions) it did.
+type Workload<'w> = dyn Fn(&Conv<'_>, &[u64]) -> u64 + 'w;
+
+/// Counts the lower bound allows.
+#[derive(Default, Clone, Copy, Debug)]
+struct Bound {
+    map_gpa: u64,
+    accept: u64,
+    psc_exits: u64,
+    psc_entries: u64,
+    pvalidate: u64,
+    shootdowns: u64,
+}
+
+impl Bound {
+    fn hypercalls(&self, plat: Plat) -> u64 {
+        match plat {
+            Plat::Tdx => self.map_gpa + self.accept,
+            Plat::Snp => self.psc_exits + self.pvalidate,
+        }
+    }
+
+    /// One conversion of `runs` (sorted physical runs) in one transaction.
+    fn add(&mut self, runs: &[(u64, u64)], to: Visibility) {
+        self.shootdowns += 1;
+        self.map_gpa += runs.len() as u64;
+        let pieces_1g: u64 = runs
+            .iter()
+            .map(|&(pa, len)| pieces(pa, len, &[GIB, 2 * MIB, PAGE]))
+            .sum();
+        let pieces_2m: u64 = runs.iter().map(|&(pa, len)| pieces(pa, len, &[2 * MIB, PAGE])).sum();
+        if to == Visibility::Private {
+            self.accept += pieces_1g;
+        }
+        self.psc_entries += pieces_2m;
+        self.psc_exits += pieces_2m.div_ceil(253);
+        self.pvalidate += pieces_2m;
+    }
+}
+
+/// Largest-aligned-first pieces of `[pa, pa + len)` with the given sizes.
+fn pieces(mut pa: u64, len: u64, sizes: &[u64]) -> u64 {
+    let end = pa + len;
+    let mut n = 0;
+    while pa < end {
+        let size = sizes
+            .iter()
+            .copied()
+            .find(|&s| pa % s == 0 && end - pa >= s)
+            .unwrap_or(PAGE);
+        pa += size;
+        n += 1;
+    }
+    n
+}
+
+fn runs_of(frames: &[u64]) -> Vec<(u64, u64)> {
+    let mut sorted = frames.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    convert::Runs::Frames(&sorted).iter().collect()
+}
+
+/// One measured workload.
+struct Outcome {
+    counters: CounterSnapshot,
+    ns: f64,
+    units: u64,
+    layout_before: [u64; 3],
+    layout_after: [u64; 3],
+    svg_cells: Vec<Cell>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Cell {
+    Gib { shared: bool },
+    Mib2 { shared: bool },
+    Split { shared: u32 },
+}
+
+/// Direct-map leaves by size [1G, 2M, 4K], and one cell per 2 MiB.
+fn layout(m: &Machine) -> ([u64; 3], Vec<Cell>) {
+    let tables = GuestPageTables {
+        cr3: m.root,
+        enc_mask: m.enc.mask(),
+    };
+    let mut counts = [0; 3];
+    let mut cells = vec![Cell::Split { shared: 0 }; (m.size() / (2 * MIB)) as usize];
+    let shared_bit_set_means_shared = m.enc.set_means() == Visibility::Shared;
+    tables.for_each_mapping(&m.mem, &mut |map| {
+        if map.va < DIRECT_MAP_VA || map.va >= DIRECT_MAP_VA + m.size() {
+            return;
+        }
+        let shared = map.enc_set == shared_bit_set_means_shared;
+        let region = ((map.va - DIRECT_MAP_VA) / (2 * MIB)) as usize;
+        match map.size {
+            s if s == GIB => {
+                counts[0] += 1;
+                for c in &mut cells[region..region + 512] {
+                    *c = Cell::Gib { shared };
+                }
+            }
+            s if s == 2 * MIB => {
+                counts[1] += 1;
+                cells[region] = Cell::Mib2 { shared };
+            }
+            _ => {
+                counts[2] += 1;
+                if let Cell::Split { shared: n } = &mut cells[region] {
+                    *n += shared as u32;
+                }
+            }
+        }
+    });
+    (counts, cells)
+}
+
+fn tdx_engine(m: &Machine, strategy: Strategy) -> SimEngine<'_, Tdx<NullTdx>> {
+    let options = if strategy == Strategy::Ours {
+        TdxOptions::MINIMAL
+    } else {
+        TdxOptions::LINUX
+    };
+    let platform = Tdx::new(NullTdx, 1 << 47).unwrap().with_options(options);
+    let config = convert::Config {
+        collapse: strategy == Strategy::Ours,
+        ..m.config()
+    };
+    Engine::new(
+        config,
+        &m.phys,
+        &m.frames,
+        &m.tlb,
+        platform,
+        StateTable::new(0, &m.states),
+    )
+}
+
+type SnpEngine<'m> = SimEngine<'m, Snp<&'m NullSnp, &'m NullSnp, PerCpuGhcbs<'static>>>;
+
+fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEngine<'m> {
+    let options = if strategy == Strategy::Ours {
+        SnpOptions::MINIMAL
+    } else {
+        SnpOptions::LINUX
+    };
+    let slots = Box::leak(Box::new([spin::Mutex::new(None)]));
+    let platform = Snp::new(hv, hv, PerCpuGhcbs::new(slots, || 0), 51, options).unwrap();
+    let config = convert::Config {
+        collapse: strategy == Strategy::Ours,
+        ..m.config()
+    };
+    let e = Engine::new(
+        config,
+        &m.phys,
+        &m.frames,
+        &m.tlb,
+        platform,
+        StateTable::new(0, &m.states),
+    )
+    .with_window(&m.windows);
+    // The GHCB, shared from the start, just below the table-page region.
+    let pa = m.size() - 64 * MIB - PAGE;
+    let ptr = std::ptr::NonNull::new(m.mem.ptr(pa).cast()).unwrap();
+    // SAFETY: the page is in simulated memory and used by nothing else.
+    let page = unsafe { convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
+    e.platform().ghcbs().install(page);
+    e
+}
+
+/// Builds a machine, runs `work` with the engine of `plat`/`strategy`,
+/// timing only the conversions.
+fn measure(
+    plat: Plat,
+    strategy: Strategy,
+    levels: &[Level],
+    setup: &dyn Fn(&Machine) -> Vec<u64>,
+    work: &Workload<'_>,
+) -> Outcome {
+    let enc = match plat {
+        Plat::Tdx => convert::EncryptionBit::tdx(1 << 47).unwrap(),
+        Plat::Snp => convert::EncryptionBit::snp(51).unwrap(),
+    };
+    let m = Machine::with_gib_levels(enc, levels);
+    m.frames.set_checked(false);
+    // A guest's RAM is resident; the simulation's is not until touched.
+    // Touch the table-frame region so host page faults stay out of the
+    // engine's time.
+    // Writing each page's first word back to itself allocates it without
+    // touching the tables already built there.
+    for page in (m.size() - 64 * MIB..m.size()).step_by(PAGE as usize) {
+        m.mem.write_u64(page, m.mem.read_u64(page));
+    }
+    let data = setup(&m);
+    fn go<P: Platform>(e: &SimEngine<'_, P>, m: &Machine, data: &[u64], work: &Workload) -> Outcome {
+        let (layout_before, _) = layout(m);
+        let before = e.counters();
+        let elapsed = std::cell::Cell::new(0u128);
+        let convert = |t: Target, to: Visibility, scratch: &mut [u64]| {
+            let start = Instant::now();
+            e.convert_with_scratch(t, to, scratch).expect("conversion");
+            elapsed.set(elapsed.get() + start.elapsed().as_nanos());
+        };
+        let units = work(&convert, data);
+        let (layout_after, svg_cells) = layout(m);
+        Outcome {
+            counters: e.counters().since(&before),
+            ns: elapsed.get() as f64,
+            units,
+            layout_before,
+            layout_after,
+            svg_cells,
+        }
+    }
+    match plat {
+        Plat::Tdx => go(&tdx_engine(&m, strategy), &m, &data, work),
+        Plat::Snp => {
+            let hv = NullSnp::new(m.mem.clone());
+            go(&snp_engine(&m, &hv, strategy), &m, &data, work)
+        }
+    }
+}
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// Distinct random frames below `limit`, `n` of them, with some runs.
+fn scattered(n: usize, limit: u64, runs: bool, seed: u64) -> Vec<u64> {
+    let mut x = seed;
+    let mut seen = std::collections::HashSet::new();
+    let mut frames = Vec::new();
+    while frames.len() < n {
+        let base = (xorshift(&mut x) % (limit / PAGE)) * PAGE;
+        let len = if runs { 1 + (x >> 60) % 4 } else { 1 };
+        for i in 0..len {
+            if frames.len() < n && base + i * PAGE < limit && seen.insert(base + i * PAGE) {
+                frames.push(base + i * PAGE);
+            }
+        }
+    }
+    frames
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+struct Row {
+    label: String,
+    c: CounterSnapshot,
+    ns_per_unit: f64,
+    layout: ([u64; 3], [u64; 3]),
+}
+
+fn print_header(title: &str, unit: &str) {
+    println!("\n{title}");
+    println!(
+        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>22} {:>10}",
+        "",
+        "MapGPA",
+        "ACCEPT",
+        "PSCexit",
+        "PSCentry",
+        "PVALID",
+        "shootd",
+        "sp1G",
+        "sp2M",
+        "co2M",
+        "co1G",
+        "tables",
+        "direct map 1G/2M/4K",
+        unit
+    );
+}
+
+fn print_row(r: &Row) {
+    let c = &r.c;
+    println!(
+        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>22} {:>10.1}",
+        r.label,
+        c.map_gpa,
+        c.accept,
+        c.psc_exits,
+        c.psc_entries,
+        c.pvalidate,
+        c.shootdowns,
+        c.splits_1g,
+        c.splits_2m,
+        c.collapses_2m,
+        c.collapses_1g,
+        c.table_pages_taken,
+        format!(
+            "{}/{}/{} (was {}/{}/{})",
+            r.layout.1[0], r.layout.1[1], r.layout.1[2], r.layout.0[0], r.layout.0[1], r.layout.0[2]
+        ),
+        r.ns_per_unit
+    );
+}
+
+fn print_bound(plat: Plat, b: &Bound) {
+    let (mg, ac, pe, pn, pv) = match plat {
+        Plat::Tdx => (
+            b.map_gpa.to_string(),
+            b.accept.to_string(),
+            "-".into(),
+            "-".into(),
+            "-".into(),
+        ),
+        Plat::Snp => (
+            "-".into(),
+            "-".into(),
+            b.psc_exits.to_string(),
+            b.psc_entries.to_string(),
+            b.pvalidate.to_string(),
+        ),
+    };
+    println!(
+        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6}",
+        "  lower bound", mg, ac, pe, pn, pv, b.shootdowns
+    );
+}
+
+fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) {
+    let cols = 64usize;
+    let rows = panels[0].1.len().div_ceil(cols);
+    let cell = 8usize;
+    let panel_w = cols * cell + 20;
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' font-family='monospace' font-size='11'>\n",
+        panel_w * panels.len(),
+        rows * cell + 60
+    );
+    for (p, (title, cells)) in panels.iter().enumerate() {
+        let x0 = p * panel_w + 10;
+        svg += &format!("<text x='{x0}' y='14'>{title}: direct map, {gib} GiB, one cell per 2 MiB</text>\n");
+        for (i, c) in cells.iter().enumerate() {
+            let (x, y) = (x0 + (i % cols) * cell, 22 + (i / cols) * cell);
+            let (fill, shared) = match *c {
+                Cell::Gib { shared } => ("#1b5e20", if shared { 512 } else { 0 }),
+                Cell::Mib2 { shared } => ("#66bb6a", if shared { 512 } else { 0 }),
+                Cell::Split { shared } => ("#fb8c00", shared),
+            };
+            svg += &format!(
+                "<rect x='{x}' y='{y}' width='{cell}' height='{cell}' fill='{fill}' stroke='#fff' stroke-width='0.5'/>"
+            );
+            if shared > 0 {
+                let h = (cell as u32 * shared).div_ceil(512).max(2);
+                svg += &format!(
+                    "<rect x='{}' y='{}' width='{}' height='{h}' fill='#1565c0'/>",
+                    x + 1,
+                    y + cell - h as usize,
+                    cell - 2
+                );
+            }
+            svg += "\n";
+        }
+    }
+    let y = rows * cell + 40;
+    svg += &format!(
+        "<text x='10' y='{y}'><tspan fill='#1b5e20'>&#9632; 1 GiB leaf</tspan>  <tspan fill='#66bb6a'>&#9632; 2 MiB leaf</tspan>  <tspan fill='#fb8c00'>&#9632; split to 4 KiB</tspan>  <tspan fill='#1565c0'>&#9632; shared pages (bar height)</tspan></text>\n</svg>\n"
+    );
+    std::fs::create_dir_all("target/bench").unwrap();
+    std::fs::write(format!("target/bench/{name}.svg"), svg).unwrap();
+}
+
+struct Chunks(std::sync::Mutex<Vec<u64>>);
+impl ChunkSource for Chunks {
+    fn allocate_chunk(&self) -> Option<u64> {
+        self.0.lock().unwrap().pop()
+    }
+    fn free_chunk(&self, pa: u64) {
+        self.0.lock().unwrap().push(pa);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only w3` runs one workload (for profiling).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let wanted = |w: &str| only.as_deref().is_none_or(|o| o == w);
+    // `--platform snp` runs one platform (for profiling).
+    let platform = args
+        .iter()
+        .position(|a| a == "--platform")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let platforms: Vec<Plat> = [Plat::Tdx, Plat::Snp]
+        .into_iter()
+        .filter(|p| {
+            platform
+                .as_deref()
+                .is_none_or(|w| format!("{p:?}").eq_ignore_ascii_case(w))
+        })
+        .collect();
+    let runs = if quick { 1 } else { 5 };
+    let mut failures = Vec::new();
+    let mut check = |ok: bool, what: String| {
+        println!("  target: {what}: {}", if ok { "met" } else { "NOT MET" });
+        if !ok {
+            failures.push(what);
+        }
+    };
+    println!("Conversion benchmark: zero-cost counted hypercalls; engine CPU time is the median of {runs} run(s).");
+
+    // ---- W1 boot ----------------------------------------------------------
+    let w1_levels = [Level::Pdpt, Level::Pt, Level::Pdpt];
+    let swiotlb = (256 * MIB, 64 * MIB);
+    let bulk = (GIB, GIB);
+    for (name, (pa, len)) in [
+        ("W1a boot: 64 MiB swiotlb to shared", swiotlb),
+        ("W1b boot: 1 GiB of 4 KiB pages to shared", bulk),
+    ] {
+        if !wanted("w1") {
+            break;
+        }
+        print_header(name, "ns/page");
+        for plat in [Plat::Tdx, Plat::Snp] {
+            let mut bound = Bound::default();
+            bound.add(&[(pa, len)], Visibility::Shared);
+            for strategy in [Strategy::Ours, Strategy::Linux] {
+                let mut outcomes = Vec::new();
+                for _ in 0..runs {
+                    outcomes.push(measure(plat, strategy, &w1_levels, &|_| vec![], &|conv, _| {
+                        conv(Target::Physical { pa, len }, Visibility::Shared, &mut [0; 1]);
+                        len / PAGE
+                    }));
+                }
+                let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
+                let o = outcomes.pop().unwrap();
+                print_row(&Row {
+                    label: format!("{plat:?} {strategy:?}"),
+                    c: o.counters,
+                    ns_per_unit: ns,
+                    layout: (o.layout_before, o.layout_after),
+                });
+                if strategy == Strategy::Ours {
+                    check(
+                        o.counters.hypercalls() == bound.hypercalls(plat),
+                        format!(
+                            "{name}, {plat:?}: hypercalls {} = lower bound {}",
+                            o.counters.hypercalls(),
+                            bound.hypercalls(plat)
+                        ),
+                    );
+                    if len == GIB && !quick {
+                        check(ns <= 10.0, format!("{name}, {plat:?}: {ns:.1} ns per 4 KiB page <= 10"));
+                    }
+                }
+            }
+            print_bound(plat, &bound);
+        }
+    }
+
+    // ---- W2 driver buffer ---------------------------------------------------
+    let w2_levels = [Level::Pdpt, Level::Pd];
+    let w2_frames = scattered(4096, 2 * GIB - 128 * MIB, true, 0x9E37_79B9_7F4A_7C15);
+    print_header(
+        "W2 driver buffer: 16 MiB vmalloc of scattered frames, to shared and back",
+        "ns/page",
+    );
+    let w2_runs = runs_of(&w2_frames);
+    for plat in platforms.clone().into_iter().filter(|_| wanted("w2")) {
+        let mut bound = Bound::default();
+        bound.add(&w2_runs, Visibility::Shared);
+        bound.add(&w2_runs, Visibility::Private);
+        let mut panels = Vec::new();
+        for strategy in [Strategy::Ours, Strategy::Linux] {
+            let mut outcomes = Vec::new();
+            for _ in 0..runs {
+                outcomes.push(measure(
+                    plat,
+                    strategy,
+                    &w2_levels,
+                    &|m| vec![m.vmalloc(&w2_frames)],
+                    &|conv, data| {
+                        let (va, len) = (data[0], w2_frames.len() as u64 * PAGE);
+                        let mut scratch = vec![0; w2_frames.len()];
+                        conv(Target::Virtual { va, len }, Visibility::Shared, &mut scratch);
+                        conv(Target::Virtual { va, len }, Visibility::Private, &mut scratch);
+                        2 * len / PAGE
+                    },
+                ));
+            }
+            let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
+            let o = outcomes.pop().unwrap();
+            print_row(&Row {
+                label: format!("{plat:?} {strategy:?}"),
+                c: o.counters,
+                ns_per_unit: ns,
+                layout: (o.layout_before, o.layout_after),
+            });
+            if strategy == Strategy::Ours {
+                check(
+                    o.counters.hypercalls() == bound.hypercalls(plat),
+                    format!(
+                        "W2 {plat:?}: hypercalls {} = lower bound {}",
+                        o.counters.hypercalls(),
+                        bound.hypercalls(plat)
+                    ),
+                );
+                check(
+                    o.layout_after[2] == o.layout_before[2] && o.layout_after[1] <= o.layout_before[1],
+                    format!(
+                        "W2 {plat:?}: no residual split (4K leaves {} -> {})",
+                        o.layout_before[2], o.layout_after[2]
+                    ),
+                );
+            }
+            panels.push((format!("{strategy:?}"), o.svg_cells));
+        }
+        print_bound(plat, &bound);
+        if plat == Plat::Tdx {
+            write_svg("w2", &[("ours", &panels[0].1), ("Linux strategy", &panels[1].1)], 2);
+        }
+    }
+
+    // ---- W3 scattered -------------------------------------------------------
+    let w3_levels = [Level::Pdpt; 4];
+    let w3_count = if quick { 1000 } else { 10_000 };
+    let w3_frames = scattered(w3_count, 4 * GIB - 128 * MIB, false, 0x2545_F491_4F6C_DD1D);
+    print_header(
+        &format!(
+            "W3 scattered: {w3_count} random frames of a 4 GiB direct map of 1 GiB pages, one by one, there and back"
+        ),
+        "ns/conv",
+    );
+    for plat in platforms.clone().into_iter().filter(|_| wanted("w3")) {
+        let mut bound = Bound::default();
+        for &f in &w3_frames {
+            bound.add(&[(f, PAGE)], Visibility::Shared);
+        }
+        for &f in &w3_frames {
+            bound.add(&[(f, PAGE)], Visibility::Private);
+        }
+        let mut panels = Vec::new();
+        for strategy in [Strategy::Ours, Strategy::Linux] {
+            let mut outcomes = Vec::new();
+            for _ in 0..runs {
+                outcomes.push(measure(plat, strategy, &w3_levels, &|_| vec![], &|conv, _| {
+                    for to in [Visibility::Shared, Visibility::Private] {
+                        for &f in &w3_frames {
+                            conv(Target::Physical { pa: f, len: PAGE }, to, &mut [0; 1]);
+                        }
+                    }
+                    2 * w3_frames.len() as u64
+                }));
+            }
+            let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
+            let o = outcomes.pop().unwrap();
+            print_row(&Row {
+                label: format!("{plat:?} {strategy:?}"),
+                c: o.counters,
+                ns_per_unit: ns,
+                layout: (o.layout_before, o.layout_after),
+            });
+            if strategy == Strategy::Ours {
+                check(
+                    o.counters.hypercalls() == bound.hypercalls(plat),
+                    format!(
+                        "W3 {plat:?}: hypercalls {} = lower bound {}",
+                        o.counters.hypercalls(),
+                        bound.hypercalls(plat)
+                    ),
+                );
+                check(
+                    o.layout_after == o.layout_before,
+                    format!(
+                        "W3 {plat:?}: original layout back ({:?} -> {:?})",
+                        o.layout_before, o.layout_after
+                    ),
+                );
+                if !quick {
+                    check(
+                        ns <= 1000.0,
+                        format!("W3 {plat:?}: {ns:.0} ns per single-frame conversion <= 1000"),
+                    );
+                }
+            }
+            panels.push((format!("{strategy:?}"), o.svg_cells));
+        }
+        print_bound(plat, &bound);
+        if plat == Plat::Tdx {
+            write_svg("w3", &[("ours", &panels[0].1), ("Linux strategy", &panels[1].1)], 4);
+        }
+    }
+
+    // ---- W4 churn -----------------------------------------------------------
+    let allocations = if quick { 10_000u64 } else { 100_000 };
+    let w4_levels = [Level::Pd, Level::Pd];
+    print_header(
+        &format!("W4 churn: {allocations} allocations of 4-64 KiB shared buffers"),
+        "ns/alloc",
+    );
+    for plat in platforms.clone().into_iter().filter(|_| wanted("w4")) {
+        for (label, strategy, pooled) in [
+            ("direct", Strategy::Ours, false),
+            ("direct", Strategy::Linux, false),
+            ("pool", Strategy::Ours, true),
+        ] {
+            let o = measure(plat, strategy, &w4_levels, &|_| vec![], &|conv, _| {
+                let mut x = 0xDEAD_BEEFu64;
+                let mut live: Vec<(u64, u64)> = Vec::new();
+                let mut done = 0;
+                if pooled {
+                    struct ByClosure<'c>(&'c Conv<'c>);
+                    impl convert::pool::Convert for ByClosure<'_> {
+                        fn convert(&self, t: Target, to: Visibility) -> Result<convert::Report, convert::ConvertError> {
+                            (self.0)(t, to, &mut [0; 1]);
+                            Ok(convert::Report::default())
+                        }
+                    }
+                    let chunks = Chunks(std::sync::Mutex::new(
+                        (0..48).map(|i| 512 * MIB + i * 2 * MIB).collect(),
+                    ));
+                    let pool = SharedPool::new(ByClosure(conv), chunks, 1);
+                    let mut bufs = Vec::new();
+                    while done < allocations {
+                        if bufs.len() < 64 && (xorshift(&mut x) % 3 != 0 || bufs.is_empty()) {
+                            bufs.push(pool.alloc(PAGE * (1 + (x >> 40) % 16)).unwrap());
+                            done += 1;
+                        } else {
+                            let i = (xorshift(&mut x) % bufs.len() as u64) as usize;
+                            pool.free(bufs.swap_remove(i)).unwrap();
+                        }
+                    }
+                    for b in bufs {
+                        pool.free(b).unwrap();
+                    }
+                    return allocations;
+                }
+                let mut free_slots: Vec<u64> = (0..256).map(|i| 256 * MIB + i * 64 * 1024).collect();
+                while done < allocations {
+                    if live.len() < 64 && (xorshift(&mut x) % 3 != 0 || live.is_empty()) {
+                        let slot = free_slots.swap_remove((x >> 20) as usize % free_slots.len());
+                        let len = PAGE * (1 + (x >> 40) % 16);
+                        conv(Target::Physical { pa: slot, len }, Visibility::Shared, &mut [0; 1]);
+                        live.push((slot, len));
+                        done += 1;
+                    } else {
+                        let (slot, len) = live.swap_remove((xorshift(&mut x) % live.len() as u64) as usize);
+                        conv(Target::Physical { pa: slot, len }, Visibility::Private, &mut [0; 1]);
+                        free_slots.push(slot);
+                    }
+                }
+                for (slot, len) in live {
+                    conv(Target::Physical { pa: slot, len }, Visibility::Private, &mut [0; 1]);
+                }
+                allocations
+            });
+            print_row(&Row {
+                label: format!("{plat:?} {label} {strategy:?}"),
+                c: o.counters,
+                ns_per_unit: o.ns / o.units as f64,
+                layout: (o.layout_before, o.layout_after),
+            });
+            if pooled {
+                let per_100 = o.counters.hypercalls() as f64 * 100.0 / allocations as f64;
+                check(
+                    o.counters.splits_1g + o.counters.splits_2m == 0,
+                    format!("W4 {plat:?} pool: no split"),
+                );
+                check(
+                    per_100 < 1.0,
+                    format!("W4 {plat:?} pool: {per_100:.3} hypercalls per 100 allocations < 1 (warm-up included)"),
+                );
+            }
+        }
+    }
+
+    println!("\nSVGs of the direct map after W2 and W3 (ours beside the Linux strategy): target/bench/w2.svg, target/bench/w3.svg");
+    if !failures.is_empty() {
+        eprintln!("{} target(s) not met", failures.len());
+        std::process::exit(1);
+    }
+}
