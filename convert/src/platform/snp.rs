@@ -134,6 +134,15 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         })
     }
 
+    /// The same backend marking private pages in PTEs with another bit than
+    /// the C-bit: for a test platform, a bit the hardware ignores.
+    pub fn with_pte_bit(self, bit: EncryptionBit) -> Self {
+        Snp {
+            encryption: bit,
+            ..self
+        }
+    }
+
     /// The hypervisor interface.
     pub fn hypervisor(&self) -> &H {
         &self.hv

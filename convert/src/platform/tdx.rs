@@ -30,6 +30,7 @@ pub struct Tdx<T: Tdcall> {
     tdcall: T,
     shared_mask: u64,
     options: TdxOptions,
+    pte_bit: Option<EncryptionBit>,
 }
 
 impl<T: Tdcall> Tdx<T> {
@@ -40,7 +41,18 @@ impl<T: Tdcall> Tdx<T> {
             tdcall,
             shared_mask,
             options: TdxOptions::MINIMAL,
+            pte_bit: None,
         })
+    }
+
+    /// The same backend marking pages in PTEs with another bit than the
+    /// GPA's shared bit: for a test platform, a bit the hardware ignores
+    /// (MapGPA still uses the real shared bit).
+    pub fn with_pte_bit(self, bit: EncryptionBit) -> Self {
+        Tdx {
+            pte_bit: Some(bit),
+            ..self
+        }
     }
 
     /// The same backend with other batching.
@@ -55,6 +67,7 @@ impl<T: Tdcall> Tdx<T> {
             shared_mask: info.shared_mask(),
             tdcall,
             options: TdxOptions::MINIMAL,
+            pte_bit: None,
         })
     }
 
@@ -79,7 +92,9 @@ impl<T: Tdcall> Tdx<T> {
 
 impl<T: Tdcall> Platform for Tdx<T> {
     fn encryption(&self) -> EncryptionBit {
-        EncryptionBit::tdx(self.shared_mask).unwrap_or_else(|| unreachable!("checked in new"))
+        self.pte_bit
+            .or(EncryptionBit::tdx(self.shared_mask))
+            .unwrap_or_else(|| unreachable!("checked in new"))
     }
 
     unsafe fn convert(

@@ -101,9 +101,9 @@ extern "C" {
 }
 core::arch::global_asm!(".set BOOT_STACK_TOP, BOOT_STACK + 65536");
 
-/// Null, 64-bit code (0x08), data (0x10); a TSS is added at 0x18 later.
+/// Null, 64-bit code (0x08), data (0x10), then a TSS per CPU (0x18, 0x28).
 #[no_mangle]
-pub static mut GDT: [u64; 5] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0];
+pub static mut GDT: [u64; 7] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0, 0];
 
 #[repr(C, packed)]
 pub struct GdtPtr {
@@ -112,4 +112,7 @@ pub struct GdtPtr {
 }
 
 #[no_mangle]
-pub static mut GDT_PTR: GdtPtr = GdtPtr { limit: 5 * 8 - 1, base: 0 };
+pub static mut GDT_PTR: GdtPtr = GdtPtr {
+    limit: 7 * 8 - 1,
+    base: 0,
+};

@@ -5,12 +5,238 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod boot;
+mod emulate;
+mod heap;
 mod io;
+mod memory;
 mod rt;
+mod scenarios;
+mod smp;
+mod trap;
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use convert::platform::tdx::Tdx;
+use convert::{Config, DirectMap, EncryptionBit, Engine, StateTable, Visibility};
+use ghcb::{GhcbMsrInstruction, GhcbPage, PvalidateInstruction};
+use tdcall::TdcallInstruction;
+
+use memory::{Identity, Shootdown, DIRECT_MAP, FRAMES, HOST_VIEW, RAM};
+
+pub static ZEROPAD_FIXUPS: AtomicU64 = AtomicU64::new(0);
+
+pub fn fail(what: &str) -> ! {
+    println!("FAIL: {what}");
+    io::exit(io::FAIL)
+}
+
+extern "C" {
+    static __bss_end: u8;
+}
 
 #[no_mangle]
 extern "C" fn kernel_main() -> ! {
-    println!("guest: booted in long mode");
+    trap::init(0);
+    // A linker-script symbol; only its address is taken.
+    let end = core::ptr::addr_of!(__bss_end) as u64;
+    scenarios::check(end < 24 << 20, "kernel image runs into the page-table frames");
+    convert::zeropad::init();
+    emulate::host_memory();
+    println!(
+        "guest: long mode, IDT/TSS, heap, zeropad decoder ready; kernel ends at {:#x}",
+        end
+    );
+
+    tdx();
+    snp();
+    println!(
+        "guest: all scenarios passed ({} instructions emulated)",
+        emulate::EMULATED.load(Ordering::Relaxed)
+    );
     io::exit(io::PASS)
+}
+
+fn config(t: &memory::Tables) -> Config {
+    Config {
+        root: t.root,
+        direct_map: DirectMap {
+            va: DIRECT_MAP,
+            pa: 0,
+            len: RAM,
+        },
+        collapse: true,
+        collapse_1g: true,
+    }
+}
+
+fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
+    attach(hvmock::GuestPageTables {
+        cr3: tables.root,
+        enc_mask: tables.enc.mask(),
+    });
+}
+
+fn tdx() {
+    println!("== TDX (emulated TDX module + VMM; PTE shared bit: 52, a bit the MMU ignores)");
+    for s in &scenarios::STATES {
+        s.store(0, Ordering::Relaxed);
+    }
+    let model = emulate::install_tdx(hvmock::TdxConfig {
+        gpaw: 48,
+        ..hvmock::TdxConfig::default()
+    });
+    // SAFETY: TDCALL traps to the emulator.
+    let info = tdcall::vp_info(&unsafe { TdcallInstruction::new() }).unwrap_or_else(|_| fail("TDG.VP.INFO"));
+    let enc = EncryptionBit::new(1 << 52, Visibility::Shared).unwrap_or_else(|| fail("bit"));
+    let mut tables = memory::build(enc);
+    model.set_alias_check_ignore(HOST_VIEW, RAM);
+    attach(&tables, &|t| model.attach_page_tables(t));
+    // SAFETY: as above.
+    let platform = Tdx::new(unsafe { TdcallInstruction::new() }, info.shared_mask())
+        .unwrap_or_else(|| fail("mask"))
+        .with_pte_bit(enc);
+    let e = Engine::new(
+        config(&tables),
+        Identity,
+        &FRAMES,
+        Shootdown,
+        platform,
+        StateTable::new(0, &scenarios::STATES),
+    )
+    .with_window(WINDOWS_TDX.init(&tables));
+    println!(
+        "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
+        info.gpaw,
+        info.shared_mask()
+    );
+    scenarios::seed_000(&e, &tables);
+    scenarios::boot(&e, &tables, e.counters());
+    scenarios::vmalloc(&e, &mut tables);
+    // Built as one 1 GiB leaf and 512 2 MiB leaves; the 2 MiB half, all
+    // private and contiguous again, collapses into a 1 GiB leaf too.
+    scenarios::collapse(&e, &tables, [2, 0, 0]);
+    scenarios::failure(&e, &tables, &|on| {
+        model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever))
+    });
+    let v = model.violations();
+    scenarios::check(v.is_empty(), "a hypercall saw a present alias of its frames");
+    println!("  TDX: every scenario passed; hypercalls made while an alias was present: 0");
+}
+
+static GHCB_SLOTS: [spin::Mutex<Option<GhcbPage>>; smp::CPUS] = [const { spin::Mutex::new(None) }; smp::CPUS];
+
+fn snp() {
+    println!("== SEV-SNP (emulated hypervisor + RMP; PTE C-bit: 53, a bit the MMU ignores)");
+    for s in &scenarios::STATES {
+        s.store(0, Ordering::Relaxed);
+    }
+    let model = emulate::install_snp(hvmock::SnpConfig::default());
+    // SAFETY: the GHCB MSR and VMGEXIT trap to the emulator.
+    let hv = unsafe { GhcbMsrInstruction::new() };
+    // SAFETY: as above.
+    let info = unsafe { ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|e| {
+        println!("SEV info: {e:?}");
+        fail("SEV info")
+    });
+    let enc = EncryptionBit::new(1 << 53, Visibility::Private).unwrap_or_else(|| fail("bit"));
+    let mut tables = memory::build(enc);
+    model.set_alias_check_ignore(HOST_VIEW, RAM);
+    attach(&tables, &|t| model.attach_page_tables(t));
+    // SAFETY: PVALIDATE traps to the emulator.
+    let platform = Snp::new(
+        hv,
+        unsafe { PvalidateInstruction::new() },
+        PerCpuGhcbs::new(&GHCB_SLOTS, smp::cpu),
+        info.c_bit,
+        SnpOptions::MINIMAL,
+    )
+    .unwrap_or_else(|| fail("c-bit"))
+    .with_pte_bit(enc);
+    let e = Engine::new(
+        config(&tables),
+        Identity,
+        &FRAMES,
+        Shootdown,
+        platform,
+        StateTable::new(0, &scenarios::STATES),
+    )
+    .with_window(WINDOWS_SNP.init(&tables));
+    println!(
+        "  SEV info: protocol {}..{}, C-bit {}",
+        info.min_version, info.max_version, info.c_bit
+    );
+    scenarios::seed_000(&e, &tables);
+    let before = e.counters();
+    let ghcb_pa = 1536 << 20;
+    let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
+    // SAFETY: the page is the GHCB's alone, mapped by the direct map.
+    let page = unsafe { convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
+    GHCB_SLOTS[smp::cpu()].lock().replace(page);
+    scenarios::check(
+        e.counters().since(&before).psc_msr == 1,
+        "GHCB: not through the MSR protocol",
+    );
+    scenarios::boot(&e, &tables, before);
+    scenarios::vmalloc(&e, &mut tables);
+    // The GHCB stays shared: its 2 MiB region stays split.
+    scenarios::collapse(&e, &tables, [1, 511, 512]);
+    scenarios::failure(&e, &tables, &|on| {
+        model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall))
+    });
+    let v = model.violations();
+    scenarios::check(v.is_empty(), "a hypercall saw a present alias of its frames");
+    println!("  SNP: every scenario passed; hypercalls made while an alias was present: 0");
+}
+
+/// The scratch windows of one platform's tables, kept for the engine's
+/// lifetime.
+struct WindowsCell(spin::Mutex<Option<&'static memory::Windows>>);
+
+impl WindowsCell {
+    fn init(&self, t: &memory::Tables) -> &'static memory::Windows {
+        let w: &'static memory::Windows =
+            alloc::boxed::Box::leak(alloc::boxed::Box::new(memory::Windows { slots: t.windows.slots }));
+        *self.0.lock() = Some(w);
+        w
+    }
+}
+
+static WINDOWS_TDX: WindowsCell = WindowsCell(spin::Mutex::new(None));
+static WINDOWS_SNP: WindowsCell = WindowsCell(spin::Mutex::new(None));
+
+fn handle_trap(frame: &mut trap::Frame) {
+    let vector = frame.vector;
+    if (vector == 6 || vector == 13) && emulate::emulate(frame) {
+        return;
+    }
+    match vector {
+        14 => {
+            let cr2: u64;
+            // SAFETY: reading CR2 in the #PF handler.
+            unsafe { core::arch::asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack)) };
+            match convert::zeropad::handle_fault(frame, cr2, convert::zeropad::FaultKind::PageFault) {
+                Ok(()) => {
+                    ZEROPAD_FIXUPS.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(why) => {
+                    println!(
+                        "unexpected #PF at {:#x}, RIP {:#x}, error {:#x}: {why:?}",
+                        cr2, frame.rip, frame.error
+                    );
+                    io::exit(io::FAIL);
+                }
+            }
+        }
+        _ => {
+            println!(
+                "unexpected trap {} error {:#x} at {:#x}",
+                frame.vector, frame.error, frame.rip
+            );
+            io::exit(io::FAIL);
+        }
+    }
 }

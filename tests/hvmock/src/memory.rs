@@ -17,9 +17,9 @@ use core::ptr::NonNull;
 #[derive(Debug)]
 pub struct GuestMemory {
     base: NonNull<u8>,
-    allocation: NonNull<u8>,
+    /// The allocation to free, or `None` for memory the model does not own.
+    allocation: Option<(NonNull<u8>, Layout)>,
     size: u64,
-    layout: Layout,
 }
 
 // SAFETY: the memory is a plain byte array reached only through raw
@@ -51,9 +51,23 @@ impl GuestMemory {
         let base = unsafe { allocation.add(offset) };
         GuestMemory {
             base,
-            allocation,
+            allocation: Some((allocation, layout)),
             size,
-            layout,
+        }
+    }
+
+    /// Memory the model does not own: `[base, base + size)` is where GPA 0
+    /// and up can be reached (a test guest's own view of its RAM).
+    ///
+    /// # Safety
+    ///
+    /// The range must stay mapped, readable and writable while the model
+    /// lives.
+    pub unsafe fn from_raw(base: *mut u8, size: u64) -> Self {
+        GuestMemory {
+            base: NonNull::new(base).expect("non-null base"),
+            allocation: None,
+            size,
         }
     }
 
@@ -154,7 +168,9 @@ impl GuestMemory {
 
 impl Drop for GuestMemory {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with this layout.
-        unsafe { dealloc(self.allocation.as_ptr(), self.layout) }
+        if let Some((allocation, layout)) = self.allocation {
+            // SAFETY: allocated in `new` with this layout.
+            unsafe { dealloc(allocation.as_ptr(), layout) }
+        }
     }
 }

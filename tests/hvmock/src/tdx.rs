@@ -277,6 +277,12 @@ impl MockTdx {
         self.model.lock().aliases.disabled = !enabled;
     }
 
+    /// Mappings in `[va, va + len)` are not aliases (an emulator's own view
+    /// of guest memory).
+    pub fn set_alias_check_ignore(&self, va: u64, len: u64) {
+        self.model.lock().aliases.ignore = Some((va, len));
+    }
+
     /// Calls made while a mapping of their frames was present.
     pub fn violations(&self) -> Vec<Violation> {
         self.model.lock().aliases.violations.clone()

@@ -1,0 +1,248 @@
+//! The guest's memory: page tables built here, and the OS services the
+//! engine needs (page-table access, an early frame source, shootdowns, the
+//! scratch windows).
+//!
+//! Layout: RAM [0, 2 GiB).
+//! - identity map of [0, 32 MiB) with 2 MiB pages: the kernel image, its
+//!   heap and stacks, and the page-table frames [24 MiB, 32 MiB); never
+//!   converted;
+//! - the direct map at `DIRECT_MAP` of all RAM: GiB 0 one 1 GiB leaf,
+//!   GiB 1 512 2 MiB leaves;
+//! - the host view at `HOST_VIEW`, 1 GiB leaves: how the in-guest
+//!   emulators (standing for the host and the firmware) reach guest memory.
+//!   Unknown to the engine, excluded from the emulators' alias check;
+//! - a vmalloc area, and one 2 MiB scratch window per CPU.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use convert::bits::{ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
+use convert::{
+    EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
+};
+
+pub const RAM: u64 = 2 << 30;
+pub const DIRECT_MAP: u64 = 0xFFFF_8880_0000_0000;
+pub const HOST_VIEW: u64 = 0xFFFF_C000_0000_0000;
+pub const VMALLOC: u64 = 0xFFFF_C900_0000_0000;
+pub const WINDOWS: u64 = 0xFFFF_FE00_0000_0000;
+const TABLE_FRAMES: (u64, u64) = (24 << 20, 32 << 20);
+
+/// Page-table pages through the identity map (they all live below 32 MiB).
+pub struct Identity;
+
+// SAFETY: every table frame lies in the identity-mapped first 32 MiB.
+unsafe impl PhysMem for Identity {
+    fn table(&self, pa: u64) -> *mut u64 {
+        assert!(pa < TABLE_FRAMES.1, "table {pa:#x} outside the identity map");
+        pa as *mut u64
+    }
+}
+
+/// The early frame source: a bump pointer over [24 MiB, 32 MiB) and a free
+/// list threaded through freed frames. No heap.
+pub struct EarlyFrames {
+    next: AtomicU64,
+    free: spin::Mutex<u64>,
+    pub in_use: AtomicU64,
+}
+
+pub static FRAMES: EarlyFrames = EarlyFrames {
+    next: AtomicU64::new(TABLE_FRAMES.0),
+    free: spin::Mutex::new(0),
+    in_use: AtomicU64::new(0),
+};
+
+impl FrameSource for EarlyFrames {
+    fn allocate_frame(&self) -> Option<u64> {
+        let pa = {
+            let mut free = self.free.lock();
+            if *free != 0 {
+                let pa = *free;
+                // SAFETY: a freed frame we own; its first word links the list.
+                *free = unsafe { (pa as *const u64).read_volatile() };
+                pa
+            } else {
+                let pa = self.next.fetch_add(4096, Ordering::Relaxed);
+                if pa >= TABLE_FRAMES.1 {
+                    return None;
+                }
+                pa
+            }
+        };
+        // SAFETY: the frame is ours, identity-mapped.
+        unsafe { core::ptr::write_bytes(pa as *mut u8, 0, 4096) };
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        Some(pa)
+    }
+
+    fn free_frame(&self, pa: u64) {
+        let mut free = self.free.lock();
+        // SAFETY: the frame comes back to us; its first word links the list.
+        unsafe { (pa as *mut u64).write_volatile(*free) };
+        *free = pa;
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub fn invlpg(va: u64) {
+    // SAFETY: CPL 0.
+    unsafe { convert::arch::invlpg(va) };
+}
+
+pub fn reload_cr3() {
+    // SAFETY: rewriting CR3 with its own value flushes non-global TLB
+    // entries; nothing else changes.
+    unsafe { core::arch::asm!("mov {0}, cr3", "mov cr3, {0}", out(reg) _, options(nostack)) };
+}
+
+fn flush_local(ranges: &[VaRange]) {
+    let pages: u64 = ranges.iter().map(|r| r.len / 4096).sum();
+    if ranges.is_empty() || pages > 64 {
+        reload_cr3();
+    } else {
+        for r in ranges {
+            for va in (r.va..r.va + r.len).step_by(4096) {
+                invlpg(va);
+            }
+        }
+    }
+}
+
+/// TLB shootdown: this CPU, then every other online CPU by IPI.
+pub struct Shootdown;
+
+impl TlbShootdown for Shootdown {
+    fn shootdown(&self, ranges: &[VaRange]) {
+        flush_local(ranges);
+        crate::smp::shootdown_others();
+    }
+}
+
+/// One scratch window per CPU.
+pub struct Windows {
+    pub slots: [WindowSlot; crate::smp::CPUS],
+}
+
+// SAFETY: each CPU has its own window, whose PML4/PDPT path exists and
+// whose PT page is zeroed; conversions do not migrate between CPUs.
+unsafe impl ScratchWindow for Windows {
+    fn slot(&self) -> WindowSlot {
+        self.slots[crate::smp::cpu()]
+    }
+    fn invalidate_local(&self, va: u64, len: u64) {
+        flush_local(&[VaRange { va, len }]);
+    }
+}
+
+/// A built hierarchy.
+pub struct Tables {
+    pub root: u64,
+    pub enc: EncryptionBit,
+    pub windows: Windows,
+    pub next_vmalloc: u64,
+}
+
+impl Tables {
+    fn table_at(&self, va: u64, level: Level) -> u64 {
+        let mut table = self.root;
+        let mut current = Level::Pml4;
+        while current != level {
+            let entry = (table + 8 * current.index(va) as u64) as *mut u64;
+            // SAFETY: tables live in the identity-mapped frames.
+            let e = unsafe { entry.read_volatile() };
+            table = if e & PRESENT != 0 {
+                self.enc.address(e, Level::Pt)
+            } else {
+                let new = FRAMES.allocate_frame().expect("table frame");
+                // SAFETY: as above.
+                unsafe { entry.write_volatile(new | TABLE_POINTER | self.enc.bits_for(Visibility::Private)) };
+                new
+            };
+            current = current.lower().expect("above the leaf level");
+        }
+        table
+    }
+
+    /// Maps `[pa, pa + len)` at `va` with `page`-sized private leaves.
+    pub fn map(&self, va: u64, pa: u64, len: u64, page: Level, flags: u64) {
+        let huge = if page == Level::Pt { 0 } else { HUGE };
+        for off in (0..len).step_by(page.span() as usize) {
+            let table = self.table_at(va + off, page);
+            let entry = (table + 8 * page.index(va + off) as u64) as *mut u64;
+            // SAFETY: as above.
+            unsafe {
+                entry.write_volatile((pa + off) | flags | huge | PRESENT | self.enc.bits_for(Visibility::Private))
+            };
+        }
+    }
+
+    /// Maps scattered frames at the next vmalloc address.
+    pub fn vmalloc(&mut self, frames: &[u64]) -> u64 {
+        let va = self.next_vmalloc;
+        for (i, &pa) in frames.iter().enumerate() {
+            self.map(
+                va + i as u64 * 4096,
+                pa,
+                4096,
+                Level::Pt,
+                WRITABLE | NO_EXECUTE | ACCESSED | DIRTY,
+            );
+        }
+        self.next_vmalloc += (frames.len() as u64 * 4096).next_multiple_of(2 << 20) + (2 << 20);
+        va
+    }
+}
+
+/// Builds the guest's page tables with `enc` and switches to them.
+pub fn build(enc: EncryptionBit) -> Tables {
+    let root = FRAMES.allocate_frame().expect("root");
+    let mut t = Tables {
+        root,
+        enc,
+        windows: Windows {
+            slots: [WindowSlot { va: 0, pt: 0 }; crate::smp::CPUS],
+        },
+        next_vmalloc: VMALLOC,
+    };
+    let data = WRITABLE | NO_EXECUTE | ACCESSED | DIRTY;
+    t.map(0, 0, 32 << 20, Level::Pd, WRITABLE | ACCESSED | DIRTY);
+    t.map(DIRECT_MAP, 0, 1 << 30, Level::Pdpt, data);
+    t.map(DIRECT_MAP + (1 << 30), 1 << 30, 1 << 30, Level::Pd, data);
+    t.map(HOST_VIEW, 0, RAM, Level::Pdpt, data);
+    for cpu in 0..crate::smp::CPUS {
+        let va = WINDOWS + cpu as u64 * (2 << 20);
+        t.table_at(va, Level::Pd);
+        t.windows.slots[cpu] = WindowSlot {
+            va,
+            pt: FRAMES.allocate_frame().expect("window PT"),
+        };
+    }
+    // SAFETY: the new hierarchy maps the kernel (identity) as before.
+    unsafe { core::arch::asm!("mov cr3, {0}", in(reg) root, options(nostack)) };
+    t
+}
+
+/// Counts the direct map's leaves by size: [1 GiB, 2 MiB, 4 KiB].
+pub fn direct_map_layout(t: &Tables) -> [u64; 3] {
+    let mut counts = [0; 3];
+    let mut va = DIRECT_MAP;
+    while va < DIRECT_MAP + RAM {
+        let tables = hvmock::GuestPageTables {
+            cr3: t.root,
+            enc_mask: t.enc.mask(),
+        };
+        let mem = crate::emulate::host_memory();
+        match tables.translate(mem, va) {
+            Some(m) => {
+                counts[match m.size {
+                    s if s == 1 << 30 => 0,
+                    s if s == 2 << 20 => 1,
+                    _ => 2,
+                }] += 1;
+                va += m.size;
+            }
+            None => va += 4096,
+        }
+    }
+    counts
+}
