@@ -12,6 +12,7 @@ mod emulate;
 mod heap;
 mod io;
 mod memory;
+mod race;
 mod rt;
 mod scenarios;
 mod smp;
@@ -107,6 +108,7 @@ fn tdx() {
     let info = tdcall::vp_info(&unsafe { TdcallInstruction::new() }).unwrap_or_else(|_| fail("TDG.VP.INFO"));
     let enc = EncryptionBit::new(1 << 52, Visibility::Shared).unwrap_or_else(|| fail("bit"));
     let mut tables = memory::build(enc);
+    smp::start_ap(tables.root, ap_main);
     model.set_alias_check_ignore(HOST_VIEW, RAM);
     attach(&tables, &|t| model.attach_page_tables(t));
     // SAFETY: as above.
@@ -142,6 +144,8 @@ fn tdx() {
         model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever))
     });
     clean();
+    race::run(&e, 100);
+    clean();
     println!("  TDX: every scenario passed; hypercalls made while an alias was present: 0");
 }
 
@@ -162,6 +166,7 @@ fn snp() {
     });
     let enc = EncryptionBit::new(1 << 53, Visibility::Private).unwrap_or_else(|| fail("bit"));
     let mut tables = memory::build(enc);
+    race::switch_ap(tables.root);
     model.set_alias_check_ignore(HOST_VIEW, RAM);
     attach(&tables, &|t| model.attach_page_tables(t));
     // SAFETY: PVALIDATE traps to the emulator.
@@ -211,6 +216,8 @@ fn snp() {
         model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall))
     });
     clean();
+    race::run(&e, 100);
+    clean();
     println!("  SNP: every scenario passed; hypercalls made while an alias was present: 0");
 }
 
@@ -230,12 +237,25 @@ impl WindowsCell {
 static WINDOWS_TDX: WindowsCell = WindowsCell(spin::Mutex::new(None));
 static WINDOWS_SNP: WindowsCell = WindowsCell(spin::Mutex::new(None));
 
+/// CPU 1, from the trampoline: the kernel's GDT, its own TSS and IST
+/// stacks, interrupts on (for shootdown IPIs), then the race loop.
+extern "C" fn ap_main() -> ! {
+    // SAFETY: CPU 0 filled GDT_PTR at boot; the code selector is the same.
+    unsafe { core::arch::asm!("lgdt [{0}]", in(reg) core::ptr::addr_of!(boot::GDT_PTR), options(nostack)) };
+    trap::init(1);
+    smp::ap_online();
+    // SAFETY: the IDT is loaded; the shootdown IPI has a handler.
+    unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
+    race::ap_loop()
+}
+
 fn handle_trap(frame: &mut trap::Frame) {
     let vector = frame.vector;
     if (vector == 6 || vector == 13) && emulate::emulate(frame) {
         return;
     }
     match vector {
+        smp::SHOOTDOWN_VECTOR => smp::on_shootdown(),
         14 => {
             let cr2: u64;
             // SAFETY: reading CR2 in the #PF handler.

@@ -209,6 +209,14 @@ pub fn build(enc: EncryptionBit) -> Tables {
     t.map(DIRECT_MAP, 0, 1 << 30, Level::Pdpt, data);
     t.map(DIRECT_MAP + (1 << 30), 1 << 30, 1 << 30, Level::Pd, data);
     t.map(HOST_VIEW, 0, RAM, Level::Pdpt, data);
+    // The local APIC, uncached (PWT | PCD).
+    t.map(
+        0xFEE0_0000,
+        0xFEE0_0000,
+        4096,
+        Level::Pt,
+        WRITABLE | NO_EXECUTE | (1 << 3) | (1 << 4),
+    );
     for cpu in 0..crate::smp::CPUS {
         let va = WINDOWS + cpu as u64 * (2 << 20);
         t.table_at(va, Level::Pd);
