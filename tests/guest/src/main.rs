@@ -129,24 +129,19 @@ fn tdx() {
         info.gpaw,
         info.shared_mask()
     );
-    let clean = || aliases_absent(&model.violations());
-    scenarios::seed_000(&e, &tables);
-    clean();
-    scenarios::boot(&e, &tables, e.counters());
-    clean();
-    scenarios::vmalloc(&e, &mut tables);
-    clean();
-    // Built as one 1 GiB leaf and 512 2 MiB leaves; the 2 MiB half, all
-    // private and contiguous again, collapses into a 1 GiB leaf too.
-    scenarios::collapse(&e, &tables, [2, 0, 0]);
-    clean();
-    scenarios::failure(&e, &tables, &|on| {
-        model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever))
-    });
-    clean();
-    race::run(&e, 100);
-    clean();
-    println!("  TDX: every scenario passed; hypercalls made while an alias was present: 0");
+    scenarios::run_all(
+        &e,
+        &mut tables,
+        &scenarios::Hooks {
+            name: "TDX",
+            clean: &|| aliases_absent(&model.violations()),
+            lie: &|on| model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever)),
+            // Built as one 1 GiB leaf and 512 2 MiB leaves; the 2 MiB half,
+            // all private and contiguous again, collapses into 1 GiB too.
+            expected_layout: [2, 0, 0],
+            before_boot: &|| e.counters(),
+        },
+    );
 }
 
 static GHCB_SLOTS: [spin::Mutex<Option<GhcbPage>>; smp::CPUS] = [const { spin::Mutex::new(None) }; smp::CPUS];
@@ -192,33 +187,31 @@ fn snp() {
         "  SEV info: protocol {}..{}, C-bit {}",
         info.min_version, info.max_version, info.c_bit
     );
-    let clean = || aliases_absent(&model.violations());
-    scenarios::seed_000(&e, &tables);
-    clean();
-    let before = e.counters();
-    let ghcb_pa = 1536 << 20;
-    let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
-    // SAFETY: the page is the GHCB's alone, mapped by the direct map.
-    let page = unsafe { convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
-    GHCB_SLOTS[smp::cpu()].lock().replace(page);
-    scenarios::check(
-        e.counters().since(&before).psc_msr == 1,
-        "GHCB: not through the MSR protocol",
+    let setup_ghcb = || {
+        let before = e.counters();
+        let ghcb_pa = 1536 << 20;
+        let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
+        // SAFETY: the page is the GHCB's alone, mapped by the direct map.
+        let page = unsafe { convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
+        GHCB_SLOTS[smp::cpu()].lock().replace(page);
+        scenarios::check(
+            e.counters().since(&before).psc_msr == 1,
+            "GHCB: not through the MSR protocol",
+        );
+        before
+    };
+    scenarios::run_all(
+        &e,
+        &mut tables,
+        &scenarios::Hooks {
+            name: "SNP",
+            clean: &|| aliases_absent(&model.violations()),
+            lie: &|on| model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall)),
+            // The GHCB stays shared: its 2 MiB region stays split.
+            expected_layout: [1, 511, 512],
+            before_boot: &setup_ghcb,
+        },
     );
-    scenarios::boot(&e, &tables, before);
-    clean();
-    scenarios::vmalloc(&e, &mut tables);
-    clean();
-    // The GHCB stays shared: its 2 MiB region stays split.
-    scenarios::collapse(&e, &tables, [1, 511, 512]);
-    clean();
-    scenarios::failure(&e, &tables, &|on| {
-        model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall))
-    });
-    clean();
-    race::run(&e, 100);
-    clean();
-    println!("  SNP: every scenario passed; hypercalls made while an alias was present: 0");
 }
 
 /// The scratch windows of one platform's tables, kept for the engine's

@@ -162,6 +162,15 @@ fn form_rbp(p: *const u8) -> u64 {
 /// A load through one encoding.
 type Load = fn(*const u8) -> u64;
 
+/// Each load, at every offset 1..7 before the boundary: zero-padded.
+fn every_offset(pages: &Pages, loads: &[(&str, Load)]) {
+    for &(name, load) in loads {
+        for k in 1..=7u64 {
+            assert_eq!(load((pages.boundary() - k) as *const u8), pages.padded(k), "{name}, offset {k}");
+        }
+    }
+}
+
 // ---- the tests ---------------------------------------------------------------
 
 #[test]
@@ -207,15 +216,7 @@ fn every_destination_register() {
         ("r14", into_r14),
         ("r15", into_r15),
     ];
-    for (name, load) in loads {
-        for k in 1..=7u64 {
-            assert_eq!(
-                load((pages.boundary() - k) as *const u8),
-                pages.padded(k),
-                "{name}, offset {k}"
-            );
-        }
-    }
+    every_offset(&pages, &loads);
 }
 
 #[test]
@@ -232,15 +233,7 @@ fn every_addressing_form() {
         ("[rsp + 8]", form_rsp),
         ("[rbp]", form_rbp),
     ];
-    for (name, load) in loads {
-        for k in 1..=7u64 {
-            assert_eq!(
-                load((pages.boundary() - k) as *const u8),
-                pages.padded(k),
-                "{name}, offset {k}"
-            );
-        }
-    }
+    every_offset(&pages, &loads);
 }
 
 #[test]
