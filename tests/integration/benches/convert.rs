@@ -260,6 +260,31 @@ fn measure(
     }
 }
 
+/// Runs `work` `runs` times with each strategy, prints a row for each, and
+/// returns (median ns per unit, last outcome) for [ours, Linux].
+fn compare(
+    plat: Plat,
+    runs: usize,
+    levels: &[Level],
+    setup: &dyn Fn(&Machine) -> Vec<u64>,
+    work: &Workload<'_>,
+) -> [(f64, Outcome); 2] {
+    [Strategy::Ours, Strategy::Linux].map(|strategy| {
+        let mut outcomes: Vec<Outcome> = (0..runs)
+            .map(|_| measure(plat, strategy, levels, setup, work))
+            .collect();
+        let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
+        let o = outcomes.pop().expect("at least one run");
+        print_row(&Row {
+            label: format!("{plat:?} {strategy:?}"),
+            c: o.counters,
+            ns_per_unit: ns,
+            layout: (o.layout_before, o.layout_after),
+        });
+        (ns, o)
+    })
+}
+
 fn xorshift(x: &mut u64) -> u64 {
     *x ^= *x << 13;
     *x ^= *x >> 7;
@@ -453,50 +478,31 @@ fn main() {
 
     // ---- W1 boot ----------------------------------------------------------
     let w1_levels = [Level::Pdpt, Level::Pt, Level::Pdpt];
-    let swiotlb = (256 * MIB, 64 * MIB);
-    let bulk = (GIB, GIB);
-    for (name, (pa, len)) in [
-        ("W1a boot: 64 MiB swiotlb to shared", swiotlb),
-        ("W1b boot: 1 GiB of 4 KiB pages to shared", bulk),
-    ] {
-        if !wanted("w1") {
-            break;
-        }
+    let w1 = [
+        ("W1a boot: 64 MiB swiotlb to shared", (256 * MIB, 64 * MIB)),
+        ("W1b boot: 1 GiB of 4 KiB pages to shared", (GIB, GIB)),
+    ];
+    for (name, (pa, len)) in w1.into_iter().filter(|_| wanted("w1")) {
         print_header(name, "ns/page");
-        for plat in [Plat::Tdx, Plat::Snp] {
+        for &plat in &platforms {
             let mut bound = Bound::default();
             bound.add(&[(pa, len)], Visibility::Shared);
-            for strategy in [Strategy::Ours, Strategy::Linux] {
-                let mut outcomes = Vec::new();
-                for _ in 0..runs {
-                    outcomes.push(measure(plat, strategy, &w1_levels, &|_| vec![], &|conv, _| {
-                        conv(Target::Physical { pa, len }, Visibility::Shared, &mut [0; 1]);
-                        len / PAGE
-                    }));
-                }
-                let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
-                let o = outcomes.pop().unwrap();
-                print_row(&Row {
-                    label: format!("{plat:?} {strategy:?}"),
-                    c: o.counters,
-                    ns_per_unit: ns,
-                    layout: (o.layout_before, o.layout_after),
-                });
-                if strategy == Strategy::Ours {
-                    check(
-                        o.counters.hypercalls() == bound.hypercalls(plat),
-                        format!(
-                            "{name}, {plat:?}: hypercalls {} = lower bound {}",
-                            o.counters.hypercalls(),
-                            bound.hypercalls(plat)
-                        ),
-                    );
-                    if len == GIB && !quick {
-                        check(ns <= 10.0, format!("{name}, {plat:?}: {ns:.1} ns per 4 KiB page <= 10"));
-                    }
-                }
-            }
+            let [(ns, ours), _] = compare(plat, runs, &w1_levels, &|_| vec![], &|conv, _| {
+                conv(Target::Physical { pa, len }, Visibility::Shared, &mut [0; 1]);
+                len / PAGE
+            });
             print_bound(plat, &bound);
+            let calls = ours.counters.hypercalls();
+            check(
+                calls == bound.hypercalls(plat),
+                format!(
+                    "{name}, {plat:?}: hypercalls {calls} = lower bound {}",
+                    bound.hypercalls(plat)
+                ),
+            );
+            if len == GIB && !quick {
+                check(ns <= 10.0, format!("{name}, {plat:?}: {ns:.1} ns per 4 KiB page <= 10"));
+            }
         }
     }
 
@@ -512,54 +518,42 @@ fn main() {
         let mut bound = Bound::default();
         bound.add(&w2_runs, Visibility::Shared);
         bound.add(&w2_runs, Visibility::Private);
-        let mut panels = Vec::new();
-        for strategy in [Strategy::Ours, Strategy::Linux] {
-            let mut outcomes = Vec::new();
-            for _ in 0..runs {
-                outcomes.push(measure(
-                    plat,
-                    strategy,
-                    &w2_levels,
-                    &|m| vec![m.vmalloc(&w2_frames)],
-                    &|conv, data| {
-                        let (va, len) = (data[0], w2_frames.len() as u64 * PAGE);
-                        let mut scratch = vec![0; w2_frames.len()];
-                        conv(Target::Virtual { va, len }, Visibility::Shared, &mut scratch);
-                        conv(Target::Virtual { va, len }, Visibility::Private, &mut scratch);
-                        2 * len / PAGE
-                    },
-                ));
-            }
-            let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
-            let o = outcomes.pop().unwrap();
-            print_row(&Row {
-                label: format!("{plat:?} {strategy:?}"),
-                c: o.counters,
-                ns_per_unit: ns,
-                layout: (o.layout_before, o.layout_after),
-            });
-            if strategy == Strategy::Ours {
-                check(
-                    o.counters.hypercalls() == bound.hypercalls(plat),
-                    format!(
-                        "W2 {plat:?}: hypercalls {} = lower bound {}",
-                        o.counters.hypercalls(),
-                        bound.hypercalls(plat)
-                    ),
-                );
-                check(
-                    o.layout_after[2] == o.layout_before[2] && o.layout_after[1] <= o.layout_before[1],
-                    format!(
-                        "W2 {plat:?}: no residual split (4K leaves {} -> {})",
-                        o.layout_before[2], o.layout_after[2]
-                    ),
-                );
-            }
-            panels.push((format!("{strategy:?}"), o.svg_cells));
-        }
+        let [(_, ours), (_, linux)] = compare(
+            plat,
+            runs,
+            &w2_levels,
+            &|m| vec![m.vmalloc(&w2_frames)],
+            &|conv, data| {
+                let (va, len) = (data[0], w2_frames.len() as u64 * PAGE);
+                let mut scratch = vec![0; w2_frames.len()];
+                conv(Target::Virtual { va, len }, Visibility::Shared, &mut scratch);
+                conv(Target::Virtual { va, len }, Visibility::Private, &mut scratch);
+                2 * len / PAGE
+            },
+        );
         print_bound(plat, &bound);
+        let calls = ours.counters.hypercalls();
+        check(
+            calls == bound.hypercalls(plat),
+            format!(
+                "W2 {plat:?}: hypercalls {calls} = lower bound {}",
+                bound.hypercalls(plat)
+            ),
+        );
+        let (before, after) = (ours.layout_before, ours.layout_after);
+        check(
+            after[2] == before[2] && after[1] <= before[1],
+            format!(
+                "W2 {plat:?}: no residual split (4K leaves {} -> {})",
+                before[2], after[2]
+            ),
+        );
         if plat == Plat::Tdx {
-            write_svg("w2", &[("ours", &panels[0].1), ("Linux strategy", &panels[1].1)], 2);
+            write_svg(
+                "w2",
+                &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
+                2,
+            );
         }
     }
 
@@ -575,61 +569,45 @@ fn main() {
     );
     for plat in platforms.clone().into_iter().filter(|_| wanted("w3")) {
         let mut bound = Bound::default();
-        for &f in &w3_frames {
-            bound.add(&[(f, PAGE)], Visibility::Shared);
-        }
-        for &f in &w3_frames {
-            bound.add(&[(f, PAGE)], Visibility::Private);
-        }
-        let mut panels = Vec::new();
-        for strategy in [Strategy::Ours, Strategy::Linux] {
-            let mut outcomes = Vec::new();
-            for _ in 0..runs {
-                outcomes.push(measure(plat, strategy, &w3_levels, &|_| vec![], &|conv, _| {
-                    for to in [Visibility::Shared, Visibility::Private] {
-                        for &f in &w3_frames {
-                            conv(Target::Physical { pa: f, len: PAGE }, to, &mut [0; 1]);
-                        }
-                    }
-                    2 * w3_frames.len() as u64
-                }));
+        for to in [Visibility::Shared, Visibility::Private] {
+            for &f in &w3_frames {
+                bound.add(&[(f, PAGE)], to);
             }
-            let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
-            let o = outcomes.pop().unwrap();
-            print_row(&Row {
-                label: format!("{plat:?} {strategy:?}"),
-                c: o.counters,
-                ns_per_unit: ns,
-                layout: (o.layout_before, o.layout_after),
-            });
-            if strategy == Strategy::Ours {
-                check(
-                    o.counters.hypercalls() == bound.hypercalls(plat),
-                    format!(
-                        "W3 {plat:?}: hypercalls {} = lower bound {}",
-                        o.counters.hypercalls(),
-                        bound.hypercalls(plat)
-                    ),
-                );
-                check(
-                    o.layout_after == o.layout_before,
-                    format!(
-                        "W3 {plat:?}: original layout back ({:?} -> {:?})",
-                        o.layout_before, o.layout_after
-                    ),
-                );
-                if !quick {
-                    check(
-                        ns <= 1000.0,
-                        format!("W3 {plat:?}: {ns:.0} ns per single-frame conversion <= 1000"),
-                    );
+        }
+        let [(ns, ours), (_, linux)] = compare(plat, runs, &w3_levels, &|_| vec![], &|conv, _| {
+            for to in [Visibility::Shared, Visibility::Private] {
+                for &f in &w3_frames {
+                    conv(Target::Physical { pa: f, len: PAGE }, to, &mut [0; 1]);
                 }
             }
-            panels.push((format!("{strategy:?}"), o.svg_cells));
-        }
+            2 * w3_frames.len() as u64
+        });
         print_bound(plat, &bound);
+        let calls = ours.counters.hypercalls();
+        check(
+            calls == bound.hypercalls(plat),
+            format!(
+                "W3 {plat:?}: hypercalls {calls} = lower bound {}",
+                bound.hypercalls(plat)
+            ),
+        );
+        let (before, after) = (ours.layout_before, ours.layout_after);
+        check(
+            after == before,
+            format!("W3 {plat:?}: original layout back ({before:?} -> {after:?})"),
+        );
+        if !quick {
+            check(
+                ns <= 1000.0,
+                format!("W3 {plat:?}: {ns:.0} ns per single-frame conversion <= 1000"),
+            );
+        }
         if plat == Plat::Tdx {
-            write_svg("w3", &[("ours", &panels[0].1), ("Linux strategy", &panels[1].1)], 4);
+            write_svg(
+                "w3",
+                &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
+                4,
+            );
         }
     }
 

@@ -166,7 +166,11 @@ type Load = fn(*const u8) -> u64;
 fn every_offset(pages: &Pages, loads: &[(&str, Load)]) {
     for &(name, load) in loads {
         for k in 1..=7u64 {
-            assert_eq!(load((pages.boundary() - k) as *const u8), pages.padded(k), "{name}, offset {k}");
+            assert_eq!(
+                load((pages.boundary() - k) as *const u8),
+                pages.padded(k),
+                "{name}, offset {k}"
+            );
         }
     }
 }
