@@ -18,6 +18,59 @@
 //! physical address), [`FrameSource`] (table pages), [`TlbShootdown`], a
 //! [`StateTable`]'s storage, and for SNP a [`ScratchWindow`] per CPU.
 //! Nothing here allocates from a heap.
+//!
+//! # Embedding
+//!
+//! What a TDX guest kernel implements and calls (compiled, not run: it needs
+//! a TD). SEV-SNP is the same with [`platform::snp::Snp`], a
+//! [`ScratchWindow`] given to [`Engine::with_window`], and each CPU's GHCB
+//! set up with [`setup_ghcb`].
+//!
+//! ```no_run
+//! use core::sync::atomic::AtomicU8;
+//! use convert::platform::tdx::Tdx;
+//! use convert::{Config, DirectMap, Engine, StateTable, Target, VaRange, Visibility};
+//!
+//! const PHYS_OFFSET: u64 = 0xFFFF_8880_0000_0000; // where the kernel maps all RAM
+//! const RAM: u64 = 1 << 30;
+//!
+//! /// Page-table pages by physical address, through the direct map.
+//! struct DirectMapAccess;
+//! // SAFETY: every table lies in RAM, which the direct map covers.
+//! unsafe impl convert::PhysMem for DirectMapAccess {
+//!     fn table(&self, pa: u64) -> *mut u64 {
+//!         (PHYS_OFFSET + pa) as *mut u64
+//!     }
+//! }
+//!
+//! /// Table pages: a bump allocator over a boot-time region works before any heap.
+//! struct BootFrames;
+//! impl convert::FrameSource for BootFrames {
+//!     fn allocate_frame(&self) -> Option<u64> { /* ... */ None }
+//!     fn free_frame(&self, _pa: u64) { /* ... */ }
+//! }
+//!
+//! /// TLB shootdown on every CPU (invlpg by IPI, or a full flush).
+//! struct Ipi;
+//! impl convert::TlbShootdown for Ipi {
+//!     fn shootdown(&self, _ranges: &[VaRange]) { /* ... */ }
+//! }
+//!
+//! static STATES: [AtomicU8; (RAM / 4096) as usize] = [const { AtomicU8::new(0) }; (RAM / 4096) as usize]; // all private
+//!
+//! # fn cr3() -> u64 { 0 }
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // SAFETY: we run in a TD at CPL 0.
+//! let tdx = Tdx::from_vp_info(unsafe { tdcall::TdcallInstruction::new() }).map_err(|e| format!("{e:?}"))?;
+//! let config = Config { root: cr3(), direct_map: DirectMap { va: PHYS_OFFSET, pa: 0, len: RAM }, collapse: true, collapse_1g: true };
+//! let engine = Engine::new(config, DirectMapAccess, BootFrames, Ipi, tdx, StateTable::new(0, &STATES));
+//!
+//! // A direct-map or vmalloc-style range: every alias converts with it.
+//! engine.convert(Target::Virtual { va: PHYS_OFFSET + (64 << 20), len: 16 << 20 }, Visibility::Shared).map_err(|e| format!("{e:?}"))?;
+//! engine.convert(Target::Physical { pa: 64 << 20, len: 16 << 20 }, Visibility::Private).map_err(|e| format!("{e:?}"))?;
+//! # Ok(())
+//! # }
+//! ```
 #![no_std]
 #![deny(missing_docs)]
 
