@@ -11,7 +11,7 @@
 use crate::reserve::FrameSource;
 use crate::tables::PhysMem;
 
-const INLINE: usize = 64;
+const INLINE: usize = 16;
 const END: u64 = u64::MAX;
 /// Entries per chain page: word 0 links to the next page, word 1 counts.
 const PER_PAGE: usize = 510;

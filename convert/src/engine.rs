@@ -184,6 +184,9 @@ pub struct Engine<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> 
     window: Option<&'a (dyn ScratchWindow + Sync)>,
     policy: &'a (dyn FailurePolicy + Sync),
     aliases: Mutex<[Option<Alias>; MAX_ALIASES]>,
+    /// Aliases registered now: with none (the usual case) a transaction
+    /// copies no snapshot.
+    registered: core::sync::atomic::AtomicUsize,
     tables_lock: Mutex<Deferred>,
     counters: Counters,
 }
@@ -211,6 +214,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             window: None,
             policy: &ReportOnly,
             aliases: Mutex::new([None; MAX_ALIASES]),
+            registered: core::sync::atomic::AtomicUsize::new(0),
             tables_lock: Mutex::new(Deferred::new()),
             counters: Counters::default(),
         }
@@ -263,13 +267,16 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let mut aliases = self.aliases.lock();
         let slot = aliases.iter().position(Option::is_none)?;
         aliases[slot] = Some(alias);
+        self.registered.fetch_add(1, Ordering::AcqRel);
         Some(slot)
     }
 
     /// Forgets the alias registered as `id`.
     pub fn unregister_alias(&self, id: usize) {
         if let Some(slot) = self.aliases.lock().get_mut(id) {
-            *slot = None;
+            if slot.take().is_some() {
+                self.registered.fetch_sub(1, Ordering::AcqRel);
+            }
         }
     }
 
@@ -380,7 +387,11 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let from = PageState::of(to.other());
         self.claim(batch.runs, from)
             .map_err(|(pa, state)| ConvertError::Refused { pa, state, converted })?;
-        let aliases = self.linear_aliases(&self.aliases.lock());
+        let registered = (self.registered.load(Ordering::Acquire) > 0).then(|| *self.aliases.lock());
+        let aliases = Aliases {
+            direct_map: self.config.direct_map,
+            registered: registered.as_ref(),
+        };
         let tables = self.tables();
         let mut shootdown = ShootdownSet::new();
 
@@ -404,12 +415,14 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 shootdown.add(va, len);
             });
             reserve.release(&self.mem, &self.frames);
-            core::mem::replace(&mut *deferred, Deferred::new())
+            (!deferred.is_empty()).then(|| core::mem::replace(&mut *deferred, Deferred::new()))
         };
-        if !shootdown.is_empty() || !pending_frees.is_empty() {
+        if !shootdown.is_empty() || pending_frees.is_some() {
             self.shootdown(shootdown.ranges());
         }
-        self.free_tables(pending_frees);
+        if let Some(pending) = pending_frees {
+            self.free_tables(pending);
+        }
 
         // From here on no alias of the batch is present: a stray access
         // takes an ordinary #PF.
@@ -473,11 +486,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
 
     /// Table pages the splits of this batch need (see `split::tables_needed`):
     /// each alias's boundaries in ascending order, counted alias by alias.
-    fn plan(&self, tables: &Tables<'_, M>, batch: Batch<'_>, aliases: &[Option<(AliasKind, Alias)>]) -> usize {
+    fn plan(&self, tables: &Tables<'_, M>, batch: Batch<'_>, aliases: &Aliases<'_>) -> usize {
         let from_linear: usize = aliases
-            .iter()
-            .flatten()
-            .map(|&(_, alias)| tables_needed(tables, overlaps(batch.runs, alias).flat_map(|(va, len)| [va, va + len])))
+            .linear()
+            .map(|(_, alias)| tables_needed(tables, overlaps(batch.runs, alias).flat_map(|(va, len)| [va, va + len])))
             .sum();
         let from_vmalloc = batch
             .vmalloc
@@ -485,32 +497,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         from_linear + from_vmalloc
     }
 
-    /// The direct map and the registered aliases, as linear mappings.
-    fn linear_aliases(&self, aliases: &[Option<Alias>; MAX_ALIASES]) -> [Option<(AliasKind, Alias)>; MAX_ALIASES + 1] {
-        let dm = self.config.direct_map;
-        let mut all = [None; MAX_ALIASES + 1];
-        all[0] = Some((
-            AliasKind::DirectMap,
-            Alias {
-                va: dm.va,
-                pa: dm.pa,
-                len: dm.len,
-            },
-        ));
-        for (i, alias) in aliases.iter().enumerate() {
-            all[i + 1] = alias.map(|a| (AliasKind::Registered(i), a));
-        }
-        all
-    }
-
     /// Calls `f` with every virtual range that maps frames of the batch.
-    fn for_each_alias(
-        &self,
-        batch: Batch<'_>,
-        aliases: &[Option<(AliasKind, Alias)>],
-        mut f: impl FnMut(AliasKind, u64, u64),
-    ) {
-        for &(kind, alias) in aliases.iter().flatten() {
+    fn for_each_alias(&self, batch: Batch<'_>, aliases: &Aliases<'_>, mut f: impl FnMut(AliasKind, u64, u64)) {
+        for (kind, alias) in aliases.linear() {
             for (va, len) in overlaps(batch.runs, alias) {
                 f(kind, va, len);
             }
@@ -625,6 +614,33 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
 
     fn free_tables(&self, deferred: Deferred) {
         deferred.free_all(&self.mem, &self.frames, || self.counters.record_table_freed());
+    }
+}
+
+/// The linear mappings of RAM a transaction keeps consistent: the direct map
+/// and a snapshot of the registered aliases (none taken when none exist).
+struct Aliases<'s> {
+    direct_map: DirectMap,
+    registered: Option<&'s [Option<Alias>; MAX_ALIASES]>,
+}
+
+impl Aliases<'_> {
+    fn linear(&self) -> impl Iterator<Item = (AliasKind, Alias)> + '_ {
+        let dm = self.direct_map;
+        let registered = self.registered.into_iter().flat_map(|all| {
+            all.iter()
+                .enumerate()
+                .filter_map(|(i, a)| a.map(|a| (AliasKind::Registered(i), a)))
+        });
+        core::iter::once((
+            AliasKind::DirectMap,
+            Alias {
+                va: dm.va,
+                pa: dm.pa,
+                len: dm.len,
+            },
+        ))
+        .chain(registered)
     }
 }
 
