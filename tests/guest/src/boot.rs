@@ -36,19 +36,16 @@ core::arch::global_asm!(
     "jne boot_identity_loop",
     "mov eax, offset {pml4}",
     "mov cr3, eax",
-    // CR4: PAE, OSFXSR, OSXMMEXCPT.
     "mov eax, cr4",
-    "or eax, (1 << 5) | (1 << 9) | (1 << 10)",
+    "or eax, {cr4}",
     "mov cr4, eax",
-    // EFER: LME, NXE.
     "mov ecx, 0xC0000080",
     "rdmsr",
-    "or eax, (1 << 8) | (1 << 11)",
+    "or eax, {efer}",
     "wrmsr",
-    // CR0: PG, WP, MP; EM off.
     "mov eax, cr0",
-    "and eax, ~(1 << 2)",
-    "or eax, (1 << 31) | (1 << 16) | (1 << 1)",
+    "and eax, {not_em}",
+    "or eax, {cr0}",
     "mov cr0, eax",
     "mov dword ptr [{gdt_ptr} + 2], offset {gdt}",
     "mov dword ptr [{gdt_ptr} + 6], 0",
@@ -80,7 +77,20 @@ core::arch::global_asm!(
     gdt_ptr = sym GDT_PTR,
     gdt = sym GDT,
     main = sym crate::kernel_main,
+    cr4 = const CR4_LONG_MODE,
+    efer = const EFER_LONG_MODE,
+    cr0 = const CR0_LONG_MODE,
+    not_em = const !CR0_EM,
 );
+
+/// CR4 for long mode with SSE: PAE, OSFXSR, OSXMMEXCPT.
+pub const CR4_LONG_MODE: u32 = (1 << 5) | (1 << 9) | (1 << 10);
+/// EFER: LME, NXE.
+pub const EFER_LONG_MODE: u32 = (1 << 8) | (1 << 11);
+/// CR0: PG, WP, MP (PE is already on when PVH enters).
+pub const CR0_LONG_MODE: u32 = (1 << 31) | (1 << 16) | (1 << 1);
+/// CR0.EM, which must be off for SSE.
+pub const CR0_EM: u32 = 1 << 2;
 
 #[repr(C, align(4096))]
 pub struct Table(pub [u64; 512]);

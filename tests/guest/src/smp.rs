@@ -19,17 +19,18 @@ core::arch::global_asm!(
     "mov ds, ax",
     "lgdt [ap_gdt_ptr]",
     "mov eax, cr4",
-    "or eax, (1 << 5) | (1 << 9) | (1 << 10)",
+    "or eax, {cr4}",
     "mov cr4, eax",
     "mov eax, [ap_cr3]",
     "mov cr3, eax",
     "mov ecx, 0xC0000080",
     "rdmsr",
-    "or eax, (1 << 8) | (1 << 11)",
+    "or eax, {efer}",
     "wrmsr",
     "mov eax, cr0",
-    "and eax, ~(1 << 2)",
-    "or eax, (1 << 31) | (1 << 16) | (1 << 1) | 1",
+    "and eax, {not_em}",
+    // From real mode, PE and PG go on together.
+    "or eax, {cr0}",
     "mov cr0, eax",
     // Far jump to the 64-bit code segment (16-bit offset: we are below 64 KiB).
     ".byte 0xEA",
@@ -67,6 +68,10 @@ core::arch::global_asm!(
     ".global ap_entry",
     "ap_entry: .quad 0",
     ".popsection",
+    cr4 = const crate::boot::CR4_LONG_MODE,
+    efer = const crate::boot::EFER_LONG_MODE,
+    cr0 = const crate::boot::CR0_LONG_MODE | 1,
+    not_em = const !crate::boot::CR0_EM,
 );
 
 extern "C" {

@@ -138,6 +138,18 @@ impl Machine {
         self.mem.size()
     }
 
+    /// An engine over this machine's tables, frames, TLB and state table.
+    pub fn engine<P: convert::Platform>(&self, platform: P) -> Engine<'_, &SimPhys, &SimFrames, &SimTlb, P> {
+        Engine::new(
+            self.config(),
+            &self.phys,
+            &self.frames,
+            &self.tlb,
+            platform,
+            StateTable::new(0, &self.states),
+        )
+    }
+
     /// The engine configuration for this machine.
     pub fn config(&self) -> Config {
         Config {
@@ -216,15 +228,7 @@ impl TdxWorld {
 
     /// The engine.
     pub fn engine(&self) -> TdxEngine<'_> {
-        let platform = Tdx::new(&self.tdx, self.tdx.shared_mask()).unwrap();
-        Engine::new(
-            self.m.config(),
-            &self.m.phys,
-            &self.m.frames,
-            &self.m.tlb,
-            platform,
-            StateTable::new(0, &self.m.states),
-        )
+        self.m.engine(Tdx::new(&self.tdx, self.tdx.shared_mask()).unwrap())
     }
 }
 
@@ -268,15 +272,7 @@ impl SnpWorld {
             options,
         )
         .unwrap();
-        Engine::new(
-            self.m.config(),
-            &self.m.phys,
-            &self.m.frames,
-            &self.m.tlb,
-            platform,
-            StateTable::new(0, &self.m.states),
-        )
-        .with_window(&self.m.windows)
+        self.m.engine(platform).with_window(&self.m.windows)
     }
 
     /// The engine with the fewest-calls options.
