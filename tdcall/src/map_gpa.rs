@@ -127,8 +127,12 @@ pub unsafe fn map_gpa<T: Tdcall + ?Sized>(
         Visibility::Shared => shared_mask,
         Visibility::Private => 0,
     };
-    let end = end | form;
     let mut current = start | form;
+    // Not `end | form`: a range that ends exactly at the shared bit has
+    // `end == shared_mask`, which the OR leaves below the shared-form start.
+    // Only a shared bit at 63 can overflow here; its top range has no
+    // request-form end to check resume GPAs against.
+    let end = current.checked_add(len).ok_or(invalid)?;
     let mut retries_without_progress = 0;
     let mut calls = MapGpaCalls::default();
     loop {

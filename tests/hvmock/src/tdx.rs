@@ -463,7 +463,7 @@ impl Model {
             .map_or(size, |p| (p * PAGE_SIZE).min(size));
         match self.hostile {
             Some(TdxHostile::ResumeBelowStart) => return (VMCALL_RETRY, r12.wrapping_sub(PAGE_SIZE)),
-            Some(TdxHostile::ResumeAtEnd) => return (VMCALL_RETRY, end | form),
+            Some(TdxHostile::ResumeAtEnd) => return (VMCALL_RETRY, end + form),
             Some(TdxHostile::ResumeUnaligned) => return (VMCALL_RETRY, r12 + PAGE_SIZE / 2),
             Some(TdxHostile::NoProgressForever) => return (VMCALL_RETRY, r12),
             Some(TdxHostile::SuccessWithoutConverting) => return (VMCALL_SUCCESS, 0),

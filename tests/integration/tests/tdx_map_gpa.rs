@@ -323,3 +323,120 @@ fn exposed_registers_are_treated_as_clobbered() {
     // And the typed wrapper still succeeds against such a VMM.
     assert!(map(&td, 4096, 4096, Visibility::Shared).is_ok());
 }
+
+/// The top private pages end exactly at the shared bit, so their end in
+/// private form is the shared bit itself: an end computed as `end | form`
+/// then lies below the shared-form start, and `end - current` wraps.
+/// GPAW 22 puts the shared bit at 2 MiB, so the model's memory can reach
+/// the top of the private half.
+#[test]
+fn top_private_pages_map_to_shared_and_back() {
+    let td = tdx(
+        2 * MIB,
+        TdxConfig {
+            gpaw: 22,
+            map_gpa_chunk_pages: Some(1),
+            ..TdxConfig::default()
+        },
+    );
+    let mask = td.shared_mask();
+    assert_eq!(mask, 2 * MIB);
+    let start = mask - 2 * 4096;
+    let calls = map(&td, start, 2 * 4096, Visibility::Shared).unwrap();
+    assert_eq!(calls.calls, 2);
+    assert_eq!(
+        map_gpa_calls(&td),
+        vec![
+            (start | mask, 2 * 4096, 1, (start + 4096) | mask),
+            ((start + 4096) | mask, 4096, 0, 0)
+        ]
+    );
+    assert!(all_pages(&td, start, 2 * 4096, TdxPageState::Shared));
+    assert!(all_pages(&td, 0, start, TdxPageState::Accepted), "nothing below moved");
+    td.clear_events();
+    let calls = map(&td, start, 2 * 4096, Visibility::Private).unwrap();
+    assert_eq!(calls.calls, 2);
+    assert_eq!(
+        map_gpa_calls(&td),
+        vec![(start, 2 * 4096, 1, start + 4096), (start + 4096, 4096, 0, 0)]
+    );
+    assert!(all_pages(&td, start, 2 * 4096, TdxPageState::Pending));
+}
+
+/// A VMM of the real 48-bit layout, reduced to what MapGPA needs: it
+/// records R12/R13 and converts one page per call.
+#[derive(Default)]
+struct OnePagePerCall {
+    calls: std::sync::Mutex<Vec<(u64, u64)>>,
+}
+
+// SAFETY: it touches no memory; it only records and answers.
+unsafe impl tdcall::Tdcall for OnePagePerCall {
+    unsafe fn tdcall(&self, regs: &mut tdcall::Registers) {
+        assert_eq!(
+            (regs.rax, regs.r11),
+            (tdcall::leaf::VP_VMCALL, tdcall::subfunction::MAP_GPA)
+        );
+        self.calls.lock().unwrap().push((regs.r12, regs.r13));
+        regs.rax = 0;
+        if regs.r13 > 4096 {
+            (regs.r10, regs.r11) = (1, regs.r12 + 4096);
+        } else {
+            (regs.r10, regs.r11) = (0, 0);
+        }
+    }
+}
+
+/// The same request against the real shared bit (bit 47), where no model
+/// memory reaches: R12 and R13 describe exactly the top two pages.
+#[test]
+fn top_private_pages_with_the_48_bit_shared_bit() {
+    for (to, form) in [(Visibility::Shared, SHARED_BIT_48), (Visibility::Private, 0)] {
+        let vmm = OnePagePerCall::default();
+        let start = SHARED_BIT_48 - 2 * 4096;
+        // SAFETY: the stand-in VMM touches no memory.
+        let calls = unsafe { map_gpa(&vmm, start, 2 * 4096, to, SHARED_BIT_48) }.unwrap();
+        assert_eq!(calls.calls, 2);
+        assert_eq!(
+            *vmm.calls.lock().unwrap(),
+            vec![(start | form, 2 * 4096), ((start + 4096) | form, 4096)],
+            "{to:?}"
+        );
+    }
+}
+
+/// The resume checks hold at the top too: the request-form end of the top
+/// pages is twice the shared bit, which carries the next bit up instead of
+/// the shared bit, and a VMM resuming there is refused.
+#[test]
+fn hostile_resume_at_end_of_the_top_pages() {
+    let td = tdx(
+        2 * MIB,
+        TdxConfig {
+            gpaw: 22,
+            ..TdxConfig::default()
+        },
+    );
+    td.set_hostile(Some(TdxHostile::ResumeAtEnd));
+    let mask = td.shared_mask();
+    let start = mask - 2 * 4096;
+    assert_eq!(
+        map(&td, start, 2 * 4096, Visibility::Shared),
+        Err(MapGpaError::ResumeWrongForm { resume: 2 * mask })
+    );
+}
+
+/// With the shared bit at 63 the top page's shared-form end would be 2^64:
+/// refused before anything is sent, not wrapped.
+#[test]
+fn shared_bit_63_top_page_is_refused_not_wrapped() {
+    let vmm = OnePagePerCall::default();
+    let (mask, start) = (1 << 63, (1 << 63) - 4096);
+    // SAFETY: nothing is sent.
+    let err = unsafe { map_gpa(&vmm, start, 4096, Visibility::Shared, mask) }.unwrap_err();
+    assert_eq!(err, MapGpaError::InvalidRange { start, len: 4096 });
+    assert!(vmm.calls.lock().unwrap().is_empty());
+    // SAFETY: the stand-in VMM touches no memory.
+    unsafe { map_gpa(&vmm, start, 4096, Visibility::Private, mask) }.unwrap();
+    assert_eq!(*vmm.calls.lock().unwrap(), vec![(start, 4096)]);
+}
