@@ -95,7 +95,16 @@ struct Chunk {
     pa: u64,
     /// One bit per page, set = free.
     free: [u64; PAGES / 64],
+    /// One bit per page, set = first page of a live allocation. With `free`
+    /// it gives every allocation's bounds, so `free` can tell the buffer it
+    /// handed out from a part of it, a span of two, or a stale copy of one
+    /// whose pages were handed out again.
+    starts: [u64; PAGES / 64],
     used: u16,
+}
+
+fn bit(bits: &[u64; PAGES / 64], page: usize) -> bool {
+    bits[page / 64] & (1 << (page % 64)) != 0
 }
 
 impl Chunk {
@@ -103,14 +112,21 @@ impl Chunk {
         Chunk {
             pa,
             free: [!0; PAGES / 64],
+            starts: [0; PAGES / 64],
             used: 0,
         }
     }
 
     fn is_free(&self, page: usize) -> bool {
-        self.free[page / 64] & (1 << (page % 64)) != 0
+        bit(&self.free, page)
     }
 
+    fn is_start(&self, page: usize) -> bool {
+        bit(&self.starts, page)
+    }
+
+    /// Marks the allocation of `count` pages at `first` as handed out, or
+    /// as given back.
     fn set(&mut self, first: usize, count: usize, free: bool) {
         for page in first..first + count {
             if free {
@@ -119,6 +135,24 @@ impl Chunk {
                 self.free[page / 64] &= !(1 << (page % 64));
             }
         }
+        if free {
+            self.starts[first / 64] &= !(1 << (first % 64));
+        } else {
+            self.starts[first / 64] |= 1 << (first % 64);
+        }
+    }
+
+    /// Whether pages `[first, first + count)` are exactly one live
+    /// allocation: it starts at `first`, no other starts inside it, and the
+    /// page after it is not its continuation.
+    fn is_allocation(&self, first: usize, count: usize) -> bool {
+        let end = first + count;
+        count > 0
+            && end <= PAGES
+            && self.is_start(first)
+            && (first..end).all(|p| !self.is_free(p))
+            && (first + 1..end).all(|p| !self.is_start(p))
+            && (end == PAGES || self.is_free(end) || self.is_start(end))
     }
 
     /// First run of `count` free pages.
@@ -231,20 +265,27 @@ impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
         Ok(buffer)
     }
 
-    /// Gives `buffer` back. An emptied chunk beyond `keep_empty` goes back
-    /// to private and to the source.
+    /// Gives `buffer` back: exactly a buffer `alloc` returned and not yet
+    /// freed. Anything else (a part of one, a span of several, a stale copy)
+    /// is refused with nothing changed. An emptied chunk beyond `keep_empty`
+    /// goes back to private and to the source.
     pub fn free(&self, buffer: SharedBuffer) -> Result<(), PoolError> {
-        let mut inner = self.inner.lock();
+        let not_allocated = PoolError::NotAllocated(buffer);
+        // Bounded before any arithmetic on it: the buffer may be anything.
+        if buffer.len == 0 || buffer.len > CHUNK || (buffer.pa | buffer.len) % 4096 != 0 {
+            return Err(not_allocated);
+        }
         let pages = (buffer.len / 4096) as usize;
+        let mut inner = self.inner.lock();
         let slot = inner
             .chunks
             .iter()
-            .position(|c| c.is_some_and(|c| buffer.pa >= c.pa && buffer.pa + buffer.len <= c.pa + CHUNK))
-            .ok_or(PoolError::NotAllocated(buffer))?;
-        let chunk = inner.chunks[slot].as_mut().ok_or(PoolError::NotAllocated(buffer))?;
+            .position(|c| c.is_some_and(|c| buffer.pa >= c.pa && buffer.pa - c.pa < CHUNK))
+            .ok_or(not_allocated)?;
+        let chunk = inner.chunks[slot].as_mut().ok_or(not_allocated)?;
         let first = ((buffer.pa - chunk.pa) / 4096) as usize;
-        if buffer.len == 0 || buffer.pa % 4096 != 0 || (first..first + pages).any(|p| chunk.is_free(p)) {
-            return Err(PoolError::NotAllocated(buffer));
+        if !chunk.is_allocation(first, pages) {
+            return Err(not_allocated);
         }
         chunk.set(first, pages, true);
         chunk.used -= pages as u16;

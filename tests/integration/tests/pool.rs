@@ -2,7 +2,7 @@
 
 use std::sync::Mutex;
 
-use convert::pool::{ChunkSource, PoolError, SharedBuffer, SharedPool, CHUNK};
+use convert::pool::{ChunkSource, Convert, PoolError, SharedBuffer, SharedPool, CHUNK};
 use convert::{PageState, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
 use integration::world::{Shape, TdxWorld};
@@ -142,4 +142,156 @@ fn concurrent_allocations_never_overlap() {
     spans.sort();
     assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "overlapping buffers");
     assert!(spans.iter().all(|&(pa, _)| e.state(pa) == Some(PageState::Shared)));
+}
+
+/// Refuses `b` and checks that the refusal changed nothing the stats show.
+fn refused<C: Convert, S: ChunkSource>(pool: &SharedPool<C, S>, b: SharedBuffer) {
+    let before = pool.stats();
+    assert_eq!(pool.free(b), Err(PoolError::NotAllocated(b)), "{b:x?}");
+    assert_eq!(pool.stats(), before, "a refused free of {b:x?} changed the pool");
+}
+
+/// After refusals: every live buffer is still allocated (a new allocation
+/// overlaps none of them, and each frees exactly once), and the pool still
+/// serves.
+fn still_works<C: Convert, S: ChunkSource>(pool: &SharedPool<C, S>, live: &[SharedBuffer]) {
+    let fresh = pool.alloc(4096).unwrap();
+    for b in live {
+        assert!(
+            fresh.pa + fresh.len <= b.pa || b.pa + b.len <= fresh.pa,
+            "{fresh:x?} handed out over live {b:x?}"
+        );
+    }
+    for &b in live.iter().chain([&fresh]) {
+        pool.free(b).unwrap();
+        refused(pool, b);
+    }
+}
+
+const PAGE: u64 = 4096;
+
+#[test]
+fn free_of_a_huge_length_or_a_pa_near_the_top_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(2 * PAGE).unwrap();
+    let top = u64::MAX & !(PAGE - 1);
+    for b in [
+        SharedBuffer { pa: a.pa, len: top },
+        SharedBuffer {
+            pa: a.pa,
+            len: CHUNK + PAGE,
+        },
+        SharedBuffer { pa: top, len: PAGE },
+        SharedBuffer { pa: top, len: top },
+        SharedBuffer {
+            pa: top - PAGE,
+            len: 2 * PAGE,
+        },
+    ] {
+        refused(&pool, b);
+    }
+    assert_eq!(e.state(a.pa), Some(PageState::Shared));
+    still_works(&pool, &[a]);
+}
+
+#[test]
+fn free_of_an_unaligned_length_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(PAGE).unwrap();
+    let b = pool.alloc(2 * PAGE).unwrap();
+    for len in [100, PAGE - 1, PAGE + 1] {
+        refused(&pool, SharedBuffer { pa: a.pa, len });
+    }
+    for len in [100, PAGE + 1, 2 * PAGE - 1, 2 * PAGE + 1] {
+        refused(&pool, SharedBuffer { pa: b.pa, len });
+    }
+    still_works(&pool, &[a, b]);
+}
+
+#[test]
+fn free_of_an_unaligned_pa_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(2 * PAGE).unwrap();
+    for pa in [a.pa + 1, a.pa + 100, a.pa + PAGE - 1, a.pa - 1] {
+        refused(&pool, SharedBuffer { pa, len: a.len });
+        refused(&pool, SharedBuffer { pa, len: PAGE });
+    }
+    still_works(&pool, &[a]);
+}
+
+#[test]
+fn free_of_a_sub_range_of_a_live_buffer_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(4 * PAGE).unwrap();
+    for (offset, len) in [(PAGE, PAGE), (PAGE, 3 * PAGE), (3 * PAGE, PAGE), (PAGE, 2 * PAGE)] {
+        refused(&pool, SharedBuffer { pa: a.pa + offset, len });
+    }
+    still_works(&pool, &[a]);
+}
+
+#[test]
+fn free_of_a_range_spanning_two_live_buffers_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(2 * PAGE).unwrap();
+    let b = pool.alloc(2 * PAGE).unwrap();
+    assert_eq!(b.pa, a.pa + a.len, "adjacent");
+    for (pa, len) in [
+        (a.pa, 4 * PAGE),
+        (a.pa + PAGE, 2 * PAGE),
+        (a.pa, 3 * PAGE),
+        (a.pa + PAGE, 3 * PAGE),
+    ] {
+        refused(&pool, SharedBuffer { pa, len });
+    }
+    still_works(&pool, &[a, b]);
+}
+
+#[test]
+fn partial_free_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(4 * PAGE).unwrap();
+    for len in [PAGE, 2 * PAGE, 3 * PAGE] {
+        refused(&pool, SharedBuffer { pa: a.pa, len });
+    }
+    still_works(&pool, &[a]);
+}
+
+/// A stale free whose pages were handed out again: the pages are all in
+/// use, but not as the allocation being freed.
+#[test]
+fn double_free_after_reuse_is_refused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let a = pool.alloc(4 * PAGE).unwrap();
+    pool.free(a).unwrap();
+    // Over A's first pages, and the rest of A by another allocation.
+    let b = pool.alloc(2 * PAGE).unwrap();
+    let c = pool.alloc(2 * PAGE).unwrap();
+    assert_eq!((b.pa, c.pa), (a.pa, a.pa + 2 * PAGE));
+    refused(&pool, a);
+    assert_eq!(e.state(b.pa), Some(PageState::Shared));
+    still_works(&pool, &[b, c]);
+    // Over all of A and beyond.
+    let d = pool.alloc(6 * PAGE).unwrap();
+    assert_eq!(d.pa, a.pa);
+    refused(&pool, a);
+    still_works(&pool, &[d]);
+    // Over A's first pages only.
+    let b = pool.alloc(2 * PAGE).unwrap();
+    assert_eq!(b.pa, a.pa);
+    refused(&pool, a);
+    still_works(&pool, &[b]);
 }
