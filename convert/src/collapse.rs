@@ -10,14 +10,22 @@ use crate::pte::{flags_4k_to_huge, Level, ACCESSED, ADDRESS_BITS, DIRTY, HUGE, N
 use crate::tables::{EntryLoc, PhysMem, Tables};
 
 /// Collapses the table that maps the `level`-sized region containing `va`
-/// (`level` is `Pd` for 2 MiB, `Pdpt` for 1 GiB) if it qualifies. Returns
-/// the freed table's physical address; the caller frees it only after a
-/// shootdown, since other CPUs' paging-structure caches may still point to
-/// it.
-pub(crate) fn try_collapse<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level) -> Option<u64> {
+/// (`level` is `Pd` for 2 MiB, `Pdpt` for 1 GiB) if it qualifies and
+/// `may_replace(table)` allows. Returns the replaced table's physical
+/// address; the caller frees it only after a shootdown, since other CPUs'
+/// paging-structure caches may still point to it.
+pub(crate) fn try_collapse<M: PhysMem>(
+    t: &Tables<'_, M>,
+    va: u64,
+    level: Level,
+    may_replace: impl Fn(u64) -> bool,
+) -> Option<u64> {
     let loc = pointer_at(t, va, level)?;
     let pointer = t.load(loc);
     let table = t.enc.address(pointer, Level::Pt);
+    if !may_replace(table) {
+        return None;
+    }
     let child = level.lower()?;
     let entries = t.entries(table);
     let first = entries[0].load(Ordering::Acquire);

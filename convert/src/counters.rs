@@ -21,6 +21,7 @@ pub struct Counters {
     pub(crate) collapses_1g: AtomicU64,
     pub(crate) table_pages_taken: AtomicU64,
     pub(crate) table_pages_freed: AtomicU64,
+    pub(crate) os_tables_retired: AtomicU64,
     pub(crate) pte_writes: AtomicU64,
     pub(crate) conversions: AtomicU64,
     pub(crate) failures: AtomicU64,
@@ -53,9 +54,12 @@ pub struct CounterSnapshot {
     pub collapses_1g: u64,
     /// Table pages taken from the frame source for splits.
     pub table_pages_taken: u64,
-    /// Table pages given back after collapses. May exceed the pages taken:
-    /// a collapse also frees tables the OS built at boot.
+    /// Table pages given back to the frame source after collapses: only
+    /// pages taken from it.
     pub table_pages_freed: u64,
+    /// Tables the OS built (at boot) that collapses made unused, handed to
+    /// [`FrameSource::retire_os_table`](crate::FrameSource::retire_os_table).
+    pub os_tables_retired: u64,
     /// Leaf entries written (not-present and present again).
     pub pte_writes: u64,
     /// Conversions completed.
@@ -65,8 +69,7 @@ pub struct CounterSnapshot {
 }
 
 impl CounterSnapshot {
-    /// Table pages the engine holds beyond what the OS built: taken minus
-    /// freed (negative when collapses freed boot-time tables).
+    /// Table pages the engine holds now: taken for splits minus given back.
     pub fn table_pages_net(&self) -> i64 {
         self.table_pages_taken as i64 - self.table_pages_freed as i64
     }
@@ -92,6 +95,7 @@ impl CounterSnapshot {
             collapses_1g: self.collapses_1g - earlier.collapses_1g,
             table_pages_taken: self.table_pages_taken - earlier.table_pages_taken,
             table_pages_freed: self.table_pages_freed - earlier.table_pages_freed,
+            os_tables_retired: self.os_tables_retired - earlier.os_tables_retired,
             pte_writes: self.pte_writes - earlier.pte_writes,
             conversions: self.conversions - earlier.conversions,
             failures: self.failures - earlier.failures,
@@ -123,6 +127,10 @@ impl Counters {
         Self::add(&self.table_pages_freed, 1);
     }
 
+    pub(crate) fn record_os_table_retired(&self) {
+        Self::add(&self.os_tables_retired, 1);
+    }
+
     /// A consistent-enough snapshot (each counter read once).
     pub fn snapshot(&self) -> CounterSnapshot {
         let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -140,6 +148,7 @@ impl Counters {
             collapses_1g: r(&self.collapses_1g),
             table_pages_taken: r(&self.table_pages_taken),
             table_pages_freed: r(&self.table_pages_freed),
+            os_tables_retired: r(&self.os_tables_retired),
             pte_writes: r(&self.pte_writes),
             conversions: r(&self.conversions),
             failures: r(&self.failures),

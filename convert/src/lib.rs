@@ -74,12 +74,14 @@
 #![no_std]
 #![deny(missing_docs)]
 
+mod aliases;
 pub mod arch;
 mod collapse;
 mod counters;
 mod deferred;
 mod engine;
 mod ghcb_setup;
+mod leaves;
 pub mod platform;
 mod policy;
 pub mod pool;
@@ -95,8 +97,9 @@ mod window;
 #[cfg(feature = "zeropad")]
 pub mod zeropad;
 
+pub use aliases::{Alias, AliasError, DirectMap, MAX_ALIASES};
 pub use counters::{CounterSnapshot, Counters};
-pub use engine::{Alias, Config, ConvertError, DirectMap, Engine, Report, Target, MAX_ALIASES};
+pub use engine::{Config, ConvertError, Engine, Report, Target};
 pub use ghcb_setup::{setup_ghcb, GhcbSetupError};
 pub use platform::{Platform, PlatformError, PrivateMap, Runs};
 pub use policy::{FailureAction, FailurePolicy, ReportOnly};

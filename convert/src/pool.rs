@@ -4,6 +4,9 @@
 //! out 4 KiB-granular buffers from them. A chunk that empties goes back to
 //! private only when more than `keep_empty` chunks are empty (hysteresis),
 //! so a driver that frees and reallocates does not convert back and forth.
+//! A chunk whose return fails without changing anything stays in the pool,
+//! shared and reusable, and a later free tries again; only a chunk the
+//! engine poisoned is lost.
 //!
 //! Thread-safe (one spin lock; a chunk conversion happens with it held, so
 //! allocations wait for it: it is rare by design). `no_std`, no heap.
@@ -67,7 +70,8 @@ pub enum PoolError {
     BadSize(u64),
     /// No room, and no chunk to be had (or the pool is at `MAX_CHUNKS`).
     Exhausted,
-    /// Converting a new chunk failed; it was dropped, not reused.
+    /// Converting a new chunk failed. If the error changed nothing the
+    /// chunk went back to the source; otherwise it is lost (poisoned).
     Convert(ConvertError),
     /// `free` of a buffer the pool did not hand out.
     NotAllocated(SharedBuffer),
@@ -241,10 +245,10 @@ impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
                 {
                     // Refused before any change: the chunk is still
                     // private and can go back. Failed later: poisoned.
-                    if matches!(e, ConvertError::Platform { .. }) {
-                        inner.stats.chunks_lost += 1;
-                    } else {
+                    if e.changed_nothing() {
                         self.source.free_chunk(pa);
+                    } else {
+                        inner.stats.chunks_lost += 1;
                     }
                     return Err(PoolError::Convert(e));
                 }
@@ -289,26 +293,52 @@ impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
         }
         chunk.set(first, pages, true);
         chunk.used -= pages as u16;
-        let emptied = chunk.used == 0;
         inner.stats.frees += 1;
-        if emptied {
-            let empty = inner.chunks.iter().flatten().filter(|c| c.used == 0).count();
-            if empty > self.keep_empty {
-                let pa = inner.chunks[slot].take().map_or(0, |c| c.pa);
-                inner.stats.chunks_held -= 1;
-                match self
-                    .converter
-                    .convert(Target::Physical { pa, len: CHUNK }, Visibility::Private)
-                {
-                    Ok(_) => {
-                        inner.stats.chunks_returned += 1;
-                        self.source.free_chunk(pa);
-                    }
-                    // Poisoned by the engine: never handed out again.
-                    Err(_) => inner.stats.chunks_lost += 1,
+        // Not only when this free empties a chunk: an earlier return may
+        // have failed and left a surplus one.
+        self.return_surplus(&mut inner, slot);
+        // The buffer is free whatever became of the chunks.
+        Ok(())
+    }
+
+    /// Converts empty chunks beyond `keep_empty` back to private and gives
+    /// them to the source, the one in `prefer` first.
+    fn return_surplus(&self, inner: &mut Inner, prefer: usize) {
+        loop {
+            let empty = |c: &Option<Chunk>| c.is_some_and(|c| c.used == 0);
+            if inner.chunks.iter().filter(|c| empty(c)).count() <= self.keep_empty {
+                return;
+            }
+            let Some(slot) = Some(prefer)
+                .filter(|&s| empty(&inner.chunks[s]))
+                .or_else(|| inner.chunks.iter().position(empty))
+            else {
+                return;
+            };
+            let Some(pa) = inner.chunks[slot].map(|c| c.pa) else {
+                return;
+            };
+            match self
+                .converter
+                .convert(Target::Physical { pa, len: CHUNK }, Visibility::Private)
+            {
+                Ok(_) => {
+                    inner.chunks[slot] = None;
+                    inner.stats.chunks_held -= 1;
+                    inner.stats.chunks_returned += 1;
+                    self.source.free_chunk(pa);
+                }
+                // Still shared and whole: it serves allocations until a
+                // later free manages to return it. Trying the others now
+                // would most likely fail the same way.
+                Err(e) if e.changed_nothing() => return,
+                // Poisoned by the engine: never handed out again.
+                Err(_) => {
+                    inner.chunks[slot] = None;
+                    inner.stats.chunks_held -= 1;
+                    inner.stats.chunks_lost += 1;
                 }
             }
         }
-        Ok(())
     }
 }

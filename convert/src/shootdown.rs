@@ -9,7 +9,30 @@ pub struct VaRange {
     pub len: u64,
 }
 
-/// Invalidates TLB entries (and paging-structure caches) on every CPU.
+/// Invalidates translations on every CPU.
+///
+/// The engine calls this in two cases, never with one of its locks held:
+/// - after it made leaf entries not present, with their virtual ranges;
+/// - before it frees page-table pages a collapse replaced by a huge leaf,
+///   with each replaced table's whole region (2 MiB or 1 GiB).
+///
+/// When `shootdown` returns, no CPU may hold, for any address in `ranges`
+/// (everything, if `ranges` is empty):
+/// - a TLB entry, global entries and entries of every PCID included;
+/// - a paging-structure-cache entry (PML4E, PDPTE or PDE cache) on the
+///   path to it, for any PCID.
+///
+/// How an x86 OS meets this:
+/// - Intel `INVLPG` invalidates the page's TLB entries, global ones
+///   included, and *all* paging-structure-cache entries, but only for the
+///   current PCID (SDM vol. 3A, 4.10.4.1). With PCIDs, kernel mappings
+///   also need `INVPCID` (type 0 for each PCID in use, or type 2) or a CR4
+///   write that clears and sets PGE/PCIDE.
+/// - AMD `INVLPGB` must be issued with "final translation only" (rAX bit
+///   4) clear and "include global" (bit 3) set, followed by `TLBSYNC`.
+/// - A full flush (all PCIDs, global entries included) always qualifies;
+///   an OS may flush more than asked, e.g. everything beyond a ceiling of
+///   pages as Linux does.
 pub trait TlbShootdown {
     /// Invalidates `ranges` on all CPUs and returns when every CPU has
     /// done so. An empty slice means everything.

@@ -5,17 +5,28 @@
 //! wholly inside the range keeps its size and changes as one entry.
 
 use crate::counters::Counters;
-use crate::pte::{huge_flags_to_4k, Level, ADDRESS_BITS, HUGE, PRESENT, TABLE_POINTER};
+use crate::pte::{huge_flags_to_4k, Level, ADDRESS_BITS, PRESENT, TABLE_POINTER};
 use crate::reserve::Reserve;
 use crate::tables::{EntryLoc, PhysMem, Tables, Walk};
 use crate::Visibility;
 
+/// The present leaf covering `va`. Only these are split: a non-present
+/// entry, whatever it holds, is the OS's (or a poisoned frame's) and stays
+/// as it is.
+pub(crate) fn present_leaf_at<M: PhysMem>(t: &Tables<'_, M>, va: u64) -> Option<(Level, EntryLoc, u64)> {
+    match t.walk(va) {
+        Walk::Leaf { level, loc, entry } => Some((level, loc, entry)),
+        Walk::Absent { .. } => None,
+    }
+}
+
 /// The leaf-shaped entry covering `va`: present leaves, and non-present
 /// entries that still hold a leaf (the engine keeps everything but P).
+#[cfg(test)]
 pub(crate) fn leaf_at<M: PhysMem>(t: &Tables<'_, M>, va: u64) -> Option<(Level, EntryLoc, u64)> {
     match t.walk(va) {
         Walk::Leaf { level, loc, entry } => Some((level, loc, entry)),
-        Walk::Absent { level, loc, entry } if entry != 0 && (level == Level::Pt || entry & HUGE != 0) => {
+        Walk::Absent { level, loc, entry } if entry != 0 && (level == Level::Pt || entry & crate::pte::HUGE != 0) => {
             Some((level, loc, entry))
         }
         Walk::Absent { .. } => None,
@@ -33,7 +44,9 @@ pub(crate) fn tables_needed<M: PhysMem>(t: &Tables<'_, M>, boundaries: impl Iter
     let mut last_2m = None;
     let mut count = 0;
     for va in boundaries {
-        let Some((level, _, _)) = leaf_at(t, va) else { continue };
+        let Some((level, _, _)) = present_leaf_at(t, va) else {
+            continue;
+        };
         let needs_2m_split = match level {
             Level::Pdpt if va % gib != 0 => {
                 if last_1g != Some(va / gib) {
@@ -57,7 +70,7 @@ pub(crate) fn tables_needed<M: PhysMem>(t: &Tables<'_, M>, boundaries: impl Iter
 /// taking table pages from `reserve`. Returns `false` only if the reserve
 /// ran dry, which the planning above rules out.
 pub(crate) fn split_at<M: PhysMem>(t: &Tables<'_, M>, va: u64, reserve: &mut Reserve, counters: &Counters) -> bool {
-    while let Some((level, loc, _)) = leaf_at(t, va) {
+    while let Some((level, loc, _)) = present_leaf_at(t, va) {
         if level == Level::Pt || va % level.span() == 0 {
             return true;
         }
@@ -110,7 +123,7 @@ fn split_leaf<M: PhysMem>(t: &Tables<'_, M>, level: Level, loc: EntryLoc, table:
 mod tests {
     use super::*;
     use crate::collapse::try_collapse;
-    use crate::pte::{EncryptionBit, ACCESSED, DIRTY, NO_EXECUTE, PAT_4K, PAT_HUGE, WRITABLE};
+    use crate::pte::{EncryptionBit, ACCESSED, DIRTY, HUGE, NO_EXECUTE, PAT_4K, PAT_HUGE, WRITABLE};
     use crate::reserve::FrameSource;
     use crate::testmem::TestMem;
 
@@ -136,7 +149,7 @@ mod tests {
 
     fn reserve(mem: &TestMem, n: usize) -> Reserve {
         let mut r = Reserve::new();
-        assert!(r.fill(n, mem, mem));
+        r.fill_to(n, mem, mem, TestMem::states()).unwrap();
         r
     }
 
@@ -215,8 +228,8 @@ mod tests {
         let mut r = reserve(&mem, 2);
         let c = Counters::default();
         assert!(split_at(&t, VA + 4096, &mut r, &c));
-        let pt = try_collapse(&t, VA, Level::Pd).expect("2 MiB collapse");
-        let pd = try_collapse(&t, VA, Level::Pdpt).expect("1 GiB collapse");
+        let pt = try_collapse(&t, VA, Level::Pd, |_| true).expect("2 MiB collapse");
+        let pd = try_collapse(&t, VA, Level::Pdpt, |_| true).expect("1 GiB collapse");
         assert_ne!(pt, pd);
         let (level, loc, _) = leaf_at(&t, VA).unwrap();
         assert_eq!((level, t.load(loc)), (Level::Pdpt, before));
@@ -241,10 +254,10 @@ mod tests {
             let loc = entry_loc(300);
             let original = t.load(loc);
             t.store(loc, change(original));
-            assert_eq!(try_collapse(&t, VA, Level::Pd), None, "{what}");
+            assert_eq!(try_collapse(&t, VA, Level::Pd, |_| true), None, "{what}");
             t.store(loc, original);
             assert!(
-                try_collapse(&t, VA, Level::Pd).is_some(),
+                try_collapse(&t, VA, Level::Pd, |_| true).is_some(),
                 "{what}: collapses once restored"
             );
         }
@@ -254,7 +267,7 @@ mod tests {
         assert!(split_at(&t, VA + 4096, &mut r, &c));
         let loc = entry_loc(7);
         t.store(loc, t.load(loc) | ACCESSED | DIRTY);
-        assert!(try_collapse(&t, VA, Level::Pd).is_some());
+        assert!(try_collapse(&t, VA, Level::Pd, |_| true).is_some());
         let (_, loc, e) = leaf_at(&t, VA).unwrap();
         assert_eq!(e & (ACCESSED | DIRTY), ACCESSED | DIRTY);
         // A read-only pointer restricts the collapsed leaf.
@@ -262,7 +275,7 @@ mod tests {
         assert!(split_at(&t, VA + 4096, &mut r, &c));
         let pointer = t.load(loc);
         t.store(loc, pointer & !WRITABLE);
-        assert!(try_collapse(&t, VA, Level::Pd).is_some());
+        assert!(try_collapse(&t, VA, Level::Pd, |_| true).is_some());
         assert_eq!(t.load(loc) & WRITABLE, 0, "the pointer's restriction survives");
     }
 }

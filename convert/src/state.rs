@@ -1,6 +1,18 @@
-//! Per-page conversion state, one byte per frame, claimed with atomic
-//! compare-and-swap so disjoint conversions never wait for each other and
-//! overlapping ones are refused.
+//! Per-page state, one byte per frame, claimed with atomic compare-and-swap
+//! so disjoint conversions never wait for each other and overlapping ones
+//! are refused.
+//!
+//! The byte also carries what a conversion in flight needs to remember
+//! about each frame it owns, so that no transaction needs a heap:
+//! - how far the frame has got (unmapped, sent to the host, restored),
+//!   which lets a range that maps a frame twice convert it once, and a
+//!   failure report say exactly which frames changed;
+//! - whether the OS had left one of the frame's linear mappings (the
+//!   direct map, a registered alias) not present: the engine restores only
+//!   entries it made not present itself;
+//! - whether the frame is a page-table page the engine took from the
+//!   OS's frame source: only those go back to it, and none of them can be
+//!   converted.
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
@@ -8,34 +20,97 @@ use crate::pte::Visibility;
 
 /// The state of one 4 KiB frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
+#[non_exhaustive]
 pub enum PageState {
     /// Private: the guest's own (the initial state: zeroed storage).
-    Private = 0,
+    Private,
     /// Shared with the host.
-    Shared = 1,
+    Shared,
     /// A conversion owns the frame.
-    Converting = 2,
+    Converting,
     /// A conversion failed after the host was asked: the frame's state is
     /// unknown, its mappings stay not-present, and it is never used again.
-    Poisoned = 3,
+    Poisoned,
+    /// Private memory the engine holds as a page-table page (taken from
+    /// the OS's frame source): never converted.
+    PageTable,
 }
 
 impl PageState {
-    fn from_u8(v: u8) -> PageState {
-        match v {
-            0 => PageState::Private,
-            1 => PageState::Shared,
-            2 => PageState::Converting,
-            _ => PageState::Poisoned,
-        }
-    }
-
     /// The state of a settled page on `side`.
     pub const fn of(side: Visibility) -> PageState {
         match side {
             Visibility::Private => PageState::Private,
             Visibility::Shared => PageState::Shared,
+        }
+    }
+}
+
+/// The low bits of a state byte: where the frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Code {
+    Private = 0,
+    Shared = 1,
+    /// Claimed by a conversion; nothing changed yet.
+    Claimed = 2,
+    Poisoned = 3,
+    /// Its mappings are not present; the host was not asked yet.
+    Unmapped = 4,
+    /// The host converted it.
+    Sent = 5,
+    /// Mapped again with the new attribute; settles to the new side.
+    RestoredNew = 6,
+    /// Mapped again with the old attribute (the host was never asked);
+    /// settles to the old side.
+    RestoredOld = 7,
+    /// A page-table page of the engine's.
+    Table = 8,
+}
+
+const CODE_MASK: u8 = 0x0F;
+
+/// Which linear mapping of a frame the OS had left not present when a
+/// conversion began (only while the conversion owns the frame).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Hole {
+    DirectMap = 0x10,
+    Registered = 0x20,
+}
+
+impl Code {
+    fn from_bits(v: u8) -> Option<Code> {
+        Some(match v & CODE_MASK {
+            0 => Code::Private,
+            1 => Code::Shared,
+            2 => Code::Claimed,
+            3 => Code::Poisoned,
+            4 => Code::Unmapped,
+            5 => Code::Sent,
+            6 => Code::RestoredNew,
+            7 => Code::RestoredOld,
+            8 => Code::Table,
+            _ => return None,
+        })
+    }
+
+    fn public(self) -> PageState {
+        match self {
+            Code::Private => PageState::Private,
+            Code::Shared => PageState::Shared,
+            Code::Poisoned => PageState::Poisoned,
+            Code::Table => PageState::PageTable,
+            Code::Claimed | Code::Unmapped | Code::Sent | Code::RestoredNew | Code::RestoredOld => {
+                PageState::Converting
+            }
+        }
+    }
+
+    pub(crate) const fn settled(side: Visibility) -> Code {
+        match side {
+            Visibility::Private => Code::Private,
+            Visibility::Shared => Code::Shared,
         }
     }
 }
@@ -60,42 +135,98 @@ impl<'a> StateTable<'a> {
         self.states.get(usize::try_from(index).ok()?)
     }
 
-    /// Whether `[pa, pa + len)` is covered.
-    pub fn covers(&self, pa: u64, len: u64) -> bool {
-        len > 0 && self.slot(pa).is_some() && pa.checked_add(len - 1).and_then(|last| self.slot(last)).is_some()
+    /// The first frame of `[pa, pa + len)` the table does not cover, if any.
+    pub fn first_uncovered(&self, pa: u64, len: u64) -> Option<u64> {
+        if self.slot(pa).is_none() {
+            return Some(pa & !0xFFF);
+        }
+        let end = pa.checked_add(len)?;
+        let covered_end = self.base + self.states.len() as u64 * 4096;
+        (end > covered_end).then_some(covered_end)
     }
 
     /// The state of the frame at `pa`, if covered.
     pub fn get(&self, pa: u64) -> Option<PageState> {
-        self.slot(pa).map(|s| PageState::from_u8(s.load(Ordering::Acquire)))
+        self.code(pa).map(Code::public)
     }
 
-    /// Moves the frame from `from` to [`PageState::Converting`]; on failure
+    pub(crate) fn code(&self, pa: u64) -> Option<Code> {
+        self.slot(pa).and_then(|s| Code::from_bits(s.load(Ordering::Acquire)))
+    }
+
+    /// Moves the frame from the settled state `from` to claimed; on failure
     /// returns the state found.
-    pub(crate) fn claim(&self, pa: u64, from: PageState) -> Result<(), Option<PageState>> {
+    pub(crate) fn claim(&self, pa: u64, from: Code) -> Result<(), Option<PageState>> {
         let slot = self.slot(pa).ok_or(None)?;
-        slot.compare_exchange(
-            from as u8,
-            PageState::Converting as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .map(|_| ())
-        .map_err(|found| Some(PageState::from_u8(found)))
+        slot.compare_exchange(from as u8, Code::Claimed as u8, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| ())
+            .map_err(|found| Code::from_bits(found).map(Code::public))
     }
 
-    /// Sets the state of a frame this conversion owns.
-    pub(crate) fn settle(&self, pa: u64, to: PageState) {
+    /// Moves a frame this conversion owns from `from` to `to`, keeping its
+    /// hole marks; `false` if it was not in `from` (a frame met twice).
+    pub(crate) fn advance(&self, pa: u64, from: Code, to: Code) -> bool {
+        let Some(slot) = self.slot(pa) else { return false };
+        slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (v & CODE_MASK == from as u8).then_some((v & !CODE_MASK) | to as u8)
+        })
+        .is_ok()
+    }
+
+    /// Records that the OS left `hole`'s mapping of the frame not present.
+    pub(crate) fn mark_hole(&self, pa: u64, hole: Hole) {
+        if let Some(slot) = self.slot(pa) {
+            slot.fetch_or(hole as u8, Ordering::AcqRel);
+        }
+    }
+
+    pub(crate) fn is_hole(&self, pa: u64, hole: Hole) -> bool {
+        self.slot(pa)
+            .is_some_and(|s| s.load(Ordering::Acquire) & hole as u8 != 0)
+    }
+
+    /// Sets the settled state of a frame this conversion owns (clearing its
+    /// marks).
+    pub(crate) fn settle(&self, pa: u64, to: Code) {
         if let Some(slot) = self.slot(pa) {
             slot.store(to as u8, Ordering::Release);
         }
     }
 
+    /// Takes a private frame as an engine page-table page; on failure
+    /// returns the state found (`None`: not covered).
+    pub(crate) fn take_table(&self, pa: u64) -> Result<(), Option<PageState>> {
+        self.claim_code(pa, Code::Private, Code::Table)
+    }
+
+    /// Gives an engine page-table page back to private.
+    pub(crate) fn release_table(&self, pa: u64) -> bool {
+        self.claim_code(pa, Code::Table, Code::Private).is_ok()
+    }
+
+    pub(crate) fn is_table(&self, pa: u64) -> bool {
+        self.code(pa) == Some(Code::Table)
+    }
+
+    fn claim_code(&self, pa: u64, from: Code, to: Code) -> Result<(), Option<PageState>> {
+        let slot = self.slot(pa).ok_or(None)?;
+        slot.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| ())
+            .map_err(|found| Code::from_bits(found).map(Code::public))
+    }
+
     /// Counts frames per state: [private, shared, converting, poisoned].
+    /// The engine's page-table pages count as private.
     pub fn census(&self) -> [u64; 4] {
         let mut counts = [0; 4];
         for s in self.states {
-            counts[PageState::from_u8(s.load(Ordering::Relaxed)) as usize] += 1;
+            let index = match Code::from_bits(s.load(Ordering::Relaxed)).map(Code::public) {
+                Some(PageState::Private | PageState::PageTable) => 0,
+                Some(PageState::Shared) => 1,
+                Some(PageState::Converting) => 2,
+                Some(PageState::Poisoned) | None => 3,
+            };
+            counts[index] += 1;
         }
         counts
     }
@@ -109,14 +240,42 @@ mod tests {
     fn claim_is_exclusive_and_checks_the_expected_state() {
         let storage: [AtomicU8; 4] = Default::default();
         let t = StateTable::new(0x10_0000, &storage);
-        assert_eq!(t.claim(0x10_0000, PageState::Private), Ok(()));
-        assert_eq!(t.claim(0x10_0000, PageState::Private), Err(Some(PageState::Converting)));
-        assert_eq!(t.claim(0x10_1000, PageState::Shared), Err(Some(PageState::Private)));
-        assert_eq!(t.claim(0x10_4000, PageState::Private), Err(None), "outside the table");
-        assert_eq!(t.claim(0xF_F000, PageState::Private), Err(None));
-        t.settle(0x10_0000, PageState::Poisoned);
+        assert_eq!(t.claim(0x10_0000, Code::Private), Ok(()));
+        assert_eq!(t.claim(0x10_0000, Code::Private), Err(Some(PageState::Converting)));
+        assert_eq!(t.claim(0x10_1000, Code::Shared), Err(Some(PageState::Private)));
+        assert_eq!(t.claim(0x10_4000, Code::Private), Err(None), "outside the table");
+        assert_eq!(t.claim(0xF_F000, Code::Private), Err(None));
+        t.settle(0x10_0000, Code::Poisoned);
         assert_eq!(t.get(0x10_0000), Some(PageState::Poisoned));
         assert_eq!(t.census(), [3, 0, 0, 1]);
-        assert!(t.covers(0x10_0000, 0x4000) && !t.covers(0x10_0000, 0x5000) && !t.covers(0x10_0000, 0));
+        assert_eq!(t.first_uncovered(0x10_0000, 0x4000), None);
+        assert_eq!(t.first_uncovered(0x10_1000, 0x4000), Some(0x10_4000));
+        assert_eq!(t.first_uncovered(0xF_F000, 0x2000), Some(0xF_F000));
+    }
+
+    #[test]
+    fn progress_keeps_hole_marks_and_settling_clears_them() {
+        let storage: [AtomicU8; 2] = Default::default();
+        let t = StateTable::new(0, &storage);
+        t.claim(0, Code::Private).unwrap();
+        t.mark_hole(0, Hole::DirectMap);
+        assert!(t.advance(0, Code::Claimed, Code::Unmapped));
+        assert!(!t.advance(0, Code::Claimed, Code::Unmapped), "met twice");
+        assert!(t.is_hole(0, Hole::DirectMap) && !t.is_hole(0, Hole::Registered));
+        assert_eq!(t.get(0), Some(PageState::Converting));
+        t.settle(0, Code::Shared);
+        assert!(!t.is_hole(0, Hole::DirectMap));
+        assert_eq!(t.get(0), Some(PageState::Shared));
+    }
+
+    #[test]
+    fn table_pages_cannot_be_claimed() {
+        let storage: [AtomicU8; 2] = Default::default();
+        let t = StateTable::new(0, &storage);
+        t.take_table(0x1000).unwrap();
+        assert_eq!(t.claim(0x1000, Code::Private), Err(Some(PageState::PageTable)));
+        assert_eq!(t.census(), [2, 0, 0, 0]);
+        assert!(t.release_table(0x1000) && !t.release_table(0x1000));
+        assert_eq!(t.take_table(0x2000), Err(None));
     }
 }

@@ -8,7 +8,9 @@ use std::sync::Mutex;
 
 use crate::pte::{EncryptionBit, Level, HUGE, PRESENT, TABLE_POINTER};
 use crate::reserve::FrameSource;
+use crate::state::StateTable;
 use crate::tables::{EntryLoc, PhysMem, Tables};
+use core::sync::atomic::AtomicU8;
 
 /// Table pages by physical address, allocated on demand from 0x1000_0000.
 pub(crate) struct TestMem {
@@ -22,6 +24,13 @@ impl TestMem {
             pages: Mutex::new(BTreeMap::new()),
             next: Mutex::new(0x1000_0000),
         }
+    }
+
+    /// A state table covering every frame `allocate_frame` hands out (the
+    /// first 256 MiB from 0x1000_0000), all private.
+    pub fn states() -> &'static StateTable<'static> {
+        let storage: &'static [AtomicU8] = std::vec::Vec::from_iter((0..65536).map(|_| AtomicU8::new(0))).leak();
+        std::boxed::Box::leak(std::boxed::Box::new(StateTable::new(0x1000_0000, storage)))
     }
 
     pub fn tables(&self, root: u64, enc: EncryptionBit) -> Tables<'_, Self> {

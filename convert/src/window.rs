@@ -4,7 +4,7 @@
 
 use crate::platform::PrivateMap;
 use crate::pte::{Level, Visibility, ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
-use crate::tables::{EntryLoc, PhysMem, Tables, Walk};
+use crate::tables::{EntryLoc, PhysMem, Tables};
 
 /// The calling CPU's window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,22 +44,24 @@ pub(crate) struct WindowMap<'t, 'm, M: PhysMem> {
 }
 
 impl<'t, 'm, M: PhysMem> WindowMap<'t, 'm, M> {
-    /// `None` if the window's PD entry cannot be reached.
+    /// `None` if the window cannot be used: its PML4 or PDPT entry is
+    /// missing, a 1 GiB leaf covers it, or its PD entry points to a table
+    /// other than the slot's own PT (which the engine would overwrite).
     pub fn new(tables: &'t Tables<'m, M>, window: &'t dyn ScratchWindow) -> Option<Self> {
         let slot = window.slot();
-        let pde = match tables.walk(slot.va) {
-            Walk::Absent {
-                level: Level::Pd, loc, ..
-            }
-            | Walk::Leaf {
-                level: Level::Pd, loc, ..
-            } => loc,
-            Walk::Leaf { level: Level::Pt, .. } => EntryLoc {
-                table: pd_table_of(tables, slot.va)?,
-                index: Level::Pd.index(slot.va),
-            },
-            _ => return None,
+        if slot.va % (2 << 20) != 0 || slot.pt % 4096 != 0 {
+            return None;
+        }
+        let pde = EntryLoc {
+            table: pd_table_of(tables, slot.va)?,
+            index: Level::Pd.index(slot.va),
         };
+        let entry = tables.load(pde);
+        let points_elsewhere =
+            entry & PRESENT != 0 && entry & HUGE == 0 && tables.enc.address(entry, Level::Pt) != slot.pt;
+        if points_elsewhere {
+            return None;
+        }
         Some(WindowMap {
             tables,
             window,

@@ -48,6 +48,13 @@ pub trait Platform {
     /// The PTE encryption bit and what it means on this platform.
     fn encryption(&self) -> EncryptionBit;
 
+    /// Whether [`convert`](Self::convert) needs a [`PrivateMap`] (SNP
+    /// PVALIDATE does). The engine then checks its scratch window before it
+    /// changes anything.
+    fn needs_private_map(&self) -> bool {
+        false
+    }
+
     /// Tells the firmware/host that `runs` become `to`, and does the
     /// guest-side steps that go with it (ACCEPT, PVALIDATE).
     ///

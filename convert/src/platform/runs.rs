@@ -1,7 +1,9 @@
 //! Physical runs: maximal stretches of contiguous frames.
 
-/// The frames of one batch: one contiguous run, or sorted, de-duplicated
-/// 4 KiB frames that are merged into runs on the fly.
+const PAGE: u64 = 4096;
+
+/// The frames of one platform call: one contiguous run, or sorted,
+/// disjoint extents that are merged into runs on the fly.
 #[derive(Clone, Copy, Debug)]
 pub enum Runs<'a> {
     /// `[pa, pa + len)`.
@@ -11,19 +13,20 @@ pub enum Runs<'a> {
         /// Length.
         len: u64,
     },
-    /// Sorted, distinct 4 KiB frame addresses.
-    Frames(&'a [u64]),
+    /// Sorted, disjoint extents, each `pa | (pages - 1)` for a 4 KiB
+    /// aligned `pa` and 1 to 4096 pages.
+    Extents(&'a [u64]),
 }
 
 impl<'a> Runs<'a> {
-    /// The runs as `(pa, len)`, ascending.
+    /// The runs as `(pa, len)`, ascending, adjacent extents merged.
     pub fn iter(&self) -> RunsIter<'a> {
         match *self {
             Runs::One { pa, len } => RunsIter {
                 one: Some((pa, len)),
-                frames: &[],
+                extents: &[],
             },
-            Runs::Frames(frames) => RunsIter { one: None, frames },
+            Runs::Extents(extents) => RunsIter { one: None, extents },
         }
     }
 
@@ -34,15 +37,24 @@ impl<'a> Runs<'a> {
 
     /// Every 4 KiB frame.
     pub fn frames(&self) -> impl Iterator<Item = u64> + 'a {
-        self.iter().flat_map(|(pa, len)| (pa..pa + len).step_by(4096))
+        self.iter().flat_map(|(pa, len)| (pa..pa + len).step_by(PAGE as usize))
     }
+
+    /// Whether the frames came from a scattered (vmalloc-style) range.
+    pub fn is_scattered(&self) -> bool {
+        matches!(self, Runs::Extents(_))
+    }
+}
+
+fn decode(e: u64) -> (u64, u64) {
+    (e & !(PAGE - 1), ((e & (PAGE - 1)) + 1) * PAGE)
 }
 
 /// Iterator over [`Runs`].
 #[derive(Clone, Debug)]
 pub struct RunsIter<'a> {
     one: Option<(u64, u64)>,
-    frames: &'a [u64],
+    extents: &'a [u64],
 }
 
 impl Iterator for RunsIter<'_> {
@@ -52,14 +64,18 @@ impl Iterator for RunsIter<'_> {
         if let Some(run) = self.one.take() {
             return Some(run);
         }
-        let (&first, rest) = self.frames.split_first()?;
-        let n = 1 + rest
-            .iter()
-            .enumerate()
-            .take_while(|&(i, &f)| f == first + 4096 * (i as u64 + 1))
-            .count();
-        self.frames = &self.frames[n..];
-        Some((first, n as u64 * 4096))
+        let (&first, mut rest) = self.extents.split_first()?;
+        let (pa, mut len) = decode(first);
+        while let Some((&next, after)) = rest.split_first() {
+            let (npa, nlen) = decode(next);
+            if npa != pa + len {
+                break;
+            }
+            len += nlen;
+            rest = after;
+        }
+        self.extents = rest;
+        Some((pa, len))
     }
 }
 
@@ -68,18 +84,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn frames_merge_into_runs() {
-        let frames = [0x1000, 0x2000, 0x3000, 0x8000, 0xA000, 0xB000];
-        let runs: [(u64, u64); 3] = [(0x1000, 0x3000), (0x8000, 0x1000), (0xA000, 0x2000)];
-        assert!(Runs::Frames(&frames).iter().eq(runs));
-        assert_eq!(Runs::Frames(&frames).bytes(), 6 * 4096);
-        assert!(Runs::Frames(&frames).frames().eq(frames));
+    fn extents_merge_into_runs() {
+        let extents = [0x1000 | 2, 0x4000, 0x8000, 0xA000 | 1, 0x20_0000 | 511];
+        let runs: [(u64, u64); 4] = [
+            (0x1000, 0x4000),
+            (0x8000, 0x1000),
+            (0xA000, 0x2000),
+            (0x20_0000, 2 << 20),
+        ];
+        assert!(Runs::Extents(&extents).iter().eq(runs));
+        assert_eq!(Runs::Extents(&extents).bytes(), 7 * 4096 + (2 << 20));
+        assert!(Runs::Extents(&extents[..3])
+            .frames()
+            .eq([0x1000, 0x2000, 0x3000, 0x4000, 0x8000]));
         assert!(Runs::One {
             pa: 0x4000,
             len: 0x2000
         }
         .frames()
         .eq([0x4000, 0x5000]));
-        assert_eq!(Runs::Frames(&[]).iter().next(), None);
+        assert_eq!(Runs::Extents(&[]).iter().next(), None);
     }
 }

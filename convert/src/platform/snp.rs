@@ -272,6 +272,10 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
         self.encryption
     }
 
+    fn needs_private_map(&self) -> bool {
+        true
+    }
+
     unsafe fn convert(
         &self,
         runs: Runs<'_>,

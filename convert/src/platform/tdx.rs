@@ -84,7 +84,7 @@ impl<T: Tdcall> Tdx<T> {
         mut f: impl FnMut(u64, u64) -> Result<(), PlatformError>,
     ) -> Result<(), PlatformError> {
         match runs {
-            Runs::Frames(_) if !self.options.coalesce_runs => runs.frames().try_for_each(|pa| f(pa, 4096)),
+            Runs::Extents(_) if !self.options.coalesce_runs => runs.frames().try_for_each(|pa| f(pa, 4096)),
             _ => runs.iter().try_for_each(|(pa, len)| f(pa, len)),
         }
     }

@@ -97,7 +97,8 @@ fn runs_of(frames: &[u64]) -> Vec<(u64, u64)> {
     let mut sorted = frames.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    convert::Runs::Frames(&sorted).iter().collect()
+    // A 4 KiB frame is an extent of one page.
+    convert::Runs::Extents(&sorted).iter().collect()
 }
 
 /// One measured workload.

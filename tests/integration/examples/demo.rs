@@ -77,16 +77,16 @@ fn main() {
     let frames = scattered_frames();
     let mut sorted = frames.clone();
     sorted.sort_unstable();
-    let runs = convert::Runs::Frames(&sorted).iter().count();
+    let runs = 1 + sorted.windows(2).filter(|w| w[1] != w[0] + 4096).count();
     println!(
         "16 MiB vmalloc-style buffer: {} frames in {runs} physical runs, scattered over 2 GiB",
         frames.len()
     );
-    // Scratch for the buffer's frame list: with room for all 4096 frames
-    // (32 KiB; a kernel would use a static or per-CPU buffer) the whole
-    // buffer is one transaction, one shootdown, one MapGPA per physical
-    // run. `Engine::convert` uses 2 KiB of stack: 256 frames per
-    // transaction.
+    // Any buffer is one transaction and one shootdown; the scratch only
+    // sets how many extents go to the host per call. With room for all
+    // 4096 frames (32 KiB; a kernel would use a static or per-CPU buffer)
+    // every PSC descriptor is full. `Engine::convert` uses 2 KiB of stack:
+    // 256 extents per call.
     let mut scratch = vec![0u64; frames.len()];
 
     println!("\n== TDX (GPAW 48, shared bit 47) ==");
@@ -147,9 +147,9 @@ fn run<M, F, T, P>(
     e.release_deferred_tables();
     print("to private", &e.counters().since(&mid));
     println!("  after:  {}", layout(m));
+    let c = e.counters();
     println!(
-        "  table pages: {} taken, {} freed (collapses also free tables the OS built at boot)",
-        e.counters().table_pages_taken,
-        e.counters().table_pages_freed
+        "  table pages: {} taken, {} given back; {} tables the OS built at boot retired by collapses",
+        c.table_pages_taken, c.table_pages_freed, c.os_tables_retired
     );
 }

@@ -6,6 +6,7 @@
 pub mod null;
 pub mod signals;
 pub mod sim;
+pub mod watch;
 pub mod world;
 
 use std::ptr::NonNull;

@@ -1,6 +1,7 @@
-//! A simulated OS for the engine: page tables in [`GuestMemory`], a frame
-//! source that catches leaks and double use, a counting TLB shootdown, and
-//! per-CPU scratch windows.
+//! A simulated OS for the engine: page tables in [`GuestMemory`], frame
+//! sources that catch leaks, double use and frees of frames they never
+//! handed out, a counting TLB shootdown, and per-CPU scratch windows; the
+//! frame source and the shootdown report every call to a [`Watch`].
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -11,6 +12,8 @@ use convert::{
     EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
 };
 use hvmock::GuestMemory;
+
+use crate::watch::Watch;
 
 /// Where the direct map starts (1 GiB aligned).
 pub const DIRECT_MAP_VA: u64 = 0xFFFF_8880_0000_0000;
@@ -47,11 +50,14 @@ struct FramesInner {
 /// Frames for page tables from `[start, end)` of simulated memory: a bump
 /// allocator with a free list (what an early-boot OS has). Panics on a
 /// double allocation or a free of a frame it did not hand out: either
-/// would be table-page double use.
+/// would be table-page double use. Tables the engine retires to the OS
+/// (ones it did not take from here) are recorded, and must not be its own.
 #[derive(Debug)]
 pub struct SimFrames {
     mem: Arc<GuestMemory>,
     inner: Mutex<FramesInner>,
+    retired: Mutex<BTreeSet<u64>>,
+    watch: Option<Arc<Watch>>,
 }
 
 impl SimFrames {
@@ -68,7 +74,22 @@ impl SimFrames {
         SimFrames {
             mem,
             inner: Mutex::new(inner),
+            retired: Mutex::new(BTreeSet::new()),
+            watch: None,
         }
+    }
+
+    /// The same, reporting every call to `watch`.
+    pub fn watched(self, watch: Arc<Watch>) -> Self {
+        SimFrames {
+            watch: Some(watch),
+            ..self
+        }
+    }
+
+    /// Tables the engine handed back as the OS's.
+    pub fn retired(&self) -> BTreeSet<u64> {
+        self.retired.lock().unwrap().clone()
     }
 
     /// Frames handed out and not given back.
@@ -86,6 +107,9 @@ impl SimFrames {
     /// engine writes every entry of a table it creates.)
     pub fn set_checked(&self, checked: bool) {
         self.inner.lock().unwrap().checked = checked;
+        if let Some(w) = &self.watch {
+            w.set_enabled(checked);
+        }
     }
 
     /// Allows only `n` more allocations (`None`: unlimited).
@@ -96,6 +120,9 @@ impl SimFrames {
 
 impl FrameSource for SimFrames {
     fn allocate_frame(&self) -> Option<u64> {
+        if let Some(w) = &self.watch {
+            w.entered("allocate_frame");
+        }
         let mut inner = self.inner.lock().unwrap();
         if let Some(n) = inner.allowance.as_mut() {
             if *n == 0 {
@@ -119,6 +146,9 @@ impl FrameSource for SimFrames {
     }
 
     fn free_frame(&self, pa: u64) {
+        if let Some(w) = &self.watch {
+            w.released(pa, "free_frame");
+        }
         let mut inner = self.inner.lock().unwrap();
         if inner.checked {
             assert!(inner.in_use.remove(&pa), "frame {pa:#x} freed but not in use");
@@ -127,21 +157,37 @@ impl FrameSource for SimFrames {
         }
         inner.free.push(pa);
     }
+
+    fn retire_os_table(&self, pa: u64) {
+        if let Some(w) = &self.watch {
+            w.released(pa, "retire_os_table");
+        }
+        assert!(
+            !self.inner.lock().unwrap().in_use.contains(&pa),
+            "{pa:#x} retired as the OS's, but the engine took it from here"
+        );
+        assert!(self.retired.lock().unwrap().insert(pa), "{pa:#x} retired twice");
+    }
 }
 
-/// Counts shootdowns.
+/// Counts shootdowns, and reports each to the watch.
 #[derive(Debug, Default)]
 pub struct SimTlb {
     /// Shootdowns so far.
     pub count: AtomicU64,
     /// Ranges of the last shootdown (empty: everything).
     pub last: Mutex<Vec<VaRange>>,
+    /// The machine's instruments.
+    pub watch: Option<Arc<Watch>>,
 }
 
 impl TlbShootdown for SimTlb {
     fn shootdown(&self, ranges: &[VaRange]) {
         self.count.fetch_add(1, Ordering::Relaxed);
         *self.last.lock().unwrap() = ranges.to_vec();
+        if let Some(w) = &self.watch {
+            w.shootdown(ranges);
+        }
     }
 }
 

@@ -14,11 +14,14 @@ use ghcb::GhcbPage;
 use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
 
 use crate::sim::{current_cpu, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder, DIRECT_MAP_VA, VMALLOC_VA};
+use crate::watch::{Snapshot, Watch};
 use crate::{GIB, MIB};
 
 /// Guest memory size.
 pub const MEMORY: u64 = 2 * GIB;
-/// Page-table frames come from the top 64 MiB of memory.
+/// Page-table frames come from the top 64 MiB of memory: the OS's own
+/// (boot tables, vmalloc tables, window PTs) from the first half, the
+/// engine's frame source from the second.
 pub const TABLES: u64 = MEMORY - 64 * MIB;
 /// Simulated CPUs.
 pub const CPUS: usize = 4;
@@ -45,8 +48,14 @@ pub struct Machine {
     pub mem: Arc<GuestMemory>,
     /// Table access.
     pub phys: SimPhys,
-    /// Table frames.
+    /// The engine's frame source.
     pub frames: SimFrames,
+    /// The OS's own allocator for the tables it builds (at boot, for
+    /// vmalloc ranges, the window PTs): a different allocator, so a frame
+    /// the engine gives to the wrong one is caught.
+    pub os_frames: SimFrames,
+    /// The instruments every OS service reports to.
+    pub watch: Arc<Watch>,
     /// Shootdowns.
     pub tlb: SimTlb,
     /// Scratch windows.
@@ -57,7 +66,7 @@ pub struct Machine {
     pub root: u64,
     /// The PTE encryption bit.
     pub enc: EncryptionBit,
-    /// Table frames in use right after boot.
+    /// OS table frames in use right after boot.
     pub boot_tables: usize,
     next_vmalloc: std::sync::atomic::AtomicU64,
 }
@@ -110,21 +119,39 @@ impl Machine {
     }
 
     fn build(enc: EncryptionBit, size: u64, direct_map: impl FnOnce(&mut TableBuilder<'_>)) -> Self {
+        Self::build_with_tables_at(enc, size, size - 64 * MIB, direct_map)
+    }
+
+    /// As built above, with the 64 MiB of table frames at `tables`.
+    pub fn build_with_tables_at(
+        enc: EncryptionBit,
+        size: u64,
+        tables: u64,
+        direct_map: impl FnOnce(&mut TableBuilder<'_>),
+    ) -> Self {
         let mem = Arc::new(GuestMemory::new(size));
-        let frames = SimFrames::new(mem.clone(), size - 64 * MIB, size);
+        let watch = Arc::new(Watch::new(mem.clone()));
+        let os_frames = SimFrames::new(mem.clone(), tables, tables + 32 * MIB).watched(watch.clone());
+        let frames = SimFrames::new(mem.clone(), tables + 32 * MIB, tables + 64 * MIB).watched(watch.clone());
         let (root, windows) = {
-            let mut b = TableBuilder::new(mem.clone(), &frames, enc);
+            let mut b = TableBuilder::new(mem.clone(), &os_frames, enc);
             direct_map(&mut b);
             let windows = SimWindows::new(&mut b, CPUS);
             (b.root, windows)
         };
-        let boot_tables = frames.in_use();
+        watch.attach(root, enc);
+        let boot_tables = os_frames.in_use();
         Machine {
             phys: SimPhys(mem.clone()),
             states: crate::sim::state_storage(size),
             mem,
             frames,
-            tlb: SimTlb::default(),
+            os_frames,
+            tlb: SimTlb {
+                watch: Some(watch.clone()),
+                ..SimTlb::default()
+            },
+            watch,
             windows,
             root,
             enc,
@@ -172,14 +199,19 @@ impl Machine {
         }
     }
 
+    /// A fresh 2 MiB-aligned vmalloc-style range of `len` bytes (nothing
+    /// mapped), with a 2 MiB gap after it.
+    pub fn vmalloc_area(&self, len: u64) -> u64 {
+        self.next_vmalloc.fetch_add(
+            len.div_ceil(2 * MIB) * 2 * MIB + 2 * MIB,
+            std::sync::atomic::Ordering::Relaxed,
+        )
+    }
+
     /// Maps `frames` (4 KiB each) at a fresh vmalloc-style address, 4 KiB
     /// pages, private; returns the address.
     pub fn vmalloc(&self, frames: &[u64]) -> u64 {
-        let len = frames.len() as u64 * 4096;
-        let va = self.next_vmalloc.fetch_add(
-            len.div_ceil(2 * MIB) * 2 * MIB + 2 * MIB,
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        let va = self.vmalloc_area(frames.len() as u64 * 4096);
         let mut b = self.builder();
         for (i, &pa) in frames.iter().enumerate() {
             b.map(
@@ -194,14 +226,74 @@ impl Machine {
         va
     }
 
-    /// A builder over this machine's tables.
+    /// A builder over this machine's tables, taking new tables from the
+    /// OS's allocator.
     pub fn builder(&self) -> TableBuilder<'_> {
-        TableBuilder::existing(self.mem.clone(), &self.frames, self.root, self.enc)
+        TableBuilder::existing(self.mem.clone(), &self.os_frames, self.root, self.enc)
+    }
+
+    /// Every reachable table's entries and every frame's state.
+    pub fn snapshot(&self) -> Snapshot {
+        let tables = crate::watch::tables_with_regions(&self.mem, self.root, self.enc)
+            .into_keys()
+            .map(|t| (t, (0..512).map(|i| self.mem.read_u64(t + 8 * i)).collect()))
+            .collect();
+        let states = StateTable::new(0, &self.states);
+        let states = (0..self.size() / 4096).map(|f| states.get(f * 4096)).collect();
+        Snapshot { tables, states }
+    }
+
+    /// Table frames the OS and the engine hold now, minus the OS tables
+    /// the engine retired (an OS would reuse those).
+    pub fn table_frames_held(&self) -> std::collections::BTreeSet<u64> {
+        let retired = self.frames.retired();
+        let mut held: std::collections::BTreeSet<u64> = self
+            .os_frames
+            .in_use_set()
+            .into_iter()
+            .filter(|t| !retired.contains(t))
+            .collect();
+        held.extend(self.frames.in_use_set());
+        held
+    }
+
+    /// Lets the watch ask `engine` whether its table lock is held, until
+    /// the returned guard drops.
+    pub fn probe_lock<'e, 'a, M, F, T, P>(&self, engine: &'e Engine<'a, M, F, T, P>) -> LockProbe<'e>
+    where
+        M: convert::PhysMem,
+        F: convert::FrameSource,
+        T: convert::TlbShootdown,
+        P: convert::Platform,
+        Engine<'a, M, F, T, P>: Sync,
+    {
+        let probe: Box<dyn Fn() -> bool + Send + Sync + 'e> = Box::new(move || engine.table_lock_held());
+        // SAFETY: only the lifetime is erased; the guard removes the probe
+        // before `engine` can go away (`'e` bounds the guard).
+        let probe: Box<dyn Fn() -> bool + Send + Sync + 'static> = unsafe { std::mem::transmute(probe) };
+        self.watch.set_lock_probe(Some(probe));
+        LockProbe {
+            watch: self.watch.clone(),
+            _engine: std::marker::PhantomData,
+        }
     }
 
     /// The direct-map address of `pa`.
     pub fn direct(pa: u64) -> u64 {
         DIRECT_MAP_VA + pa
+    }
+}
+
+/// Keeps the watch's lock probe installed; removes it on drop.
+#[derive(Debug)]
+pub struct LockProbe<'e> {
+    watch: Arc<Watch>,
+    _engine: std::marker::PhantomData<&'e ()>,
+}
+
+impl Drop for LockProbe<'_> {
+    fn drop(&mut self) {
+        self.watch.set_lock_probe(None);
     }
 }
 
@@ -220,7 +312,12 @@ pub type TdxEngine<'w> = Engine<'w, &'w SimPhys, &'w SimFrames, &'w SimTlb, Tdx<
 impl TdxWorld {
     /// A TD with GPAW 48 and the given model configuration.
     pub fn new(config: TdxConfig, shape: Shape) -> Self {
-        let m = Machine::new(EncryptionBit::tdx(1 << (config.gpaw - 1)).unwrap(), shape);
+        Self::with_machine(config, |enc| Machine::new(enc, shape))
+    }
+
+    /// A TD on the machine `build` makes for the shared bit.
+    pub fn with_machine(config: TdxConfig, build: impl FnOnce(EncryptionBit) -> Machine) -> Self {
+        let m = build(EncryptionBit::tdx(1 << (config.gpaw - 1)).unwrap());
         let tdx = MockTdx::new(m.mem.clone(), config);
         tdx.attach_page_tables(m.page_tables());
         TdxWorld { m, tdx }
@@ -250,7 +347,12 @@ pub type SnpEngine<'w> =
 impl SnpWorld {
     /// A guest with C-bit 51 and the given model configuration.
     pub fn new(config: SnpConfig, shape: Shape) -> Self {
-        let m = Machine::new(EncryptionBit::snp(config.c_bit).unwrap(), shape);
+        Self::with_machine(config, |enc| Machine::new(enc, shape))
+    }
+
+    /// A guest on the machine `build` makes for the C-bit.
+    pub fn with_machine(config: SnpConfig, build: impl FnOnce(EncryptionBit) -> Machine) -> Self {
+        let m = build(EncryptionBit::snp(config.c_bit).unwrap());
         let snp = MockSnp::new(m.mem.clone(), config);
         snp.attach_page_tables(m.page_tables());
         let ghcbs = Box::leak(

@@ -1,9 +1,10 @@
 //! The shared-memory pool over the engine and the TDX model.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use convert::pool::{ChunkSource, Convert, PoolError, SharedBuffer, SharedPool, CHUNK};
-use convert::{PageState, Target, Visibility};
+use convert::{ConvertError, PageState, PlatformError, Report, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
 use integration::world::{Shape, TdxWorld};
 use integration::{GIB, MIB};
@@ -176,7 +177,8 @@ fn free_of_a_huge_length_or_a_pa_near_the_top_is_refused() {
     let e = w.engine();
     let pool = SharedPool::new(&e, Chunks::new(2), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
-    let top = u64::MAX & !(PAGE - 1);
+    // u64::MAX rounded down to a page.
+    let top = !(PAGE - 1);
     for b in [
         SharedBuffer { pa: a.pa, len: top },
         SharedBuffer {
@@ -294,4 +296,180 @@ fn double_free_after_reuse_is_refused() {
     assert_eq!(b.pa, a.pa);
     refused(&pool, a);
     still_works(&pool, &[b]);
+}
+
+/// The engine, except that it can be told to refuse the next conversions
+/// to one side with an error that changed nothing.
+struct Flaky<C> {
+    inner: C,
+    fail_private: AtomicU32,
+    fail_shared: AtomicU32,
+}
+
+const UNCHANGED: ConvertError = ConvertError::OutOfTableMemory { needed: 1 };
+
+impl<C: Convert> Flaky<C> {
+    fn new(inner: C) -> Self {
+        Flaky {
+            inner,
+            fail_private: AtomicU32::new(0),
+            fail_shared: AtomicU32::new(0),
+        }
+    }
+
+    fn fail_next(&self, to: Visibility, n: u32) {
+        match to {
+            Visibility::Private => self.fail_private.store(n, Ordering::SeqCst),
+            Visibility::Shared => self.fail_shared.store(n, Ordering::SeqCst),
+        }
+    }
+}
+
+impl<C: Convert> Convert for Flaky<C> {
+    fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
+        let fail = match to {
+            Visibility::Private => &self.fail_private,
+            Visibility::Shared => &self.fail_shared,
+        };
+        if fail
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(UNCHANGED);
+        }
+        self.inner.convert(target, to)
+    }
+}
+
+/// A chunk whose return to private failed without changing anything is
+/// still shared and whole: the pool keeps it, serves from it without a
+/// new conversion, and returns it once the converter works again.
+#[test]
+fn a_chunk_that_could_not_go_private_is_kept_and_reused() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let flaky = Flaky::new(&e);
+    let pool = SharedPool::new(&flaky, Chunks::new(2), 0);
+    let a = pool.alloc(2 * PAGE).unwrap();
+    flaky.fail_next(Visibility::Private, 1);
+    assert_eq!(
+        pool.free(a),
+        Ok(()),
+        "the buffer was freed; only its chunk stayed shared"
+    );
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.frees, stats.chunks_held, stats.chunks_returned, stats.chunks_lost),
+        (1, 1, 0, 0)
+    );
+    assert_eq!(e.state(a.pa), Some(PageState::Shared));
+    let conversions = e.counters().conversions;
+    let b = pool.alloc(4 * PAGE).unwrap();
+    assert_eq!(b.pa, a.pa, "served from the kept chunk");
+    assert_eq!(pool.stats().chunks_shared, 1, "no new chunk");
+    assert_eq!(e.counters().conversions, conversions, "no conversion");
+    assert_eq!(w.tdx.page(b.pa + b.len - PAGE).state, TdxPageState::Shared);
+    pool.free(b).unwrap();
+    let stats = pool.stats();
+    assert_eq!((stats.chunks_held, stats.chunks_returned, stats.chunks_lost), (0, 1, 0));
+    assert_eq!(e.state(a.pa), Some(PageState::Private));
+    assert!(w.tdx.violations().is_empty());
+}
+
+/// A kept surplus chunk goes back on a later free, even one that empties
+/// no chunk.
+#[test]
+fn a_kept_surplus_chunk_is_returned_on_a_later_free() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let flaky = Flaky::new(&e);
+    let pool = SharedPool::new(&flaky, Chunks::new(2), 0);
+    let x = pool.alloc(CHUNK).unwrap();
+    let y1 = pool.alloc(PAGE).unwrap();
+    let y2 = pool.alloc(PAGE).unwrap();
+    flaky.fail_next(Visibility::Private, 2);
+    pool.free(x).unwrap();
+    pool.free(y1).unwrap();
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.chunks_held, stats.chunks_returned, stats.chunks_lost),
+        (2, 0, 0),
+        "both attempts refused: kept"
+    );
+    assert_eq!(e.state(x.pa), Some(PageState::Shared));
+    let y3 = pool.alloc(PAGE).unwrap();
+    pool.free(y3).unwrap();
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.chunks_held, stats.chunks_returned, stats.chunks_lost),
+        (1, 1, 0),
+        "the converter works again: the surplus chunk went back"
+    );
+    assert_eq!(e.state(x.pa), Some(PageState::Private));
+    assert_eq!(e.state(y2.pa), Some(PageState::Shared));
+    pool.free(y2).unwrap();
+    let stats = pool.stats();
+    assert_eq!((stats.chunks_held, stats.chunks_returned, stats.chunks_lost), (0, 2, 0));
+    assert_eq!(e.state(y2.pa), Some(PageState::Private));
+}
+
+/// A new chunk whose conversion to shared changed nothing is still private
+/// and goes back to the source, not lost.
+#[test]
+fn a_new_chunk_that_could_not_go_shared_goes_back_to_the_source() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let flaky = Flaky::new(&e);
+    let pool = SharedPool::new(&flaky, Chunks::new(1), 0);
+    flaky.fail_next(Visibility::Shared, 1);
+    assert_eq!(pool.alloc(PAGE), Err(PoolError::Convert(UNCHANGED)));
+    assert_eq!(pool.stats().chunks_lost, 0);
+    let a = pool.alloc(PAGE).unwrap();
+    assert_eq!(a.pa, GIB + 256 * MIB, "the same chunk, from the source again");
+    assert_eq!(e.state(a.pa), Some(PageState::Shared));
+}
+
+/// Only a platform failure, after which the engine has poisoned the
+/// frames, loses a chunk going back to private.
+#[test]
+fn a_chunk_poisoned_going_private_is_lost() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pool = SharedPool::new(&e, Chunks::new(2), 0);
+    let a = pool.alloc(PAGE).unwrap();
+    w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
+    assert_eq!(pool.free(a), Ok(()));
+    w.tdx.set_hostile(None);
+    let stats = pool.stats();
+    assert_eq!((stats.chunks_held, stats.chunks_returned, stats.chunks_lost), (0, 0, 1));
+    assert_eq!(e.state(a.pa), Some(PageState::Poisoned));
+    let b = pool.alloc(PAGE).unwrap();
+    assert_ne!(b.pa, a.pa, "not the poisoned chunk");
+    let _ = e.convert(Target::Physical { pa: b.pa, len: PAGE }, Visibility::Private);
+}
+
+/// What the pool relies on to keep or drop a chunk.
+#[test]
+fn changed_nothing_is_false_only_after_a_change() {
+    for e in [
+        ConvertError::InvalidRange { addr: 1, len: PAGE },
+        ConvertError::NotMapped { va: 0 },
+        ConvertError::UnknownFrame { pa: 0 },
+        ConvertError::Refused {
+            pa: 0,
+            state: PageState::Shared,
+        },
+        ConvertError::OutOfTableMemory { needed: 1 },
+        ConvertError::UnusableTableFrame { pa: 0 },
+        ConvertError::NoScratchWindow,
+    ] {
+        assert!(e.changed_nothing(), "{e:?}");
+    }
+    let poisoned = ConvertError::Platform {
+        error: PlatformError::NoScratchWindow,
+        pa: 0,
+        poisoned: 1,
+        converted: 0,
+    };
+    assert!(!poisoned.changed_nothing(), "{poisoned:?}");
 }

@@ -1,0 +1,116 @@
+//! What a conversion reports.
+
+use crate::platform::PlatformError;
+use crate::state::PageState;
+
+/// A successful conversion.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Report {
+    /// Distinct 4 KiB frames converted (a frame mapped twice counts once).
+    pub frames: u64,
+}
+
+/// Why a conversion did not happen, or did not complete.
+///
+/// Every variant but [`Platform`](Self::Platform) means nothing changed:
+/// every page-table entry and every frame's state is as before the call
+/// ([`changed_nothing`](Self::changed_nothing)).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConvertError {
+    /// Empty, unaligned or wrapping range, or a virtual range that overlaps
+    /// the direct map or a registered alias without lying inside it.
+    InvalidRange {
+        /// Start.
+        addr: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A page of a vmalloc-style range is not mapped (or is being converted
+    /// through another mapping of its frame right now).
+    NotMapped {
+        /// The page.
+        va: u64,
+    },
+    /// A frame is outside the state table.
+    UnknownFrame {
+        /// The first such frame.
+        pa: u64,
+    },
+    /// A frame is not in the state the conversion starts from: already
+    /// converted, converting now, poisoned, or one of the engine's
+    /// page-table pages.
+    Refused {
+        /// The frame.
+        pa: u64,
+        /// Its state.
+        state: PageState,
+    },
+    /// The frame source could not supply the table pages the splits need.
+    OutOfTableMemory {
+        /// Pages needed.
+        needed: usize,
+    },
+    /// The frame source handed out a frame that is not private or that the
+    /// state table does not cover; it was given back.
+    UnusableTableFrame {
+        /// The frame.
+        pa: u64,
+    },
+    /// The platform must map frames privately while they convert (SNP
+    /// PVALIDATE) and the engine has no usable scratch window on this CPU.
+    NoScratchWindow,
+    /// The firmware or host failed. The frames it was asked about are
+    /// poisoned: their mappings stay not present and they are never handed
+    /// back. Frames converted before the failure are converted and mapped
+    /// with the new attribute; the rest are as before. [`Engine::state`]
+    /// tells which frame is which.
+    ///
+    /// [`Engine::state`]: crate::Engine::state
+    Platform {
+        /// What failed.
+        error: PlatformError,
+        /// The first poisoned frame.
+        pa: u64,
+        /// Frames poisoned.
+        poisoned: u64,
+        /// Frames converted before the failure.
+        converted: u64,
+    },
+}
+
+impl ConvertError {
+    /// Whether the error guarantees that nothing changed: every page-table
+    /// entry and every frame's state is as before the call.
+    pub fn changed_nothing(&self) -> bool {
+        !matches!(self, ConvertError::Platform { .. })
+    }
+}
+
+impl core::fmt::Display for ConvertError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            ConvertError::InvalidRange { addr, len } => write!(f, "invalid range {addr:#x}+{len:#x}"),
+            ConvertError::NotMapped { va } => write!(f, "{va:#x} is not mapped"),
+            ConvertError::UnknownFrame { pa } => write!(f, "frame {pa:#x} is outside the state table"),
+            ConvertError::Refused { pa, state } => write!(f, "frame {pa:#x} is {state:?}"),
+            ConvertError::OutOfTableMemory { needed } => write!(f, "{needed} page-table pages could not be had"),
+            ConvertError::UnusableTableFrame { pa } => {
+                write!(f, "the frame source handed out {pa:#x}, which is not private")
+            }
+            ConvertError::NoScratchWindow => f.write_str("no usable scratch window on this CPU"),
+            ConvertError::Platform {
+                error,
+                pa,
+                poisoned,
+                converted,
+            } => write!(
+                f,
+                "{error:?} at frame {pa:#x}: {poisoned} frames poisoned, {converted} converted"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for ConvertError {}

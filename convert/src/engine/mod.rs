@@ -1,0 +1,296 @@
+//! The conversion engine: its configuration, its public calls, and what the
+//! OS must provide. The transaction itself is in `transaction`, the
+//! collapse and the deferred frees in `tidy`.
+//!
+//! Locking: per-frame state is claimed with atomic compare-and-swap, so
+//! conversions of disjoint frames proceed in parallel and a conversion that
+//! overlaps one in progress is refused before it changes anything. One
+//! spin lock serialises page-table *changes* (splitting, not-present,
+//! present again, collapse); it is never held across a hypercall, a
+//! shootdown, or a call into the OS's frame source, so concurrent
+//! conversions overlap their expensive parts.
+
+mod error;
+mod frames;
+mod tidy;
+mod transaction;
+
+use core::sync::atomic::AtomicU64;
+
+use spin::Mutex;
+
+use crate::aliases::{AliasRegistry, Linears};
+use crate::counters::{CounterSnapshot, Counters};
+use crate::deferred::Deferred;
+use crate::platform::Platform;
+use crate::policy::{FailurePolicy, ReportOnly};
+use crate::pte::{EncryptionBit, Visibility};
+use crate::reserve::FrameSource;
+use crate::shootdown::{ShootdownSet, TlbShootdown};
+use crate::state::{PageState, StateTable};
+use crate::tables::{PhysMem, Tables};
+use crate::window::ScratchWindow;
+use crate::{Alias, AliasError, DirectMap};
+
+pub use error::{ConvertError, Report};
+use frames::Frames;
+
+const PAGE: u64 = 4096;
+
+/// What to convert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Physical frames `[pa, pa + len)`.
+    Physical {
+        /// Start.
+        pa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// The frames mapped at `[va, va + len)`. Inside the direct map or a
+    /// registered alias, the same as [`Target::Physical`] of the frames
+    /// that mapping covers. Elsewhere a vmalloc-style range: its frames are
+    /// found by walking its entries (they need not be contiguous, and one
+    /// may appear twice: it is converted once), every page must be mapped,
+    /// and the range, its frames' direct-map and registered aliases convert
+    /// in one transaction.
+    Virtual {
+        /// Start.
+        va: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// Layout facts the engine needs.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Physical address of the top-level table (CR3).
+    pub root: u64,
+    /// The direct map.
+    pub direct_map: DirectMap,
+    /// Collapse tables back into huge leaves after a conversion: in the
+    /// direct map any table, elsewhere only tables the engine's own splits
+    /// made.
+    pub collapse: bool,
+    /// Allow collapsing into 1 GiB leaves (the CPU supports them).
+    pub collapse_1g: bool,
+}
+
+/// The conversion engine. `Sync`: conversions may run on several CPUs at
+/// once (see the module docs for the locking).
+pub struct Engine<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> {
+    mem: M,
+    frames: F,
+    tlb: T,
+    platform: P,
+    config: Config,
+    enc: EncryptionBit,
+    states: StateTable<'a>,
+    window: Option<&'a (dyn ScratchWindow + Sync)>,
+    policy: &'a (dyn FailurePolicy + Sync),
+    aliases: AliasRegistry,
+    tables_lock: Mutex<Deferred>,
+    /// Bumped under the table lock by every change that can merge leaves
+    /// (a collapse, an OS change through `with_table_lock`): a conversion
+    /// planned before a bump plans again.
+    merges: AtomicU64,
+    counters: Counters,
+}
+
+impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> core::fmt::Debug for Engine<'_, M, F, T, P> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("encryption", &self.enc)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M, F, T, P> {
+    /// An engine over the page tables at `config.root`.
+    pub fn new(config: Config, mem: M, frames: F, tlb: T, platform: P, states: StateTable<'a>) -> Self {
+        Engine {
+            enc: platform.encryption(),
+            mem,
+            frames,
+            tlb,
+            platform,
+            config,
+            states,
+            window: None,
+            policy: &ReportOnly,
+            aliases: AliasRegistry::new(),
+            tables_lock: Mutex::new(Deferred::new()),
+            merges: AtomicU64::new(0),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Gives the engine the per-CPU private scratch window (needed by SNP).
+    pub fn with_window(mut self, window: &'a (dyn ScratchWindow + Sync)) -> Self {
+        self.window = Some(window);
+        self
+    }
+
+    /// Sets the failure policy (default: [`ReportOnly`]).
+    pub fn with_policy(mut self, policy: &'a (dyn FailurePolicy + Sync)) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The platform backend.
+    pub fn platform(&self) -> &P {
+        &self.platform
+    }
+
+    /// The PTE encryption bit in use.
+    pub fn encryption(&self) -> EncryptionBit {
+        self.enc
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.counters.snapshot()
+    }
+
+    /// The state of the frame at `pa`.
+    pub fn state(&self, pa: u64) -> Option<PageState> {
+        self.states.get(pa)
+    }
+
+    /// Frames per state: [private, shared, converting, poisoned] (the
+    /// engine's page-table pages count as private).
+    pub fn census(&self) -> [u64; 4] {
+        self.states.census()
+    }
+
+    /// The physical address `va` maps to, if present.
+    pub fn translate(&self, va: u64) -> Option<u64> {
+        self.tables().translate(va)
+    }
+
+    /// Registers an extra linear alias of RAM. It takes part in the
+    /// conversions that start after this returns; the OS must not map it
+    /// while a conversion of its frames is in flight.
+    pub fn register_alias(&self, alias: Alias) -> Result<usize, AliasError> {
+        self.aliases.register(alias, self.config.direct_map)
+    }
+
+    /// Forgets the alias registered as `id`, and returns only once no
+    /// conversion that may write through it is in flight: after that the
+    /// OS may reuse its virtual range. It waits for conversions on other
+    /// CPUs, so the caller must not hold anything those wait for (interrupts
+    /// off while a conversion's shootdown needs this CPU, say).
+    pub fn unregister_alias(&self, id: usize) -> Option<Alias> {
+        self.aliases.unregister(id)
+    }
+
+    /// The alias registered as `id`.
+    pub fn alias(&self, id: usize) -> Option<Alias> {
+        self.aliases.get(id)
+    }
+
+    /// Runs `f` with the table lock held: the only way an OS may change
+    /// entries of the direct map or of registered aliases (for frames no
+    /// conversion owns) while conversions can run. `f` must not call into
+    /// the engine, and must not split or merge the tables of frames a
+    /// conversion owns.
+    pub fn with_table_lock<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _lock = self.tables_lock.lock();
+        let r = f();
+        self.merges.fetch_add(1, core::sync::atomic::Ordering::AcqRel);
+        r
+    }
+
+    /// Whether some CPU holds the table lock now. For an OS's own
+    /// instrumentation: the engine never calls the frame source or the
+    /// shootdown with it held.
+    #[doc(hidden)]
+    pub fn table_lock_held(&self) -> bool {
+        self.tables_lock.is_locked()
+    }
+
+    /// Frees tables left by collapses after one shootdown that covers their
+    /// regions. Conversions do this on their own; call it to return the
+    /// memory sooner.
+    pub fn release_deferred_tables(&self) {
+        let pending = core::mem::replace(&mut *self.tables_lock.lock(), Deferred::new());
+        if !pending.is_empty() {
+            let mut set = ShootdownSet::new();
+            pending.add_regions(&self.mem, &mut set);
+            self.shootdown(set.ranges());
+            self.free_tables(pending);
+        }
+    }
+
+    /// Converts `target` to `to`, with a 2 KiB on-stack scratch for the
+    /// frames of vmalloc-style ranges (256 extents per host call).
+    pub fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
+        let mut scratch = [0u64; 256];
+        self.convert_with_scratch(target, to, &mut scratch)
+    }
+
+    /// As [`convert`](Self::convert), with caller-provided scratch: the
+    /// frames of a vmalloc-style range go to the host `scratch.len()`
+    /// extents at a time (an extent is a contiguous run of up to 16 MiB).
+    /// The scratch size changes the number of host calls, never what the
+    /// conversion does.
+    pub fn convert_with_scratch(
+        &self,
+        target: Target,
+        to: Visibility,
+        scratch: &mut [u64],
+    ) -> Result<Report, ConvertError> {
+        let (addr, len) = match target {
+            Target::Physical { pa, len } => (pa, len),
+            Target::Virtual { va, len } => (va, len),
+        };
+        let invalid = ConvertError::InvalidRange { addr, len };
+        if len == 0 || (addr | len) % PAGE != 0 || addr.checked_add(len).is_none() || scratch.is_empty() {
+            return Err(invalid);
+        }
+        let (hold, snapshot) = self.aliases.enter();
+        let linears = Linears {
+            direct_map: self.config.direct_map,
+            registered: snapshot.as_ref(),
+        };
+        let frames = match target {
+            Target::Physical { pa, len } => Frames::Linear { pa, len },
+            Target::Virtual { va, len } => match linears.physical(va, len) {
+                Ok(Some(pa)) => Frames::Linear { pa, len },
+                Ok(None) => Frames::Mapped { va, len },
+                Err(()) => return Err(invalid),
+            },
+        };
+        let report = self.transaction(frames, to, linears, scratch);
+        drop(hold);
+        if report.is_ok() {
+            Counters::add(&self.counters.conversions, 1);
+        }
+        report
+    }
+
+    fn tables(&self) -> Tables<'_, M> {
+        Tables {
+            mem: &self.mem,
+            root: self.config.root,
+            enc: self.enc,
+        }
+    }
+
+    fn shootdown(&self, ranges: &[crate::VaRange]) {
+        Counters::add(&self.counters.shootdowns, 1);
+        self.tlb.shootdown(ranges);
+    }
+
+    fn free_tables(&self, deferred: Deferred) {
+        deferred.free_all(&self.mem, &self.frames, &self.states, |engines| {
+            if engines {
+                self.counters.record_table_freed()
+            } else {
+                self.counters.record_os_table_retired()
+            }
+        });
+    }
+}
