@@ -172,6 +172,8 @@ struct Model {
     config: TdxConfig,
     pages: Vec<TdxPage>,
     hostile: Option<TdxHostile>,
+    /// MapGPA calls still answered honestly before `hostile_later` starts.
+    hostile_later: Option<(u32, TdxHostile)>,
     busy_answers: u32,
     stalls_left: u32,
     rewind_flip: bool,
@@ -212,6 +214,7 @@ impl MockTdx {
                 config,
                 pages,
                 hostile: None,
+                hostile_later: None,
                 busy_answers: 0,
                 stalls_left: config.map_gpa_stalls_per_chunk,
                 rewind_flip: false,
@@ -236,6 +239,14 @@ impl MockTdx {
     /// Makes the VMM lie (or stop lying, with `None`).
     pub fn set_hostile(&self, hostile: Option<TdxHostile>) {
         self.model.lock().hostile = hostile;
+    }
+
+    /// Answers the next `calls` MapGPA calls honestly, then lies as
+    /// `hostile` from then on.
+    pub fn set_hostile_after(&self, calls: u32, hostile: TdxHostile) {
+        let mut model = self.model.lock();
+        model.hostile = None;
+        model.hostile_later = Some((calls, hostile));
     }
 
     /// The next `n` ACCEPTs are answered `TDX_OPERAND_BUSY`.
@@ -457,6 +468,12 @@ impl Model {
             return (VMCALL_INVALID_OPERAND, r12);
         };
         self.aliases.check(memory, "MapGPA", start, end - start, None);
+        if let Some((calls, hostile)) = self.hostile_later {
+            self.hostile_later = calls.checked_sub(1).map(|c| (c, hostile));
+            if calls == 0 {
+                self.hostile = Some(hostile);
+            }
+        }
         let chunk = self
             .config
             .map_gpa_chunk_pages

@@ -171,7 +171,7 @@ impl FrameSource for SimFrames {
 }
 
 /// Counts shootdowns, and reports each to the watch.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct SimTlb {
     /// Shootdowns so far.
     pub count: AtomicU64,
@@ -179,6 +179,17 @@ pub struct SimTlb {
     pub last: Mutex<Vec<VaRange>>,
     /// The machine's instruments.
     pub watch: Option<Arc<Watch>>,
+    /// Runs at every shootdown, on the converting CPU, while the frames
+    /// are unmapped: a test's way to act in the middle of a conversion.
+    pub hook: Mutex<Option<Box<dyn FnMut() + Send>>>,
+}
+
+impl std::fmt::Debug for SimTlb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimTlb")
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TlbShootdown for SimTlb {
@@ -187,6 +198,9 @@ impl TlbShootdown for SimTlb {
         *self.last.lock().unwrap() = ranges.to_vec();
         if let Some(w) = &self.watch {
             w.shootdown(ranges);
+        }
+        if let Some(hook) = self.hook.lock().unwrap().as_mut() {
+            hook();
         }
     }
 }
@@ -213,6 +227,11 @@ pub fn current_cpu() -> usize {
 }
 
 impl SimWindows {
+    /// The window of simulated CPU `cpu`.
+    pub fn slot_of(&self, cpu: usize) -> WindowSlot {
+        self.slots[cpu]
+    }
+
     /// Windows for `cpus` CPUs, with their PD path built in `builder`'s
     /// tables and a PT page each.
     pub fn new(builder: &mut TableBuilder<'_>, cpus: usize) -> Self {

@@ -108,7 +108,8 @@ impl Watch {
     }
 
     /// Installs the probe that says whether the engine's table lock is
-    /// held (`Engine::table_lock_held`); `None` removes it.
+    /// held (`Engine::table_lock_held`); `None` removes it. It cannot tell
+    /// which CPU holds the lock: install it only while one CPU converts.
     pub fn set_lock_probe(&self, probe: Option<Probe>) {
         *self.probe.lock().unwrap() = probe;
     }

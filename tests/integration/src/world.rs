@@ -306,6 +306,9 @@ pub struct TdxWorld {
     pub tdx: MockTdx,
 }
 
+/// The engine of a simulated machine, over platform `P`.
+pub type EngineOf<'w, P> = Engine<'w, &'w SimPhys, &'w SimFrames, &'w SimTlb, P>;
+
 /// The engine type of a TDX world.
 pub type TdxEngine<'w> = Engine<'w, &'w SimPhys, &'w SimFrames, &'w SimTlb, Tdx<&'w MockTdx>>;
 
