@@ -646,7 +646,7 @@ fn consistent(
     assert_clean(m);
 }
 
-fn hammer<P: convert::Platform>(m: &Machine, e: &integration::world::EngineOf<'_, P>, seed: u64, vmalloc: &[(u64, u64)])
+fn hammer<P: convert::Platform>(e: &integration::world::EngineOf<'_, P>, seed: u64, vmalloc: &[(u64, u64)])
 where
     for<'x> integration::world::EngineOf<'x, P>: Sync,
 {
@@ -719,7 +719,7 @@ fn concurrent_overlapping_and_adjacent_conversions_keep_every_promise_tdx() {
         let w = tdx(if seed % 2 == 0 { Shape::Mixed } else { Shape::Small });
         let e = w.engine();
         let buffers = hammer_buffers(&w.m);
-        hammer(&w.m, &e, seed, &buffers);
+        hammer(&e, seed, &buffers);
         e.release_deferred_tables();
         let host = |pa| match w.tdx.page(pa).state {
             hvmock::TdxPageState::Accepted => Some(Visibility::Private),
@@ -741,7 +741,7 @@ fn concurrent_overlapping_and_adjacent_conversions_keep_every_promise_snp() {
             w.boot_ghcb(&e, 1536 * MIB + cpu as u64 * PAGE);
         }
         let buffers = hammer_buffers(&w.m);
-        hammer(&w.m, &e, seed, &buffers);
+        hammer(&e, seed, &buffers);
         e.release_deferred_tables();
         let host = |pa| {
             let r = w.snp.rmp(pa);
