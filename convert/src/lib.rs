@@ -19,6 +19,36 @@
 //! [`StateTable`]'s storage, and for SNP a [`ScratchWindow`] per CPU.
 //! Nothing here allocates from a heap.
 //!
+//! # The contract
+//!
+//! The full text, each promise with the test that holds it, is
+//! `docs/contract.md` in the repository. In short:
+//!
+//! - **The OS promises** not to change entries that map frames a
+//!   conversion owns, nor split or merge their tables, until the call
+//!   returns; to change other entries of the direct map and registered
+//!   aliases only inside [`Engine::with_table_lock`]; to convert a vmalloc
+//!   buffer's frames through the buffer (the engine knows no other
+//!   mapping); to map a registered alias only while registered.
+//! - **The engine changes** only present leaves of the ranges it
+//!   converts, splitting only present huge leaves that straddle a
+//!   boundary, and **restores exactly the entries it made not present**:
+//!   an entry the OS left not present (a guard page with its frame kept,
+//!   software bits only, zero, at any level) stays as it was, bit for bit.
+//!   It never makes a poisoned frame's entry present.
+//! - **Table pages**: only frames taken from the [`FrameSource`] go back to
+//!   it (they are [`PageState::PageTable`] meanwhile and cannot be
+//!   converted); tables the OS built that a collapse replaces go to
+//!   [`FrameSource::retire_os_table`]; nothing goes back before a
+//!   [`TlbShootdown`] that names its region.
+//! - **Locks**: none is held across a hypercall, a shootdown, or a frame
+//!   source call. [`Engine::unregister_alias`] waits for conversions in
+//!   flight.
+//! - **Results**: every [`ConvertError`] but `Platform` means nothing
+//!   changed, literally ([`ConvertError::changed_nothing`]); `Platform`
+//!   counts the frames poisoned and converted, and [`Engine::state`] tells
+//!   which is which. [`Report::frames`] counts distinct frames.
+//!
 //! # Embedding
 //!
 //! What a TDX guest kernel implements and calls (compiled, not run: it needs
@@ -66,8 +96,8 @@
 //! let engine = Engine::new(config, DirectMapAccess, BootFrames, Ipi, tdx, StateTable::new(0, &STATES));
 //!
 //! // A direct-map or vmalloc-style range: every alias converts with it.
-//! engine.convert(Target::Virtual { va: PHYS_OFFSET + (64 << 20), len: 16 << 20 }, Visibility::Shared).map_err(|e| format!("{e:?}"))?;
-//! engine.convert(Target::Physical { pa: 64 << 20, len: 16 << 20 }, Visibility::Private).map_err(|e| format!("{e:?}"))?;
+//! engine.convert(Target::Virtual { va: PHYS_OFFSET + (64 << 20), len: 16 << 20 }, Visibility::Shared)?;
+//! engine.convert(Target::Physical { pa: 64 << 20, len: 16 << 20 }, Visibility::Private)?;
 //! # Ok(())
 //! # }
 //! ```
