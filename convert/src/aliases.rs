@@ -45,8 +45,8 @@ pub const MAX_ALIASES: usize = 16;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AliasError {
-    /// Empty, not 4 KiB aligned, or wrapping around the end of the virtual
-    /// or physical address space.
+    /// Empty, not 4 KiB aligned, not canonical, or reaching the end of the
+    /// virtual or physical address space.
     Invalid,
     /// Its virtual range overlaps the direct map.
     OverlapsDirectMap,
@@ -77,6 +77,9 @@ pub(crate) type Snapshot = [Option<Alias>; MAX_ALIASES];
 
 pub(crate) struct AliasRegistry {
     slots: Mutex<Snapshot>,
+    /// Held by an unregister across its wait: a second one flipping the
+    /// phase meanwhile would wait on the wrong counter.
+    unregistering: Mutex<()>,
     registered: AtomicUsize,
     phase: AtomicUsize,
     readers: [AtomicUsize; 2],
@@ -94,6 +97,18 @@ impl Drop for Readers<'_> {
     }
 }
 
+/// Whether `[va, va + len)` (non-empty, not wrapping) lies in one half of
+/// the canonical 48-bit address space, as 4-level paging translates it.
+pub(crate) fn canonical_range(va: u64, len: u64) -> bool {
+    let half = |a: u64| match a >> 47 {
+        0 => Some(false),
+        0x1_FFFF => Some(true),
+        _ => None,
+    };
+    let last = va + (len - 1);
+    half(va).is_some() && half(va) == half(last)
+}
+
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
     a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
 }
@@ -102,6 +117,7 @@ impl AliasRegistry {
     pub const fn new() -> Self {
         AliasRegistry {
             slots: Mutex::new([None; MAX_ALIASES]),
+            unregistering: Mutex::new(()),
             registered: AtomicUsize::new(0),
             phase: AtomicUsize::new(0),
             readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
@@ -110,7 +126,11 @@ impl AliasRegistry {
 
     pub fn register(&self, alias: Alias, direct_map: DirectMap) -> Result<usize, AliasError> {
         let wraps = alias.va.checked_add(alias.len).is_none() || alias.pa.checked_add(alias.len).is_none();
-        if alias.len == 0 || (alias.va | alias.pa | alias.len) & 0xFFF != 0 || wraps {
+        if alias.len == 0
+            || (alias.va | alias.pa | alias.len) & 0xFFF != 0
+            || wraps
+            || !canonical_range(alias.va, alias.len)
+        {
             return Err(AliasError::Invalid);
         }
         if overlaps(alias.va, alias.len, direct_map.va, direct_map.len) {
@@ -133,6 +153,7 @@ impl AliasRegistry {
     /// Removes alias `id`, then waits until no conversion that may still
     /// write through it is in flight. Returns the alias removed.
     pub fn unregister(&self, id: usize) -> Option<Alias> {
+        let _one_at_a_time = self.unregistering.lock();
         let removed = {
             let mut slots = self.slots.lock();
             let removed = slots.get_mut(id)?.take()?;

@@ -44,8 +44,8 @@ const END: u64 = u64::MAX;
 pub(crate) enum ReserveError {
     /// The source ran out.
     Exhausted,
-    /// The source handed out a frame that is not private or not in the
-    /// state table (given back at once).
+    /// The source handed out a frame that is not private, not in the state
+    /// table, or not 4 KiB aligned (given back at once).
     Unusable { pa: u64, state: Option<PageState> },
 }
 
@@ -66,6 +66,10 @@ impl Reserve {
 
     /// Tops the reserve up to `n` frames. On failure the reserve keeps what
     /// it had.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     pub fn fill_to<M: PhysMem, F: FrameSource>(
         &mut self,
         n: usize,

@@ -69,8 +69,9 @@ impl ShootdownSet {
             return;
         }
         if let Some(last) = self.ranges[..self.len].last_mut() {
-            if last.va + last.len == va {
-                last.len += len;
+            // A range may end at the top of the address space.
+            if last.va.checked_add(last.len) == Some(va) {
+                last.len = last.len.saturating_add(len);
                 return;
             }
         }

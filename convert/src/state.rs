@@ -194,8 +194,12 @@ impl<'a> StateTable<'a> {
     }
 
     /// Takes a private frame as an engine page-table page; on failure
-    /// returns the state found (`None`: not covered).
+    /// returns the state found (`None`: not covered, or not a frame's
+    /// address).
     pub(crate) fn take_table(&self, pa: u64) -> Result<(), Option<PageState>> {
+        if pa % 4096 != 0 {
+            return Err(None);
+        }
         self.claim_code(pa, Code::Private, Code::Table)
     }
 

@@ -19,8 +19,10 @@ pub struct Report {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConvertError {
-    /// Empty, unaligned or wrapping range, or a virtual range that overlaps
-    /// the direct map or a registered alias without lying inside it.
+    /// Empty, unaligned or wrapping range; a virtual range that is not
+    /// canonical (4-level paging: bits 63..47 all equal) from its first byte
+    /// to its last, or that overlaps the direct map or a registered alias
+    /// without lying inside it.
     InvalidRange {
         /// Start.
         addr: u64,

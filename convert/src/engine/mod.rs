@@ -165,8 +165,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         self.states.census()
     }
 
-    /// The physical address `va` maps to, if present.
+    /// The physical address `va` maps to, if present. Walks under the table
+    /// lock, so it never follows a table a collapse is freeing.
     pub fn translate(&self, va: u64) -> Option<u64> {
+        let _lock = self.tables_lock.lock();
         self.tables().translate(va)
     }
 
@@ -234,8 +236,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// As [`convert`](Self::convert), with caller-provided scratch: the
     /// frames of a vmalloc-style range go to the host `scratch.len()`
     /// extents at a time (an extent is a contiguous run of up to 16 MiB).
-    /// The scratch size changes the number of host calls, never what the
-    /// conversion does.
+    /// The scratch size sets the number of host calls; the conversion is
+    /// the same one transaction (a small scratch may only split, and later
+    /// collapse, a direct-map leaf between physically adjacent frames the
+    /// range maps far apart).
     pub fn convert_with_scratch(
         &self,
         target: Target,
@@ -248,6 +252,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         };
         let invalid = ConvertError::InvalidRange { addr, len };
         if len == 0 || (addr | len) % PAGE != 0 || addr.checked_add(len).is_none() || scratch.is_empty() {
+            return Err(invalid);
+        }
+        if matches!(target, Target::Virtual { .. }) && !crate::aliases::canonical_range(addr, len) {
             return Err(invalid);
         }
         let (hold, snapshot) = self.aliases.enter();

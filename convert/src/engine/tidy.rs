@@ -8,6 +8,8 @@
 
 use core::sync::atomic::Ordering;
 
+use spin::MutexGuard;
+
 use super::frames::{for_each_chunk, Chunk, Frames};
 use super::transaction::Tx;
 use super::Engine;
@@ -27,20 +29,26 @@ struct NeedRoom;
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, T, P> {
     /// Collapses what the conversion's frames and ranges touch: 2 MiB over
     /// all of it first, since a 1 GiB region qualifies only once its 2 MiB
-    /// regions have collapsed.
-    pub(super) fn collapse_all(&self, tx: &Tx<'_>, scratch: &mut [u64]) {
+    /// regions have collapsed. Called and returns with the table lock held;
+    /// drops it only to make room for deferred frees.
+    pub(super) fn collapse_all<'l>(
+        &'l self,
+        tx: &Tx<'_>,
+        scratch: &mut [u64],
+        mut lock: MutexGuard<'l, Deferred>,
+    ) -> MutexGuard<'l, Deferred> {
         let levels: &[Level] = match (self.config.collapse, self.config.collapse_1g) {
-            (false, _) => return,
+            (false, _) => return lock,
             (true, false) => &[Level::Pd],
             (true, true) => &[Level::Pd, Level::Pdpt],
         };
         loop {
-            let mut deferred = self.tables_lock.lock();
-            if self.collapse_pass(tx, scratch, levels, &mut deferred).is_ok() {
-                return;
+            if self.collapse_pass(tx, scratch, levels, &mut lock).is_ok() {
+                return lock;
             }
-            drop(deferred);
+            drop(lock);
             self.make_room();
+            lock = self.tables_lock.lock();
         }
     }
 

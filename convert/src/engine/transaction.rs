@@ -9,6 +9,8 @@
 //! and which never reached the host.
 
 use super::frames::{decode, extent, for_each_chunk, Chunk, Frames};
+use core::sync::atomic::Ordering;
+
 use super::{ConvertError, Engine, Report, PAGE};
 use crate::aliases::{virtual_of, Linear, Linears};
 use crate::deferred::Deferred;
@@ -47,31 +49,6 @@ pub(super) fn hole_of(kind: Linear) -> Hole {
     }
 }
 
-/// Calls `f` with each maximal run of frames of `runs` that `advance`
-/// accepts (all of them without a filter).
-fn for_runs_where(runs: Runs<'_>, mut accept: impl FnMut(u64) -> bool, mut f: impl FnMut(u64, u64)) {
-    let mut open: Option<(u64, u64)> = None;
-    for frame in runs.frames() {
-        if !accept(frame) {
-            if let Some((pa, len)) = open.take() {
-                f(pa, len);
-            }
-            continue;
-        }
-        open = match open {
-            Some((pa, len)) if pa + len == frame => Some((pa, len + PAGE)),
-            Some((pa, len)) => {
-                f(pa, len);
-                Some((frame, PAGE))
-            }
-            None => Some((frame, PAGE)),
-        };
-    }
-    if let Some((pa, len)) = open {
-        f(pa, len);
-    }
-}
-
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, T, P> {
     pub(super) fn transaction(
         &self,
@@ -85,22 +62,45 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         if self.platform.needs_private_map() && self.window.and_then(|w| WindowMap::new(&tables, w)).is_none() {
             return Err(ConvertError::NoScratchWindow);
         }
+        // Every walk of live tables runs under the table lock: another CPU's
+        // collapse may free a table page once a shootdown has run, and a
+        // shootdown protects the hardware's walkers, not this code's.
+        let mut lock = self.tables_lock.lock();
         self.claim(&tx)?;
-        let (mut reserve, mut deferred) = match self.prepare(&tx, scratch) {
-            Ok(ready) => ready,
-            Err(e) => {
-                self.release_claims(&tx);
-                return Err(e);
+        let mut reserve = Reserve::new();
+        loop {
+            let needed = self.plan(&tx, scratch);
+            if reserve.len() >= needed {
+                break;
             }
-        };
+            // The frame source is called without the lock; the plan is
+            // made again if leaves were merged meanwhile (splits by others
+            // only lower it).
+            let merges = self.merges.load(Ordering::Acquire);
+            drop(lock);
+            let filled = reserve.fill_to(needed, &self.mem, &self.frames, &self.states);
+            lock = self.tables_lock.lock();
+            if let Err(e) = filled {
+                self.release_claims(&tx, scratch);
+                drop(lock);
+                reserve.release(&self.mem, &self.frames, &self.states);
+                return Err(match e {
+                    ReserveError::Exhausted => ConvertError::OutOfTableMemory { needed },
+                    ReserveError::Unusable { pa, .. } => ConvertError::UnusableTableFrame { pa },
+                });
+            }
+            if self.merges.load(Ordering::Acquire) == merges {
+                break;
+            }
+        }
         let mut shootdown = ShootdownSet::new();
         self.unmap_all(&tx, scratch, &mut reserve, &mut shootdown);
         // Tables earlier collapses left go in the same shootdown.
-        let pending = (!deferred.is_empty()).then(|| core::mem::replace(&mut *deferred, Deferred::new()));
+        let pending = (!lock.is_empty()).then(|| core::mem::replace(&mut *lock, Deferred::new()));
         if let Some(p) = &pending {
             p.add_regions(&self.mem, &mut shootdown);
         }
-        drop(deferred);
+        drop(lock);
         reserve.release(&self.mem, &self.frames, &self.states);
         if !shootdown.is_empty() {
             self.shootdown(shootdown.ranges());
@@ -112,15 +112,24 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         // From here on no alias of the frames is present: a stray access
         // takes an ordinary #PF.
         let sent = self.send(&tx, scratch);
-        {
-            let _lock = self.tables_lock.lock();
-            self.restore_all(&tx, scratch, sent.is_ok());
-        }
-        self.collapse_all(&tx, scratch);
+        let mut lock = self.tables_lock.lock();
+        let extra_poisoned = match sent {
+            Err(_) if tx.mapped() => self.poison_mixed_leaves(&tx),
+            _ => 0,
+        };
+        let converted = self.restore_all(&tx, scratch, sent.is_ok());
+        lock = self.collapse_all(&tx, scratch, lock);
         self.settle_all(&tx, scratch, sent.is_ok());
+        drop(lock);
         match sent {
-            Ok(frames) => Ok(Report { frames }),
-            Err(err) => {
+            Ok(()) => Ok(Report { frames: converted }),
+            Err(failure) => {
+                let err = ConvertError::Platform {
+                    error: failure.error,
+                    pa: failure.pa,
+                    poisoned: failure.frames + extra_poisoned,
+                    converted,
+                };
                 crate::counters::Counters::add(&self.counters.failures, 1);
                 log::error!("conversion failed, frames poisoned: {err:?}");
                 if let FailureAction::Terminate { reason } = self.policy.on_failure(&err) {
@@ -199,7 +208,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         });
     }
 
-    fn release_claims(&self, tx: &Tx<'_>) {
+    fn release_claims(&self, tx: &Tx<'_>, _scratch: &mut [u64]) {
         let from = Code::settled(tx.from());
         match tx.frames {
             Frames::Linear { pa, len } => {
@@ -211,54 +220,69 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         }
     }
 
-    /// Reserves the table pages the splits need and takes the table lock.
-    /// The frame source is called without the lock; the plan is made again
-    /// if leaves were merged meanwhile (splits by others only lower it).
-    fn prepare(
-        &self,
-        tx: &Tx<'_>,
-        scratch: &mut [u64],
-    ) -> Result<(Reserve, spin::MutexGuard<'_, Deferred>), ConvertError> {
-        let mut reserve = Reserve::new();
-        loop {
-            let merges = self.merges.load(core::sync::atomic::Ordering::Acquire);
-            let needed = self.plan(tx, scratch);
-            if let Err(e) = reserve.fill_to(needed, &self.mem, &self.frames, &self.states) {
-                reserve.release(&self.mem, &self.frames, &self.states);
-                return Err(match e {
-                    ReserveError::Exhausted => ConvertError::OutOfTableMemory { needed },
-                    ReserveError::Unusable { pa, .. } => ConvertError::UnusableTableFrame { pa },
-                });
-            }
-            let lock = self.tables_lock.lock();
-            if self.merges.load(core::sync::atomic::Ordering::Acquire) == merges {
-                return Ok((reserve, lock));
-            }
-            // Every round means another CPU finished a merge: the system
-            // progresses even if this conversion plans again.
-        }
-    }
-
     /// An upper bound on the table pages the splits need: each linear
-    /// alias's boundaries, chunk by chunk, and a mapped range's ends.
+    /// alias's boundaries, run by run, and a mapped range's ends.
     fn plan(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> usize {
         let tables = self.tables();
         let mut needed = 0;
-        let _ = for_each_chunk(&tables, tx.frames, scratch, |chunk: Chunk<'_>| -> Result<(), ()> {
-            let runs = chunk.runs();
+        let mut count = |pa: u64, len: u64| {
             for (_, alias) in tx.linears.iter() {
-                let boundaries = runs
-                    .iter()
-                    .filter_map(|(pa, len)| virtual_of(alias, pa, len))
-                    .flat_map(|(va, len)| [va, va + len]);
-                needed += tables_needed(&tables, boundaries);
+                if let Some((va, vlen)) = virtual_of(alias, pa, len) {
+                    needed += tables_needed(&tables, [va, va + vlen].into_iter());
+                }
             }
-            Ok(())
-        });
+        };
+        self.for_each_run(tx, scratch, |_| true, &mut count);
         if let Frames::Mapped { va, len } = tx.frames {
             needed += tables_needed(&tables, [va, va + len].into_iter());
         }
         needed
+    }
+
+    /// Calls `f` with each maximal physical run of the frames `accept`
+    /// takes, joined across the chunks of a mapped range in the order it
+    /// maps them (a chunk's edge is no run's edge: a range of contiguous
+    /// frames splits the direct map only at its ends, whatever the scratch).
+    fn for_each_run(
+        &self,
+        tx: &Tx<'_>,
+        scratch: &mut [u64],
+        mut accept: impl FnMut(u64) -> bool,
+        f: &mut impl FnMut(u64, u64),
+    ) {
+        let mut open: Option<(u64, u64)> = None;
+        let _ = for_each_chunk(
+            &self.tables(),
+            tx.frames,
+            scratch,
+            |chunk: Chunk<'_>| -> Result<(), ()> {
+                if let Chunk::One { pa, len } = chunk {
+                    // A linear conversion: one run, every frame taken.
+                    f(pa, len);
+                    return Ok(());
+                }
+                for frame in chunk.runs().frames() {
+                    if !accept(frame) {
+                        if let Some((pa, len)) = open.take() {
+                            f(pa, len);
+                        }
+                        continue;
+                    }
+                    open = match open {
+                        Some((pa, len)) if pa + len == frame => Some((pa, len + PAGE)),
+                        Some((pa, len)) => {
+                            f(pa, len);
+                            Some((frame, PAGE))
+                        }
+                        None => Some((frame, PAGE)),
+                    };
+                }
+                Ok(())
+            },
+        );
+        if let Some((pa, len)) = open {
+            f(pa, len);
+        }
     }
 
     fn split_range(&self, tables: &Tables<'_, M>, va: u64, len: u64, reserve: &mut Reserve) {
@@ -272,19 +296,16 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     fn unmap_all(&self, tx: &Tx<'_>, scratch: &mut [u64], reserve: &mut Reserve, shootdown: &mut ShootdownSet) {
         let tables = self.tables();
         let mapped = tx.mapped();
-        let _ = for_each_chunk(&tables, tx.frames, scratch, |chunk: Chunk<'_>| -> Result<(), ()> {
-            let fresh = |frame| !mapped || self.states.advance(frame, Code::Claimed, Code::Unmapped);
-            for_runs_where(chunk.runs(), fresh, |pa, len| {
-                for (kind, alias) in tx.linears.iter() {
-                    if let Some((va, vlen)) = virtual_of(alias, pa, len) {
-                        self.split_range(&tables, va, vlen, reserve);
-                        let mapping = Mapping::Linear(alias, hole_of(kind));
-                        leaves::unmap(&tables, &self.states, mapping, va, vlen, &self.counters);
-                        shootdown.add(va, vlen);
-                    }
+        let fresh = |frame| !mapped || self.states.advance(frame, Code::Claimed, Code::Unmapped);
+        self.for_each_run(tx, scratch, fresh, &mut |pa, len| {
+            for (kind, alias) in tx.linears.iter() {
+                if let Some((va, vlen)) = virtual_of(alias, pa, len) {
+                    self.split_range(&tables, va, vlen, reserve);
+                    let mapping = Mapping::Linear(alias, hole_of(kind));
+                    leaves::unmap(&tables, &self.states, mapping, va, vlen, &self.counters);
+                    shootdown.add(va, vlen);
                 }
-            });
-            Ok(())
+            }
         });
         if let Frames::Mapped { va, len } = tx.frames {
             self.split_range(&tables, va, len, reserve);
@@ -293,55 +314,78 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         }
     }
 
-    /// The platform's calls. Returns the frames converted; on failure the
-    /// frames of the failed call are poisoned, and frames of a mapped range
-    /// not yet sent stay unmapped (to be restored as they were).
-    fn send(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> Result<u64, ConvertError> {
+    /// The platform's calls, with no lock held (the walks here read only
+    /// this conversion's own not-present entries, which nobody else may
+    /// change or collapse). On failure the frames of the failed call are
+    /// poisoned; frames of a mapped range not yet sent stay unmapped, to be
+    /// restored as they were.
+    fn send(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> Result<(), Failure> {
         let tables = self.tables();
         let mut window = self.window.and_then(|w| WindowMap::new(&tables, w));
-        let mut converted = 0;
-        let mut call = |runs: Runs<'_>| -> Result<(), (PlatformError, u64, u64)> {
+        let mut call = |runs: Runs<'_>| -> Result<(), Failure> {
             let window = window.as_mut().map(|w| w as &mut dyn PrivateMap);
             // SAFETY: every alias of every frame in `runs` is not present,
             // the shootdown has completed, and the frames are claimed by
             // this transaction: nothing can rely on their contents.
             let result = unsafe { self.platform.convert(runs, tx.to, window, &self.counters) };
-            match result {
-                Ok(()) => {
-                    converted += runs.bytes() / PAGE;
-                    Ok(())
+            result.map_err(|error| {
+                for frame in runs.frames() {
+                    self.states.settle(frame, Code::Poisoned);
                 }
-                Err(error) => {
-                    for frame in runs.frames() {
-                        self.states.settle(frame, Code::Poisoned);
-                    }
-                    let first = runs.iter().next().map_or(0, |(pa, _)| pa);
-                    Err((error, first, runs.bytes() / PAGE))
+                Failure {
+                    error,
+                    pa: runs.iter().next().map_or(0, |(pa, _)| pa),
+                    frames: runs.bytes() / PAGE,
                 }
-            }
+            })
         };
-        let result = for_each_chunk(&tables, tx.frames, scratch, |chunk| match chunk {
+        for_each_chunk(&tables, tx.frames, scratch, |chunk| match chunk {
             Chunk::One { pa, len } => call(Runs::One { pa, len }),
             Chunk::Extents(extents) => send_fresh(
                 extents,
-                |f| self.states.advance(f, Code::Unmapped, Code::Sent),
+                |f| self.states.code(f) == Some(Code::Unmapped),
+                |f| {
+                    self.states.advance(f, Code::Unmapped, Code::Sent);
+                },
                 &mut call,
             ),
+        })
+    }
+
+    /// After a failure: a huge leaf of the mapped range whose frames did
+    /// not all reach the same state can be mapped neither way, so all its
+    /// frames are poisoned (and never mapped again). Returns how many more
+    /// frames that poisoned.
+    fn poison_mixed_leaves(&self, tx: &Tx<'_>) -> u64 {
+        let Frames::Mapped { va, len } = tx.frames else {
+            return 0;
+        };
+        let mut poisoned = 0;
+        let _ = pieces(&self.tables(), va, len, false, |p| -> Result<(), ()> {
+            if p.level == crate::pte::Level::Pt {
+                return Ok(());
+            }
+            let frames = (p.pa..p.pa + p.len).step_by(PAGE as usize);
+            let first = self.states.code(p.pa);
+            if frames.clone().all(|f| self.states.code(f) == first) {
+                return Ok(());
+            }
+            for f in frames {
+                if self.states.code(f) != Some(Code::Poisoned) {
+                    self.states.settle(f, Code::Poisoned);
+                    poisoned += 1;
+                }
+            }
+            Ok(())
         });
-        result
-            .map(|()| converted)
-            .map_err(|(error, pa, poisoned)| ConvertError::Platform {
-                error,
-                pa,
-                poisoned,
-                converted,
-            })
+        poisoned
     }
 
     /// Under the table lock: every alias present again, with the new
     /// attribute for converted frames and the old one for frames the host
     /// never saw; poisoned frames and the OS's holes stay not present.
-    fn restore_all(&self, tx: &Tx<'_>, scratch: &mut [u64], sent_all: bool) {
+    /// Returns the frames converted (each counted once).
+    fn restore_all(&self, tx: &Tx<'_>, scratch: &mut [u64], sent_all: bool) -> u64 {
         let tables = self.tables();
         let restore_linears = |pa: u64, len: u64, side: Visibility| {
             for (kind, alias) in tx.linears.iter() {
@@ -361,25 +405,34 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         };
         match tx.frames {
             Frames::Linear { pa, len } => {
-                if sent_all {
-                    restore_linears(pa, len, tx.to);
+                if !sent_all {
+                    return 0;
                 }
+                restore_linears(pa, len, tx.to);
+                len / PAGE
             }
             Frames::Mapped { va, len } => {
+                let mut converted = 0;
                 for side in [tx.to, tx.from()] {
                     let (before, after) = if side == tx.to {
                         (Code::Sent, Code::RestoredNew)
                     } else {
                         (Code::Unmapped, Code::RestoredOld)
                     };
-                    let _ = for_each_chunk(&tables, tx.frames, scratch, |chunk: Chunk<'_>| -> Result<(), ()> {
-                        let moved = |frame| self.states.advance(frame, before, after);
-                        for_runs_where(chunk.runs(), moved, |pa, len| restore_linears(pa, len, side));
-                        Ok(())
-                    });
+                    let mut moved = 0;
+                    let accept = |frame| {
+                        let ok = self.states.advance(frame, before, after);
+                        moved += u64::from(ok);
+                        ok
+                    };
+                    self.for_each_run(tx, scratch, accept, &mut |pa, len| restore_linears(pa, len, side));
+                    if side == tx.to {
+                        converted = moved;
+                    }
                 }
                 let side = |pa: u64, bytes: u64| self.uniform_side(tx, pa, bytes);
                 leaves::restore(&tables, &self.states, Mapping::Entries, va, len, side, &self.counters);
+                converted
             }
         }
     }
@@ -433,12 +486,23 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     }
 }
 
-/// Rewrites `extents` in place into the frames `fresh` accepts (each
-/// moved to sent once, however often the range maps it) and calls `call`
-/// with them, as often as the rewritten list outgrows what was read.
+/// What a failed platform call leaves.
+pub(super) struct Failure {
+    error: PlatformError,
+    /// The first frame of the failed call.
+    pa: u64,
+    /// Frames in the failed call (now poisoned).
+    frames: u64,
+}
+
+/// Rewrites `extents` in place into the frames `fresh` accepts, each sent
+/// once however often the range maps it, and calls `call` with them, as
+/// often as the rewritten list outgrows what was read. A frame is `mark`ed
+/// only once it is in the list the next call sends.
 fn send_fresh<E>(
     extents: &mut [u64],
-    mut fresh: impl FnMut(u64) -> bool,
+    fresh: impl Fn(u64) -> bool,
+    mut mark: impl FnMut(u64),
     call: &mut impl FnMut(Runs<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
     let mut w: usize = 0;
@@ -448,21 +512,24 @@ fn send_fresh<E>(
             if !fresh(frame) {
                 continue;
             }
-            if let Some(last) = w.checked_sub(1).map(|i| extents[i]) {
-                let (lpa, llen) = decode(last);
-                if lpa + llen == frame && llen < 4096 * PAGE {
-                    extents[w - 1] = extent(lpa, llen / PAGE + 1);
-                    continue;
+            let extends = w.checked_sub(1).is_some_and(|i| {
+                let (lpa, llen) = decode(extents[i]);
+                lpa + llen == frame && llen < 4096 * PAGE
+            });
+            if extends {
+                let (lpa, llen) = decode(extents[w - 1]);
+                extents[w - 1] = extent(lpa, llen / PAGE + 1);
+            } else {
+                // Slots up to `r` are read; a new extent past them would
+                // overwrite unread ones: send what is ready first.
+                if w > r {
+                    call(Runs::Extents(&extents[..w]))?;
+                    w = 0;
                 }
+                extents[w] = extent(frame, 1);
+                w += 1;
             }
-            // Slots up to `r` are read; a new extent past them would
-            // overwrite unread ones: send what is ready first.
-            if w > r {
-                call(Runs::Extents(&extents[..w]))?;
-                w = 0;
-            }
-            extents[w] = extent(frame, 1);
-            w += 1;
+            mark(frame);
         }
     }
     if w > 0 {
@@ -484,9 +551,13 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         seen.insert(0x2000u64);
         let mut calls: Vec<Vec<(u64, u64)>> = Vec::new();
+        let seen = std::cell::RefCell::new(seen);
         send_fresh(
             &mut extents,
-            |f| seen.insert(f),
+            |f| !seen.borrow().contains(&f),
+            |f| {
+                seen.borrow_mut().insert(f);
+            },
             &mut |runs: Runs<'_>| -> Result<(), ()> {
                 calls.push(runs.iter().collect());
                 Ok(())

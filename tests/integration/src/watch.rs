@@ -159,9 +159,9 @@ impl Watch {
         let Some(seen) = log.last_seen.remove(&pa) else { return };
         let covered = log.flushes[seen.flush + 1..].iter().any(|f| match f {
             None => true,
-            Some(ranges) => ranges
-                .iter()
-                .any(|r| r.va < seen.region.wrapping_add(seen.span) && seen.region < r.va + r.len),
+            Some(ranges) => ranges.iter().any(|r| {
+                r.va <= seen.region.saturating_add(seen.span - 1) && seen.region <= r.va.saturating_add(r.len - 1)
+            }),
         });
         if !covered {
             log.violations.push(format!(
