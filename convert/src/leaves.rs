@@ -43,7 +43,7 @@ impl Mapping {
     }
 }
 
-fn is_leaf(level: Level, entry: u64) -> bool {
+pub(crate) fn is_leaf(level: Level, entry: u64) -> bool {
     level == Level::Pt || entry & HUGE != 0
 }
 
@@ -52,7 +52,7 @@ fn is_leaf(level: Level, entry: u64) -> bool {
 /// present. `visit(level, slot, cursor, stop)` handles the entry covering
 /// `[cursor, stop)`; returns `false` to descend instead (a present table
 /// pointer met while running along).
-fn for_each_entry<M: PhysMem>(
+pub(crate) fn for_each_entry<M: PhysMem>(
     t: &Tables<'_, M>,
     va: u64,
     len: u64,

@@ -84,7 +84,12 @@ impl Reserve {
                 return Err(ReserveError::Exhausted);
             };
             if let Err(state) = states.take_table(pa) {
-                source.free_frame(pa);
+                // One the engine already holds as a table (the source gave
+                // it out twice) stays where it is: giving it back would free
+                // a table in use.
+                if state != Some(PageState::PageTable) {
+                    source.free_frame(pa);
+                }
                 added.release(mem, source, states);
                 return Err(ReserveError::Unusable { pa, state });
             }

@@ -79,6 +79,12 @@ pub(crate) enum Hole {
     Registered = 0x20,
 }
 
+/// Set on the frames a conversion claims while it walks its range, and
+/// cleared before it drops the table lock: claim walks run only under that
+/// lock, so a set bit always means "claimed by this walk" (a frame the
+/// range maps twice).
+const MINE: u8 = 0x40;
+
 impl Code {
     fn from_bits(v: u8) -> Option<Code> {
         Some(match v & CODE_MASK {
@@ -161,6 +167,29 @@ impl<'a> StateTable<'a> {
         slot.compare_exchange(from as u8, Code::Claimed as u8, Ordering::AcqRel, Ordering::Acquire)
             .map(|_| ())
             .map_err(|found| Code::from_bits(found).map(Code::public))
+    }
+
+    /// As [`claim`](Self::claim), marking the frame as claimed by the
+    /// running claim walk. `Ok(false)` if that walk had claimed it already.
+    pub(crate) fn claim_in_walk(&self, pa: u64, from: Code) -> Result<bool, Option<PageState>> {
+        let slot = self.slot(pa).ok_or(None)?;
+        match slot.compare_exchange(
+            from as u8,
+            Code::Claimed as u8 | MINE,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => Ok(true),
+            Err(found) if found == Code::Claimed as u8 | MINE => Ok(false),
+            Err(found) => Err(Code::from_bits(found).map(Code::public)),
+        }
+    }
+
+    /// Ends the claim walk's mark on a frame.
+    pub(crate) fn end_walk(&self, pa: u64) {
+        if let Some(slot) = self.slot(pa) {
+            slot.fetch_and(!MINE, Ordering::AcqRel);
+        }
     }
 
     /// Moves a frame this conversion owns from `from` to `to`, keeping its

@@ -17,7 +17,7 @@ use crate::deferred::Deferred;
 use crate::leaves::{self, pieces, Mapping};
 use crate::platform::{Platform, PlatformError, PrivateMap, Runs};
 use crate::policy::FailureAction;
-use crate::pte::Visibility;
+use crate::pte::{Level, Visibility, PRESENT};
 use crate::reserve::{FrameSource, Reserve, ReserveError};
 use crate::shootdown::{ShootdownSet, TlbShootdown};
 use crate::split::{split_at, tables_needed};
@@ -114,7 +114,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         let sent = self.send(&tx, scratch);
         let mut lock = self.tables_lock.lock();
         let extra_poisoned = match sent {
-            Err(_) if tx.mapped() => self.poison_mixed_leaves(&tx),
+            Err(_) if tx.mapped() => self.poison_mixed_leaves(&tx, scratch),
             _ => 0,
         };
         let converted = self.restore_all(&tx, scratch, sent.is_ok());
@@ -166,10 +166,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 let walked = pieces(&tables, va, len, true, |p| {
                     for (i, frame) in (p.pa..p.pa + p.len).step_by(PAGE as usize).enumerate() {
                         let at = p.va + i as u64 * PAGE;
-                        match self.states.claim(frame, from) {
-                            Ok(()) => {}
-                            // Mapped earlier in this range: claimed by us.
-                            Err(Some(PageState::Converting)) if self.maps_before(&tables, va, at, frame) => {}
+                        match self.states.claim_in_walk(frame, from) {
+                            // `Ok(false)`: mapped earlier in this range.
+                            Ok(_) => {}
                             Err(None) => return Err((at, ConvertError::UnknownFrame { pa: frame })),
                             Err(Some(state)) => return Err((at, ConvertError::Refused { pa: frame, state })),
                         }
@@ -177,7 +176,10 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                     Ok(())
                 });
                 let (stop, err) = match walked {
-                    Ok(Ok(())) => return Ok(()),
+                    Ok(Ok(())) => {
+                        self.end_claim_walk(&tables, va, len);
+                        return Ok(());
+                    }
                     Ok(Err(hole)) => (hole, ConvertError::NotMapped { va: hole }),
                     Err(failed) => failed,
                 };
@@ -187,16 +189,14 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         }
     }
 
-    /// Whether a present leaf of `[va, upto)` maps `frame`.
-    fn maps_before(&self, tables: &Tables<'_, M>, va: u64, upto: u64, frame: u64) -> bool {
-        let found = pieces(tables, va, upto - va, true, |p| {
-            if (p.pa..p.pa + p.len).contains(&frame) {
-                Err(())
-            } else {
-                Ok(())
+    /// Clears the claim walk's marks (settling clears them too).
+    fn end_claim_walk(&self, tables: &Tables<'_, M>, va: u64, len: u64) {
+        let _ = pieces(tables, va, len, true, |p| -> Result<(), ()> {
+            for frame in (p.pa..p.pa + p.len).step_by(PAGE as usize) {
+                self.states.end_walk(frame);
             }
+            Ok(())
         });
-        found.is_err()
     }
 
     fn release_mapped(&self, tables: &Tables<'_, M>, va: u64, len: u64, from: Code) {
@@ -352,33 +352,61 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         })
     }
 
-    /// After a failure: a huge leaf of the mapped range whose frames did
-    /// not all reach the same state can be mapped neither way, so all its
-    /// frames are poisoned (and never mapped again). Returns how many more
-    /// frames that poisoned.
-    fn poison_mixed_leaves(&self, tx: &Tx<'_>) -> u64 {
+    /// After a failure: a huge leaf the conversion made not present (in
+    /// the mapped range, the direct map or a registered alias) whose frames
+    /// did not all reach the same state can be mapped neither way, so all
+    /// its frames are poisoned (and never mapped again). Poisoning one leaf
+    /// can mix another that overlaps it, so this runs until nothing
+    /// changes. Returns how many more frames it poisoned.
+    fn poison_mixed_leaves(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> u64 {
         let Frames::Mapped { va, len } = tx.frames else {
             return 0;
         };
-        let mut poisoned = 0;
-        let _ = pieces(&self.tables(), va, len, false, |p| -> Result<(), ()> {
-            if p.level == crate::pte::Level::Pt {
-                return Ok(());
-            }
-            let frames = (p.pa..p.pa + p.len).step_by(PAGE as usize);
-            let first = self.states.code(p.pa);
-            if frames.clone().all(|f| self.states.code(f) == first) {
-                return Ok(());
-            }
-            for f in frames {
-                if self.states.code(f) != Some(Code::Poisoned) {
-                    self.states.settle(f, Code::Poisoned);
-                    poisoned += 1;
+        let tables = self.tables();
+        let mut total = 0;
+        loop {
+            let mut poisoned = 0;
+            let mut settle_leaf = |first: u64, bytes: u64| {
+                let frames = (first..first + bytes).step_by(PAGE as usize);
+                let code = self.states.code(first);
+                if frames.clone().any(|f| self.states.code(f) != code) {
+                    for f in frames {
+                        if self.states.code(f) != Some(Code::Poisoned) {
+                            self.states.settle(f, Code::Poisoned);
+                            poisoned += 1;
+                        }
+                    }
                 }
+            };
+            let mut huge_leaves = |range_va: u64, range_len: u64, linear: Option<(crate::aliases::Alias, Hole)>| {
+                leaves::for_each_entry(&tables, range_va, range_len, |level, slot, cursor, _| {
+                    let entry = slot.load(Ordering::Acquire);
+                    if level == Level::Pt || entry & PRESENT != 0 || !leaves::is_leaf(level, entry) {
+                        return;
+                    }
+                    let span = level.span();
+                    let first = match linear {
+                        // The OS's own not-present leaf is no leaf of ours.
+                        Some((alias, hole)) if self.states.is_hole(alias.pa + (cursor - alias.va), hole) => return,
+                        Some((alias, _)) => alias.pa + (cursor / span * span - alias.va),
+                        None => tables.enc.address(entry, level),
+                    };
+                    settle_leaf(first, span);
+                });
+            };
+            huge_leaves(va, len, None);
+            self.for_each_run(tx, scratch, |_| true, &mut |pa, plen| {
+                for (kind, alias) in tx.linears.iter() {
+                    if let Some((lva, llen)) = virtual_of(alias, pa, plen) {
+                        huge_leaves(lva, llen, Some((alias, hole_of(kind))));
+                    }
+                }
+            });
+            total += poisoned;
+            if poisoned == 0 {
+                return total;
             }
-            Ok(())
-        });
-        poisoned
+        }
     }
 
     /// Under the table lock: every alias present again, with the new

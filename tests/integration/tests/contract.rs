@@ -755,3 +755,61 @@ fn concurrent_overlapping_and_adjacent_conversions_keep_every_promise_snp() {
         assert!(w.snp.violations().is_empty(), "seed {seed}: {:?}", w.snp.violations());
     }
 }
+
+#[test]
+fn a_frame_source_handing_out_a_table_the_engine_holds_is_refused_and_not_freed() {
+    struct Twice<'m> {
+        frames: &'m integration::sim::SimFrames,
+        table: u64,
+        freed: std::sync::Mutex<Vec<u64>>,
+    }
+    impl FrameSource for Twice<'_> {
+        fn allocate_frame(&self) -> Option<u64> {
+            Some(self.table)
+        }
+        fn free_frame(&self, pa: u64) {
+            self.freed.lock().unwrap().push(pa);
+            self.frames.free_frame(pa);
+        }
+    }
+    let w = tdx(Shape::Mixed);
+    let m = &w.m;
+    let e = w.engine();
+    // The engine holds a table from a split.
+    e.convert(
+        Target::Physical {
+            pa: GIB + 10 * MIB + PAGE,
+            len: PAGE,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    let table = *m.frames.in_use_set().iter().next().unwrap();
+    let twice = Twice {
+        frames: &m.frames,
+        table,
+        freed: Default::default(),
+    };
+    let e2 = convert::Engine::new(
+        m.config(),
+        &m.phys,
+        &twice,
+        &m.tlb,
+        convert::platform::tdx::Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap(),
+        convert::StateTable::new(0, &m.states),
+    );
+    let before = m.snapshot();
+    assert_eq!(
+        e2.convert(
+            Target::Physical {
+                pa: GIB + 30 * MIB + PAGE,
+                len: PAGE
+            },
+            Visibility::Shared
+        ),
+        Err(ConvertError::UnusableTableFrame { pa: table })
+    );
+    assert!(twice.freed.lock().unwrap().is_empty(), "a table in use was given back");
+    assert_eq!(m.snapshot(), before);
+    assert_eq!(e.state(table), Some(PageState::PageTable));
+}
