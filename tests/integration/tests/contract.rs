@@ -813,3 +813,60 @@ fn a_frame_source_handing_out_a_table_the_engine_holds_is_refused_and_not_freed(
     assert_eq!(m.snapshot(), before);
     assert_eq!(e.state(table), Some(PageState::PageTable));
 }
+
+/// The last frames of memory are the top private GPAs when the shared bit
+/// is the first address past memory (GPAW 33, 4 GiB): converting them goes
+/// right up to the shared bit in MapGPA's request form, through the engine.
+#[test]
+fn the_top_of_the_gpa_space_converts_both_ways() {
+    let config = TdxConfig {
+        gpaw: 33,
+        map_gpa_chunk_pages: Some(1),
+        ..TdxConfig::default()
+    };
+    let w = TdxWorld::with_machine(config, |enc| {
+        Machine::build_with_tables_at(enc, 4 * GIB, GIB, |b| {
+            b.map(
+                Machine::direct(0),
+                0,
+                4 * GIB,
+                Level::Pdpt,
+                DIRECT_MAP_FLAGS,
+                Visibility::Private,
+            );
+        })
+    });
+    let e = w.engine();
+    let top = 4 * GIB - 8 * PAGE;
+    for (target, to) in [
+        (Target::Physical { pa: top, len: 8 * PAGE }, Visibility::Shared),
+        (
+            Target::Virtual {
+                va: Machine::direct(top),
+                len: 8 * PAGE,
+            },
+            Visibility::Private,
+        ),
+        (
+            Target::Virtual {
+                va: Machine::direct(top),
+                len: 8 * PAGE,
+            },
+            Visibility::Shared,
+        ),
+        (Target::Physical { pa: top, len: 8 * PAGE }, Visibility::Private),
+    ] {
+        assert_eq!(e.convert(target, to).unwrap().frames, 8);
+        for f in (top..4 * GIB).step_by(PAGE as usize) {
+            assert_eq!(e.state(f), Some(PageState::of(to)));
+            let host = w.tdx.page(f).state;
+            assert_eq!(
+                host == hvmock::TdxPageState::Shared,
+                to == Visibility::Shared,
+                "{f:#x}: {host:?}"
+            );
+        }
+    }
+    assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+    assert_clean(&w.m);
+}
