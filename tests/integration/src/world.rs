@@ -74,12 +74,17 @@ pub struct Machine {
 impl Machine {
     /// Builds memory and page tables.
     pub fn new(enc: EncryptionBit, shape: Shape) -> Self {
+        Self::new_with_tables_at(enc, shape, TABLES)
+    }
+
+    /// As [`new`](Self::new), with the 64 MiB of table frames at `tables`.
+    pub fn new_with_tables_at(enc: EncryptionBit, shape: Shape, tables: u64) -> Self {
         let (low, high, small_mask) = match shape {
             Shape::Mixed => (Level::Pdpt, Level::Pd, 0),
             Shape::Small => (Level::Pd, Level::Pt, 0),
             Shape::Random(gib_page, mask) => (if gib_page { Level::Pdpt } else { Level::Pd }, Level::Pd, mask),
         };
-        Self::build(enc, MEMORY, |b| {
+        Self::build_with_tables_at(enc, MEMORY, tables, |b| {
             b.map(DIRECT_MAP_VA, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
             for region in 0..512u64 {
                 let pa = GIB + region * 2 * MIB;
@@ -224,6 +229,34 @@ impl Machine {
             );
         }
         va
+    }
+
+    /// Maps `pieces` (frame, leaf size) one after the other from `va`, as
+    /// the OS maps a vmalloc-style range; returns the bytes mapped.
+    pub fn map_pieces(&self, va: u64, pieces: &[(u64, Level)]) -> u64 {
+        let mut b = self.builder();
+        let mut at = va;
+        for &(pa, level) in pieces {
+            b.map(at, pa, level.span(), level, DIRECT_MAP_FLAGS, Visibility::Private);
+            at += level.span();
+        }
+        at - va
+    }
+
+    /// An engine over this machine with another frame source, over `platform`.
+    pub fn engine_with_frames<F: convert::FrameSource, P: convert::Platform>(
+        &self,
+        frames: F,
+        platform: P,
+    ) -> Engine<'_, &SimPhys, F, &SimTlb, P> {
+        Engine::new(
+            self.config(),
+            &self.phys,
+            frames,
+            &self.tlb,
+            platform,
+            StateTable::new(0, &self.states),
+        )
     }
 
     /// A builder over this machine's tables, taking new tables from the

@@ -30,6 +30,10 @@ fn tdx(shape: Shape) -> TdxWorld {
     TdxWorld::new(TdxConfig::default(), shape)
 }
 
+fn tdx_platform(w: &TdxWorld) -> convert::platform::tdx::Tdx<&hvmock::MockTdx> {
+    convert::platform::tdx::Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap()
+}
+
 fn assert_clean(m: &Machine) {
     let v = m.watch.violations();
     assert!(v.is_empty(), "{v:?}");
@@ -467,14 +471,7 @@ fn a_frame_source_handing_out_a_shared_frame_is_refused() {
     e0.convert(Target::Physical { pa: shared, len: PAGE }, Visibility::Shared)
         .unwrap();
     let m = &w.m;
-    let e = convert::Engine::new(
-        m.config(),
-        &m.phys,
-        Liar(shared),
-        &m.tlb,
-        convert::platform::tdx::Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap(),
-        convert::StateTable::new(0, &m.states),
-    );
+    let e = m.engine_with_frames(Liar(shared), tdx_platform(&w));
     let before = m.snapshot();
     assert_eq!(
         e.convert(
@@ -790,14 +787,7 @@ fn a_frame_source_handing_out_a_table_the_engine_holds_is_refused_and_not_freed(
         table,
         freed: Default::default(),
     };
-    let e2 = convert::Engine::new(
-        m.config(),
-        &m.phys,
-        &twice,
-        &m.tlb,
-        convert::platform::tdx::Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap(),
-        convert::StateTable::new(0, &m.states),
-    );
+    let e2 = m.engine_with_frames(&twice, tdx_platform(&w));
     let before = m.snapshot();
     assert_eq!(
         e2.convert(

@@ -36,7 +36,7 @@ use convert::{Alias, ConvertError, Engine, Level, PageState, Platform, Target, V
 use hvmock::{GuestPageTables, Mapping, RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxHostile, TdxPageState};
 use integration::sim::{SimFrames, SimPhys, SimTlb, ALIAS_VA, DIRECT_MAP_VA};
 use integration::watch::not_present_entries;
-use integration::world::{Machine, SnpWorld, TdxWorld, CPUS, DIRECT_MAP_FLAGS, MEMORY};
+use integration::world::{Machine, Shape, SnpWorld, TdxWorld, CPUS, DIRECT_MAP_FLAGS, MEMORY};
 use integration::{GIB, MIB};
 use proptest::prelude::*;
 
@@ -514,26 +514,7 @@ fn huge_layout_restored(original: &[Mapping], tables: GuestPageTables, w: &Machi
 }
 
 fn machine(enc: convert::EncryptionBit, gib_page: bool, small_mask: u64) -> Machine {
-    let low = if gib_page { Level::Pdpt } else { Level::Pd };
-    Machine::build_with_tables_at(enc, MEMORY, TABLES, |b| {
-        b.map(DIRECT_MAP_VA, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
-        for region in 0..512u64 {
-            let pa = GIB + region * 2 * MIB;
-            let page = if region < 64 && small_mask & (1 << region) != 0 {
-                Level::Pt
-            } else {
-                Level::Pd
-            };
-            b.map(
-                DIRECT_MAP_VA + pa,
-                pa,
-                2 * MIB,
-                page,
-                DIRECT_MAP_FLAGS,
-                Visibility::Private,
-            );
-        }
-    })
+    Machine::new_with_tables_at(enc, Shape::Random(gib_page, small_mask), TABLES)
 }
 
 proptest! {

@@ -15,17 +15,6 @@ fn tdx(shape: Shape) -> TdxWorld {
     TdxWorld::new(TdxConfig::default(), shape)
 }
 
-/// Maps `pieces` ((pa, leaf level)) one after the other from `va`.
-fn map_pieces(m: &Machine, va: u64, pieces: &[(u64, Level)]) -> u64 {
-    let mut b = m.builder();
-    let mut at = va;
-    for &(pa, level) in pieces {
-        b.map(at, pa, level.span(), level, DIRECT_MAP_FLAGS, Visibility::Private);
-        at += level.span();
-    }
-    at - va
-}
-
 // ---------------------------------------------------------------------
 // Contract, "Results": `Platform { converted, .. }`: "`converted` frames
 // reached the new state before the failure and are mapped with the new
@@ -111,7 +100,7 @@ fn frames_the_host_never_saw_are_mapped_again_in_a_huge_vmalloc_leaf() {
     pieces.extend((0..4095).map(|i| (first + i * PAGE, Level::Pt)));
     pieces.push((huge, Level::Pd));
     // Start at `area` so the 2 MiB leaf lands 2 MiB aligned at area + 16 MiB.
-    map_pieces(m, area, &pieces);
+    m.map_pieces(area, &pieces);
     let va = area + PAGE; // skip the placeholder
     let len = 4095 * PAGE + 2 * MIB;
     w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
@@ -263,7 +252,7 @@ fn a_lock_free_walk_never_follows_a_table_another_cpu_freed() {
     // A vmalloc-style buffer of one 2 MiB leaf.
     let huge = GIB + 300 * MIB;
     let l = m.vmalloc_area(2 * MIB);
-    map_pieces(m, l, &[(huge, Level::Pd)]);
+    m.map_pieces(l, &[(huge, Level::Pd)]);
     // Converting its first half splits the leaf: T is the engine's table.
     e.convert(Target::Virtual { va: l, len: MIB }, Visibility::Shared)
         .unwrap();

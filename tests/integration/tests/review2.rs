@@ -4,41 +4,15 @@
 
 #![allow(clippy::too_many_lines)]
 
-use std::sync::mpsc;
-use std::time::Duration;
-
-use convert::{ConvertError, Level, PageState, Target, Visibility};
+use convert::{ConvertError, PageState, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
-use integration::world::{Machine, Shape, TdxWorld, DIRECT_MAP_FLAGS};
+use integration::world::{Machine, Shape, TdxWorld};
 use integration::{GIB, MIB};
 
 const PAGE: u64 = 4096;
 
 fn tdx(shape: Shape) -> TdxWorld {
     TdxWorld::new(TdxConfig::default(), shape)
-}
-
-/// Maps `pieces` ((pa, leaf level)) one after the other from `va`.
-#[allow(dead_code)]
-fn map_pieces(m: &Machine, va: u64, pieces: &[(u64, Level)]) -> u64 {
-    let mut b = m.builder();
-    let mut at = va;
-    for &(pa, level) in pieces {
-        b.map(at, pa, level.span(), level, DIRECT_MAP_FLAGS, Visibility::Private);
-        at += level.span();
-    }
-    at - va
-}
-
-/// Runs `f` on its own thread; a hang shows as a failure.
-#[allow(dead_code)]
-fn within<T: Send + 'static>(secs: u64, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(secs))
-        .unwrap_or_else(|_| panic!("{what}: no answer within {secs} s (deadlock?)"))
 }
 
 // ---------------------------------------------------------------------
