@@ -119,7 +119,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         };
         let converted = self.restore_all(&tx, scratch, sent.is_ok());
         lock = self.collapse_all(&tx, scratch, lock);
-        self.settle_all(&tx, scratch, sent.is_ok());
+        self.settle_all(&tx, sent.is_ok());
         drop(lock);
         match sent {
             Ok(()) => Ok(Report { frames: converted }),
@@ -441,7 +441,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             }
             Frames::Mapped { va, len } => {
                 let mut converted = 0;
-                for side in [tx.to, tx.from()] {
+                // With every frame sent, none is left to restore as it was.
+                let sides: &[Visibility] = if sent_all { &[tx.to] } else { &[tx.to, tx.from()] };
+                for &side in sides {
                     let (before, after) = if side == tx.to {
                         (Code::Sent, Code::RestoredNew)
                     } else {
@@ -482,7 +484,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     }
 
     /// Every frame's final state (clearing its in-flight marks).
-    fn settle_all(&self, tx: &Tx<'_>, scratch: &mut [u64], sent_all: bool) {
+    fn settle_all(&self, tx: &Tx<'_>, sent_all: bool) {
         let to = Code::settled(tx.to);
         let from = Code::settled(tx.from());
         match tx.frames {
@@ -493,22 +495,19 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                     }
                 }
             }
-            Frames::Mapped { .. } => {
-                let _ = for_each_chunk(
-                    &self.tables(),
-                    tx.frames,
-                    scratch,
-                    |chunk: Chunk<'_>| -> Result<(), ()> {
-                        for frame in chunk.runs().frames() {
-                            match self.states.code(frame) {
-                                Some(Code::RestoredNew) => self.states.settle(frame, to),
-                                Some(Code::RestoredOld) => self.states.settle(frame, from),
-                                _ => {}
-                            }
+            Frames::Mapped { va, len } => {
+                // Each frame once: the first visit settles it, a second finds
+                // it settled. No sorting needed.
+                let _ = pieces(&self.tables(), va, len, false, |p| -> Result<(), ()> {
+                    for frame in (p.pa..p.pa + p.len).step_by(PAGE as usize) {
+                        match self.states.code(frame) {
+                            Some(Code::RestoredNew) => self.states.settle(frame, to),
+                            Some(Code::RestoredOld) => self.states.settle(frame, from),
+                            _ => {}
                         }
-                        Ok(())
-                    },
-                );
+                    }
+                    Ok(())
+                });
             }
         }
     }
