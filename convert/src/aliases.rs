@@ -187,10 +187,6 @@ impl AliasRegistry {
         let snapshot = (self.registered.load(Ordering::Acquire) > 0).then(|| *self.slots.lock());
         (readers, snapshot)
     }
-
-    pub fn get(&self, id: usize) -> Option<Alias> {
-        self.slots.lock().get(id).copied().flatten()
-    }
 }
 
 /// A linear mapping as the transaction sees it.

@@ -47,17 +47,16 @@ pub(crate) fn is_leaf(level: Level, entry: u64) -> bool {
     level == Level::Pt || entry & HUGE != 0
 }
 
-/// Visits every entry that translates `[va, va + len)`, lowest level
-/// first, running along each table while its entries are leaves or not
-/// present. `visit(level, slot, cursor, stop)` handles the entry covering
-/// `[cursor, stop)`; returns `false` to descend instead (a present table
-/// pointer met while running along).
-pub(crate) fn for_each_entry<M: PhysMem>(
+/// Visits every entry that translates `[va, va + len)`, running along each
+/// table while its entries are leaves or not present, and descending where
+/// they point to a table. `visit(level, slot, cursor, stop)` handles the
+/// entry covering `[cursor, stop)`; an `Err` ends the walk.
+pub(crate) fn try_for_each_entry<M: PhysMem, E>(
     t: &Tables<'_, M>,
     va: u64,
     len: u64,
-    mut visit: impl FnMut(Level, &AtomicU64, u64, u64),
-) {
+    mut visit: impl FnMut(Level, &AtomicU64, u64, u64) -> Result<(), E>,
+) -> Result<(), E> {
     let end = va + len;
     let mut cursor = va;
     while cursor < end {
@@ -73,10 +72,25 @@ pub(crate) fn for_each_entry<M: PhysMem>(
                 break;
             }
             let stop = next_boundary(cursor, level.span()).min(end);
-            visit(level, slot, cursor, stop);
+            visit(level, slot, cursor, stop)?;
             cursor = stop;
         }
     }
+    Ok(())
+}
+
+/// [`try_for_each_entry`] with a visitor that never stops the walk.
+pub(crate) fn for_each_entry<M: PhysMem>(
+    t: &Tables<'_, M>,
+    va: u64,
+    len: u64,
+    mut visit: impl FnMut(Level, &AtomicU64, u64, u64),
+) {
+    let walked = try_for_each_entry(t, va, len, |level, slot, cursor, stop| {
+        visit(level, slot, cursor, stop);
+        Ok::<(), core::convert::Infallible>(())
+    });
+    let Ok(()) = walked;
 }
 
 /// Makes every present leaf of `[va, va + len)` not present (the range's
@@ -167,37 +181,27 @@ pub(crate) fn pieces<M: PhysMem, E>(
     present_only: bool,
     mut f: impl FnMut(Piece) -> Result<(), E>,
 ) -> Result<Result<(), u64>, E> {
-    let end = va + len;
-    let mut cursor = va;
-    while cursor < end {
-        let (level, loc) = match t.walk(cursor) {
-            Walk::Leaf { level, loc, .. } => (level, loc),
-            Walk::Absent { level, loc, entry } if !present_only && entry != 0 && is_leaf(level, entry) => (level, loc),
-            Walk::Absent { .. } => return Ok(Err(cursor)),
-        };
-        for slot in &t.entries(loc.table)[loc.index..] {
-            if cursor >= end {
-                break;
-            }
-            let entry = slot.load(Ordering::Acquire);
-            let usable = if entry & PRESENT != 0 {
-                is_leaf(level, entry)
-            } else {
-                !present_only && entry != 0 && is_leaf(level, entry)
-            };
-            if !usable {
-                break;
-            }
-            let stop = next_boundary(cursor, level.span()).min(end);
-            let pa = t.enc.address(entry, level) + (cursor % level.span());
-            f(Piece {
-                va: cursor,
-                pa,
-                len: stop - cursor,
-                level,
-            })?;
-            cursor = stop;
-        }
+    enum Stop<E> {
+        Unmapped(u64),
+        Caller(E),
     }
-    Ok(Ok(()))
+    let walked = try_for_each_entry(t, va, len, |level, slot, cursor, stop| {
+        let entry = slot.load(Ordering::Acquire);
+        let usable = entry & PRESENT != 0 || (!present_only && entry != 0 && is_leaf(level, entry));
+        if !usable {
+            return Err(Stop::Unmapped(cursor));
+        }
+        let piece = Piece {
+            va: cursor,
+            pa: t.enc.address(entry, level) + cursor % level.span(),
+            len: stop - cursor,
+            level,
+        };
+        f(piece).map_err(Stop::Caller)
+    });
+    match walked {
+        Ok(()) => Ok(Ok(())),
+        Err(Stop::Unmapped(at)) => Ok(Err(at)),
+        Err(Stop::Caller(e)) => Err(e),
+    }
 }

@@ -146,8 +146,8 @@ impl<'a> StateTable<'a> {
         if self.slot(pa).is_none() {
             return Some(pa & !0xFFF);
         }
-        let end = pa.checked_add(len)?;
         let covered_end = self.base + self.states.len() as u64 * 4096;
+        let end = pa.saturating_add(len);
         (end > covered_end).then_some(covered_end)
     }
 

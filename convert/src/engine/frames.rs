@@ -9,13 +9,10 @@
 //! any size is one transaction with no heap.
 
 use crate::leaves::{pieces, Piece};
-use crate::platform::Runs;
+use crate::platform::{decode, extent, Runs, EXTENT_PAGES};
 use crate::tables::{PhysMem, Tables};
 
 const PAGE: u64 = 4096;
-/// The most pages one scratch extent describes (its count lives in the
-/// low 12 bits).
-const EXTENT_PAGES: u64 = 4096;
 
 /// The frames of one conversion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,16 +21,6 @@ pub(crate) enum Frames {
     Linear { pa: u64, len: u64 },
     /// The frames the entries of `[va, va + len)` map.
     Mapped { va: u64, len: u64 },
-}
-
-/// An extent in one `u64`: `pa | (pages - 1)`, at most [`EXTENT_PAGES`].
-pub(crate) const fn extent(pa: u64, pages: u64) -> u64 {
-    pa | (pages - 1)
-}
-
-/// `(pa, bytes)` of an extent.
-pub(crate) const fn decode(e: u64) -> (u64, u64) {
-    (e & !(PAGE - 1), ((e & (PAGE - 1)) + 1) * PAGE)
 }
 
 /// Appends `[pa, pa + len)` to `out[..*n]`, growing the last extent where

@@ -188,11 +188,6 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         self.aliases.unregister(id)
     }
 
-    /// The alias registered as `id`.
-    pub fn alias(&self, id: usize) -> Option<Alias> {
-        self.aliases.get(id)
-    }
-
     /// Runs `f` with the table lock held: the only way an OS may change
     /// entries of the direct map or of registered aliases (for frames no
     /// conversion owns) while conversions can run. `f` must not call into

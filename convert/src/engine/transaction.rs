@@ -8,14 +8,14 @@
 //! host failure exactly which frames were converted, which are poisoned
 //! and which never reached the host.
 
-use super::frames::{decode, extent, for_each_chunk, Chunk, Frames};
+use super::frames::{for_each_chunk, Chunk, Frames};
 use core::sync::atomic::Ordering;
 
 use super::{ConvertError, Engine, Report, PAGE};
 use crate::aliases::{virtual_of, Linear, Linears};
 use crate::deferred::Deferred;
 use crate::leaves::{self, pieces, Mapping};
-use crate::platform::{Platform, PlatformError, PrivateMap, Runs};
+use crate::platform::{decode, extent, Platform, PlatformError, PrivateMap, Runs, EXTENT_PAGES};
 use crate::policy::FailureAction;
 use crate::pte::{Level, Visibility, PRESENT};
 use crate::reserve::{FrameSource, Reserve, ReserveError};
@@ -81,7 +81,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             let filled = reserve.fill_to(needed, &self.mem, &self.frames, &self.states);
             lock = self.tables_lock.lock();
             if let Err(e) = filled {
-                self.release_claims(&tx, scratch);
+                self.release_claims(&tx);
                 drop(lock);
                 reserve.release(&self.mem, &self.frames, &self.states);
                 return Err(match e {
@@ -208,7 +208,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         });
     }
 
-    fn release_claims(&self, tx: &Tx<'_>, _scratch: &mut [u64]) {
+    fn release_claims(&self, tx: &Tx<'_>) {
         let from = Code::settled(tx.from());
         match tx.frames {
             Frames::Linear { pa, len } => {
@@ -541,7 +541,7 @@ fn send_fresh<E>(
             }
             let extends = w.checked_sub(1).is_some_and(|i| {
                 let (lpa, llen) = decode(extents[i]);
-                lpa + llen == frame && llen < 4096 * PAGE
+                lpa + llen == frame && llen < EXTENT_PAGES * PAGE
             });
             if extends {
                 let (lpa, llen) = decode(extents[w - 1]);

@@ -7,6 +7,7 @@ mod runs;
 pub mod snp;
 pub mod tdx;
 
+pub(crate) use runs::{decode, extent, EXTENT_PAGES};
 pub use runs::{Runs, RunsIter};
 
 use crate::counters::Counters;

@@ -46,7 +46,17 @@ impl<'a> Runs<'a> {
     }
 }
 
-fn decode(e: u64) -> (u64, u64) {
+/// The most pages one extent describes (its count lives in the low 12
+/// bits).
+pub(crate) const EXTENT_PAGES: u64 = 4096;
+
+/// An extent in one `u64`: `pa | (pages - 1)`, 1 to [`EXTENT_PAGES`] pages.
+pub(crate) const fn extent(pa: u64, pages: u64) -> u64 {
+    pa | (pages - 1)
+}
+
+/// `(pa, bytes)` of an extent.
+pub(crate) const fn decode(e: u64) -> (u64, u64) {
     (e & !(PAGE - 1), ((e & (PAGE - 1)) + 1) * PAGE)
 }
 

@@ -217,17 +217,8 @@ impl Machine {
     /// pages, private; returns the address.
     pub fn vmalloc(&self, frames: &[u64]) -> u64 {
         let va = self.vmalloc_area(frames.len() as u64 * 4096);
-        let mut b = self.builder();
-        for (i, &pa) in frames.iter().enumerate() {
-            b.map(
-                va + i as u64 * 4096,
-                pa,
-                4096,
-                Level::Pt,
-                DIRECT_MAP_FLAGS,
-                Visibility::Private,
-            );
-        }
+        let leaves: Vec<(u64, Level)> = frames.iter().map(|&pa| (pa, Level::Pt)).collect();
+        self.map_pieces(va, &leaves);
         va
     }
 

@@ -860,3 +860,62 @@ fn the_top_of_the_gpa_space_converts_both_ways() {
     assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
     assert_clean(&w.m);
 }
+
+/// An OS change made inside `with_table_lock` while a conversion reserves
+/// its tables (here: the OS merging a 4 KiB-mapped region back into a
+/// 2 MiB leaf, at the conversion's boundary) makes the conversion plan
+/// again: it then needs one table more, and takes it.
+#[test]
+fn an_os_merge_inside_with_table_lock_makes_a_conversion_plan_again() {
+    type Hook = Box<dyn FnMut() + Send>;
+    struct Hooked<'m> {
+        inner: &'m integration::sim::SimFrames,
+        hook: std::sync::Mutex<Option<Hook>>,
+    }
+    impl FrameSource for Hooked<'_> {
+        fn allocate_frame(&self) -> Option<u64> {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(mut hook) = hook {
+                hook();
+            }
+            self.inner.allocate_frame()
+        }
+        fn free_frame(&self, pa: u64) {
+            self.inner.free_frame(pa)
+        }
+        fn retire_os_table(&self, pa: u64) {
+            self.inner.retire_os_table(pa)
+        }
+    }
+    // GiB 1's first 2 MiB mapped by 4 KiB pages, its second by a 2 MiB leaf.
+    let w = tdx(Shape::Random(false, 1));
+    let m = &w.m;
+    let hooked = Hooked {
+        inner: &m.frames,
+        hook: Default::default(),
+    };
+    let e = m.engine_with_frames(&hooked, tdx_platform(&w));
+    let boundary = GIB + 2 * MIB;
+    let pde = dm_entry(m, GIB, Level::Pd);
+    let leaf = GIB | convert::bits::flags_4k_to_huge(DIRECT_MAP_FLAGS) | PRESENT;
+    let merge: Box<dyn FnMut() + Send + '_> = Box::new(|| e.with_table_lock(|| m.mem.write_u64(pde, leaf)));
+    // SAFETY: only the lifetime is erased; the hook runs (and is gone)
+    // before `e` and `m` are dropped, inside the conversion below.
+    let merge: Hook = unsafe { std::mem::transmute(merge) };
+    *hooked.hook.lock().unwrap() = Some(merge);
+    let range = Target::Physical {
+        pa: boundary - PAGE,
+        len: 2 * PAGE,
+    };
+    assert_eq!(e.convert(range, Visibility::Shared).unwrap().frames, 2);
+    assert!(hooked.hook.lock().unwrap().is_none(), "the merge ran mid-conversion");
+    assert_eq!(e.counters().splits_2m, 2, "both boundaries' 2 MiB leaves split");
+    let t = m.page_tables();
+    assert!(t.translate(&m.mem, Machine::direct(boundary - PAGE)).unwrap().enc_set);
+    assert!(
+        !t.translate(&m.mem, Machine::direct(boundary - 2 * PAGE))
+            .unwrap()
+            .enc_set
+    );
+    assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+}

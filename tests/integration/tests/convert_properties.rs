@@ -310,33 +310,19 @@ fn punch(m: &Machine, hole: Hole) {
 fn map_buffer(m: &Machine, b: &Buffer) -> u64 {
     let pages = b.pages();
     let va = m.vmalloc_area(pages.len() as u64 * 4096);
-    let mut builder = m.builder();
-    for (i, &pa) in b.huge.iter().enumerate() {
-        builder.map(
-            va + i as u64 * 2 * MIB,
-            pa,
-            2 * MIB,
-            Level::Pd,
-            DIRECT_MAP_FLAGS,
-            Visibility::Private,
-        );
-    }
     let first_small = b.huge.len() * 512;
-    for (i, &pa) in pages.iter().enumerate().skip(first_small) {
-        builder.map(
-            va + i as u64 * 4096,
-            pa,
-            4096,
-            Level::Pt,
-            DIRECT_MAP_FLAGS,
-            Visibility::Private,
-        );
-    }
+    let leaves: Vec<(u64, Level)> = b
+        .huge
+        .iter()
+        .map(|&pa| (pa, Level::Pd))
+        .chain(pages[first_small..].iter().map(|&pa| (pa, Level::Pt)))
+        .collect();
+    m.map_pieces(va, &leaves);
     if let Some((i, kind)) = b.hole {
         let i = first_small + i % (pages.len() - first_small).max(1);
         if i < pages.len() {
-            let pt = builder.table_at(va + i as u64 * 4096, Level::Pt);
-            let at = pt + 8 * Level::Pt.index(va + i as u64 * 4096) as u64;
+            let page = va + i as u64 * 4096;
+            let at = m.builder().table_at(page, Level::Pt) + 8 * Level::Pt.index(page) as u64;
             m.mem.write_u64(at, kind.entry(m.mem.read_u64(at)));
         }
     }
