@@ -8,10 +8,16 @@
 //! [`AliasRegistry::unregister`] waits until every conversion that started
 //! before it has finished: a two-phase reader count, as sleepable RCU
 //! does, so that conversions starting meanwhile never hold it up.
+//!
+//! Nor may a conversion that no longer knows the alias convert a frame the
+//! alias still maps present with the old attribute. So an alias being
+//! removed is first *retiring*: conversions stop making its entries present
+//! again, and the engine makes every entry of it not present (with a
+//! shootdown) before any conversion can start without it. Its slot is
+//! reused only once every conversion that knew it has finished.
 
-use core::sync::atomic::{AtomicUsize, Ordering};
-
-use spin::Mutex;
+use crate::sync::{spin_loop, AtomicBool, AtomicUsize, Mutex};
+use core::sync::atomic::Ordering;
 
 /// The OS's direct map: `[pa, pa + len)` mapped at `va`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +89,8 @@ pub(crate) struct AliasRegistry {
     registered: AtomicUsize,
     phase: AtomicUsize,
     readers: [AtomicUsize; 2],
+    /// Set from the start of an unregister until its slot may be reused.
+    retiring: [AtomicBool; MAX_ALIASES],
 }
 
 /// A conversion's hold on the aliases it copied.
@@ -121,6 +129,7 @@ impl AliasRegistry {
             registered: AtomicUsize::new(0),
             phase: AtomicUsize::new(0),
             readers: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            retiring: [const { AtomicBool::new(false) }; MAX_ALIASES],
         }
     }
 
@@ -144,29 +153,45 @@ impl AliasRegistry {
                 }
             }
         }
-        let id = slots.iter().position(Option::is_none).ok_or(AliasError::Full)?;
+        let id = (0..MAX_ALIASES)
+            .find(|&i| slots[i].is_none() && !self.retiring[i].load(Ordering::Acquire))
+            .ok_or(AliasError::Full)?;
         slots[id] = Some(alias);
         self.registered.fetch_add(1, Ordering::AcqRel);
         Ok(id)
     }
 
-    /// Removes alias `id`, then waits until no conversion that may still
-    /// write through it is in flight. Returns the alias removed.
-    pub fn unregister(&self, id: usize) -> Option<Alias> {
+    /// Removes alias `id`: marks it retiring, runs `unmap` (which must
+    /// leave no entry of it present, nor cached), removes it so that
+    /// conversions from now on do not see it, waits until no conversion
+    /// that saw it is in flight, runs `detach`, and frees the slot.
+    /// Returns the alias removed.
+    pub fn unregister(&self, id: usize, unmap: impl FnOnce(Alias), detach: impl FnOnce(Alias)) -> Option<Alias> {
         let _one_at_a_time = self.unregistering.lock();
-        let removed = {
+        let alias = (*self.slots.lock().get(id)?)?;
+        // Before the unmap: a conversion restoring afterwards must not
+        // make an entry present again.
+        self.retiring[id].store(true, Ordering::Release);
+        unmap(alias);
+        let old = {
             let mut slots = self.slots.lock();
-            let removed = slots.get_mut(id)?.take()?;
+            slots[id] = None;
             self.registered.fetch_sub(1, Ordering::AcqRel);
             // Conversions from now on read the other phase's counter.
-            let old = self.phase.fetch_add(1, Ordering::AcqRel) & 1;
-            drop(slots);
-            while self.readers[old].load(Ordering::Acquire) != 0 {
-                core::hint::spin_loop();
-            }
-            removed
+            self.phase.fetch_add(1, Ordering::AcqRel) & 1
         };
-        Some(removed)
+        while self.readers[old].load(Ordering::Acquire) != 0 {
+            spin_loop();
+        }
+        detach(alias);
+        self.retiring[id].store(false, Ordering::Release);
+        Some(alias)
+    }
+
+    /// Whether alias `id` is being removed: its entries must stay not
+    /// present.
+    pub fn retiring(&self, id: usize) -> bool {
+        self.retiring[id].load(Ordering::Acquire)
     }
 
     /// Enters a conversion: the aliases registered now, and a hold that
@@ -323,8 +348,8 @@ mod tests {
             len: 0x1000,
         };
         assert_eq!(r.register(spare, DM), Err(AliasError::Full));
-        assert_eq!(r.unregister(0), Some(a));
-        assert_eq!(r.unregister(0), None);
+        assert_eq!(r.unregister(0, |_| {}, |_| {}), Some(a));
+        assert_eq!(r.unregister(0, |_| {}, |_| {}), None);
         assert_eq!(r.register(spare, DM), Ok(0));
     }
 
@@ -342,7 +367,7 @@ mod tests {
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
-                r.unregister(0);
+                r.unregister(0, |_| {}, |_| {});
                 done.store(true, Ordering::SeqCst);
             });
             std::thread::sleep(std::time::Duration::from_millis(50));

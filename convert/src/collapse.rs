@@ -60,7 +60,7 @@ pub(crate) fn try_collapse<M: PhysMem>(
 }
 
 /// The present table-pointer entry at `level` on the path to `va`.
-fn pointer_at<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level) -> Option<EntryLoc> {
+pub(crate) fn pointer_at<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level) -> Option<EntryLoc> {
     let mut table = t.root;
     let mut current = Level::Pml4;
     loop {

@@ -120,6 +120,7 @@ mod reserve;
 mod shootdown;
 mod split;
 mod state;
+pub mod sync;
 mod tables;
 #[cfg(test)]
 mod testmem;

@@ -11,7 +11,7 @@
 //! Thread-safe (one spin lock; a chunk conversion happens with it held, so
 //! allocations wait for it: it is rare by design). `no_std`, no heap.
 
-use spin::Mutex;
+use crate::sync::Mutex;
 
 use crate::engine::{ConvertError, Engine, Report, Target};
 use crate::platform::Platform;

@@ -14,7 +14,8 @@
 //!   OS's frame source: only those go back to it, and none of them can be
 //!   converted.
 
-use core::sync::atomic::{AtomicU8, Ordering};
+use crate::sync::AtomicU8;
+use core::sync::atomic::Ordering;
 
 use crate::pte::Visibility;
 

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use crate::pte::{EncryptionBit, Level, HUGE, PRESENT, TABLE_POINTER};
 use crate::reserve::FrameSource;
 use crate::state::StateTable;
+use crate::sync::AtomicU8;
 use crate::tables::{EntryLoc, PhysMem, Tables};
-use core::sync::atomic::AtomicU8;
 
 /// Table pages by physical address, allocated on demand from 0x1000_0000.
 pub(crate) struct TestMem {

@@ -12,12 +12,11 @@
 
 mod error;
 mod frames;
+mod retire;
 mod tidy;
 mod transaction;
 
-use core::sync::atomic::AtomicU64;
-
-use spin::Mutex;
+use crate::sync::{AtomicU64, Mutex};
 
 use crate::aliases::{AliasRegistry, Linears};
 use crate::counters::{CounterSnapshot, Counters};
@@ -179,13 +178,23 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         self.aliases.register(alias, self.config.direct_map)
     }
 
-    /// Forgets the alias registered as `id`, and returns only once no
-    /// conversion that may write through it is in flight: after that the
-    /// OS may reuse its virtual range. It waits for conversions on other
-    /// CPUs, so the caller must not hold anything those wait for (interrupts
-    /// off while a conversion's shootdown needs this CPU, say).
+    /// Takes the alias registered as `id` out of service: makes every
+    /// entry of it not present (one shootdown), waits until no conversion
+    /// that may write through it is in flight, and unlinks and frees the
+    /// page tables the engine's own splits left in it. When this returns the
+    /// alias maps nothing and holds none of the engine's tables: the OS may
+    /// free its own tables of the range and reuse it. Until then no
+    /// conversion converts a frame the alias still maps present.
+    ///
+    /// It waits for conversions on other CPUs, so the caller must not hold
+    /// anything those wait for (interrupts off while a conversion's
+    /// shootdown needs this CPU, say).
     pub fn unregister_alias(&self, id: usize) -> Option<Alias> {
-        self.aliases.unregister(id)
+        self.aliases.unregister(
+            id,
+            |alias| self.unmap_retiring(alias),
+            |alias| self.detach_tables(alias),
+        )
     }
 
     /// Runs `f` with the table lock held: the only way an OS may change

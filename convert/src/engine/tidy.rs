@@ -8,7 +8,7 @@
 
 use core::sync::atomic::Ordering;
 
-use spin::MutexGuard;
+use crate::sync::MutexGuard;
 
 use super::frames::{for_each_chunk, Chunk, Frames};
 use super::transaction::Tx;
@@ -24,7 +24,7 @@ use crate::tables::{PhysMem, Tables};
 use crate::MAX_ALIASES;
 
 /// The deferred list has no room for one more table.
-struct NeedRoom;
+pub(super) struct NeedRoom;
 
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, T, P> {
     /// Collapses what the conversion's frames and ranges touch: 2 MiB over
@@ -123,7 +123,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
 
     /// With no lock held: a chain page for the deferred list, or, if none
     /// can be had, the pending frees done now.
-    fn make_room(&self) {
+    pub(super) fn make_room(&self) {
         let page = self
             .frames
             .allocate_frame()

@@ -417,6 +417,10 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         let tables = self.tables();
         let restore_linears = |pa: u64, len: u64, side: Visibility| {
             for (kind, alias) in tx.linears.iter() {
+                // Being removed: it stays not present.
+                if matches!(kind, Linear::Registered(id) if self.aliases.retiring(id)) {
+                    continue;
+                }
                 if let Some((va, vlen)) = virtual_of(alias, pa, len) {
                     let mapping = Mapping::Linear(alias, hole_of(kind));
                     leaves::restore(

@@ -31,6 +31,7 @@ extern crate alloc;
 
 mod memory;
 pub mod pagewalk;
+mod preemption;
 pub mod snp;
 pub mod tdx;
 

@@ -159,6 +159,7 @@ struct Model {
 pub struct MockSnp {
     memory: Arc<GuestMemory>,
     model: Mutex<Model>,
+    exits: crate::preemption::ExitPoints,
 }
 
 impl core::fmt::Debug for MockSnp {
@@ -183,6 +184,7 @@ impl MockSnp {
         ];
         MockSnp {
             memory,
+            exits: Default::default(),
             model: Mutex::new(Model {
                 config,
                 rmp,
@@ -488,6 +490,15 @@ impl Model {
 // pages whose state changes, as a hypervisor could.
 unsafe impl GhcbMsr for MockSnp {
     unsafe fn vmgexit(&self, msr_value: u64) -> u64 {
+        self.exits.here();
+        let answer = self.exit(msr_value);
+        self.exits.here();
+        answer
+    }
+}
+
+impl MockSnp {
+    fn exit(&self, msr_value: u64) -> u64 {
         let mut m = self.model.lock();
         if msr_value & 0xFFF != 0 {
             return m.msr_protocol(&self.memory, msr_value);
@@ -506,6 +517,7 @@ unsafe impl GhcbMsr for MockSnp {
 // SAFETY: the model changes only its RMP.
 unsafe impl Pvalidate for MockSnp {
     unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> RawPvalidate {
+        self.exits.here();
         self.model.lock().pvalidate(&self.memory, va, size, validate)
     }
 }

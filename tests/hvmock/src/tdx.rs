@@ -187,6 +187,7 @@ struct Model {
 pub struct MockTdx {
     memory: Arc<GuestMemory>,
     model: Mutex<Model>,
+    exits: crate::preemption::ExitPoints,
 }
 
 impl core::fmt::Debug for MockTdx {
@@ -210,6 +211,7 @@ impl MockTdx {
         ];
         MockTdx {
             memory,
+            exits: Default::default(),
             model: Mutex::new(Model {
                 config,
                 pages,
@@ -569,6 +571,8 @@ impl Model {
 // the reporting leaves change nothing.
 unsafe impl Tdcall for MockTdx {
     unsafe fn tdcall(&self, regs: &mut Registers) {
+        self.exits.here();
         self.handle(regs);
+        self.exits.here();
     }
 }

@@ -3,6 +3,7 @@
 //! guest does at boot.
 #![deny(missing_docs)]
 
+pub mod invariants;
 pub mod null;
 pub mod signals;
 pub mod sim;

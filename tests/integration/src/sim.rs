@@ -3,8 +3,9 @@
 //! handed out, a counting TLB shootdown, and per-CPU scratch windows; the
 //! frame source and the shootdown report every call to a [`Watch`].
 
+use convert::sync::AtomicU8;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use convert::bits::{HUGE, PRESENT, TABLE_POINTER};
@@ -212,8 +213,16 @@ pub struct SimWindows {
     slots: Vec<WindowSlot>,
 }
 
+#[cfg(not(shuttle))]
 thread_local! {
     static CPU: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// The explorer runs its threads on one OS thread: a CPU is one of its
+// threads, not the OS thread's.
+#[cfg(shuttle)]
+shuttle::thread_local! {
+    static CPU: std::cell::Cell<usize> = std::cell::Cell::new(0);
 }
 
 /// Makes the calling thread simulated CPU `cpu`.

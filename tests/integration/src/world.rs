@@ -2,8 +2,8 @@
 //! map of one 1 GiB page then 2 MiB pages, a vmalloc area, an alias area,
 //! scratch windows, and a TDX or SNP model watching the page tables.
 
+use convert::sync::AtomicU8;
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU8;
 use std::sync::Arc;
 
 use convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
@@ -354,6 +354,15 @@ impl TdxWorld {
     pub fn engine(&self) -> TdxEngine<'_> {
         self.m.engine(Tdx::new(&self.tdx, self.tdx.shared_mask()).unwrap())
     }
+
+    /// The side the model holds the frame at `pa` on; `None` while pending.
+    pub fn host_side(&self, pa: u64) -> Option<Visibility> {
+        match self.tdx.page(pa).state {
+            hvmock::TdxPageState::Accepted => Some(Visibility::Private),
+            hvmock::TdxPageState::Shared => Some(Visibility::Shared),
+            hvmock::TdxPageState::Pending => None,
+        }
+    }
 }
 
 /// An SNP guest: the machine, the hypervisor + RMP model, per-CPU GHCBs.
@@ -407,6 +416,17 @@ impl SnpWorld {
     /// The engine with the fewest-calls options.
     pub fn engine(&self) -> SnpEngine<'_> {
         self.engine_with(SnpOptions::MINIMAL)
+    }
+
+    /// The side the RMP holds the frame at `pa` on; `None` in between
+    /// (assigned but not validated, or the reverse).
+    pub fn host_side(&self, pa: u64) -> Option<Visibility> {
+        let r = self.snp.rmp(pa);
+        match (r.assigned, r.validated) {
+            (true, true) => Some(Visibility::Private),
+            (false, false) => Some(Visibility::Shared),
+            _ => None,
+        }
     }
 
     /// Sets up the calling CPU's GHCB at `pa` through `engine` (MSR

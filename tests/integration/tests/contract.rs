@@ -14,6 +14,7 @@ use std::time::Duration;
 use convert::bits::{PRESENT, TABLE_POINTER};
 use convert::{Alias, ConvertError, FrameSource, Level, PageState, Target, Visibility};
 use hvmock::{SnpConfig, TdxConfig, TdxHostile};
+use integration::invariants::assert_consistent;
 use integration::sim::{set_cpu, ALIAS_VA};
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, DIRECT_MAP_FLAGS};
 use integration::{GIB, MIB};
@@ -551,7 +552,14 @@ fn unregister_alias_waits_for_the_conversion_in_flight() {
         );
     });
     assert!(returned.load(Ordering::SeqCst));
-    assert!(m.page_tables().translate(&m.mem, ALIAS_VA + MIB).unwrap().enc_set);
+    // Removed, the alias maps nothing, and the table the conversion's
+    // split left in it is back with the frame source: the OS may free its
+    // own tables of the range and reuse it.
+    for va in (ALIAS_VA..ALIAS_VA + len).step_by(PAGE as usize) {
+        assert!(m.page_tables().translate(&m.mem, va).is_none(), "{va:#x} still mapped");
+    }
+    assert_eq!(m.frames.in_use(), 1, "only the direct map's split table is held");
+    assert_consistent(m, |pa| e.state(pa), |pa| w.host_side(pa), e.census());
     assert!(w.tdx.violations().is_empty());
 }
 
@@ -613,34 +621,6 @@ fn next(x: &mut u64) -> u64 {
     *x ^= *x >> 7;
     *x ^= *x << 17;
     *x
-}
-
-/// Every present mapping agrees with the host and the engine, nothing is
-/// left converting, tables are accounted for, and the watch saw nothing.
-fn consistent(
-    m: &Machine,
-    state: impl Fn(u64) -> Option<PageState>,
-    host: impl Fn(u64) -> Option<Visibility>,
-    census: [u64; 4],
-) {
-    for map in m.page_tables().mappings(&m.mem) {
-        if map.va >= Machine::direct(integration::world::TABLES) && map.va < Machine::direct(m.size()) {
-            continue;
-        }
-        let side = m.enc.side_of(if map.enc_set { m.enc.mask() } else { 0 });
-        for pa in (map.pa..map.pa + map.size).step_by(PAGE as usize) {
-            assert_eq!(host(pa), Some(side), "{map:x?}");
-            assert_eq!(state(pa), Some(PageState::of(side)), "{map:x?}");
-        }
-    }
-    assert_eq!(census[2], 0, "nothing left converting");
-    let reachable: std::collections::BTreeSet<u64> = integration::watch::tables_with_regions(&m.mem, m.root, m.enc)
-        .into_keys()
-        .collect();
-    let held = m.table_frames_held();
-    assert!(reachable.is_subset(&held));
-    assert_eq!(held.len(), reachable.len() + integration::world::CPUS);
-    assert_clean(m);
 }
 
 fn hammer<P: convert::Platform>(e: &integration::world::EngineOf<'_, P>, seed: u64, vmalloc: &[(u64, u64)])
@@ -718,12 +698,7 @@ fn concurrent_overlapping_and_adjacent_conversions_keep_every_promise_tdx() {
         let buffers = hammer_buffers(&w.m);
         hammer(&e, seed, &buffers);
         e.release_deferred_tables();
-        let host = |pa| match w.tdx.page(pa).state {
-            hvmock::TdxPageState::Accepted => Some(Visibility::Private),
-            hvmock::TdxPageState::Shared => Some(Visibility::Shared),
-            hvmock::TdxPageState::Pending => None,
-        };
-        consistent(&w.m, |pa| e.state(pa), host, e.census());
+        assert_consistent(&w.m, |pa| e.state(pa), |pa| w.host_side(pa), e.census());
         assert!(w.tdx.violations().is_empty(), "seed {seed}: {:?}", w.tdx.violations());
     }
 }
@@ -740,15 +715,7 @@ fn concurrent_overlapping_and_adjacent_conversions_keep_every_promise_snp() {
         let buffers = hammer_buffers(&w.m);
         hammer(&e, seed, &buffers);
         e.release_deferred_tables();
-        let host = |pa| {
-            let r = w.snp.rmp(pa);
-            match (r.assigned, r.validated) {
-                (true, true) => Some(Visibility::Private),
-                (false, false) => Some(Visibility::Shared),
-                _ => None,
-            }
-        };
-        consistent(&w.m, |pa| e.state(pa), host, e.census());
+        assert_consistent(&w.m, |pa| e.state(pa), |pa| w.host_side(pa), e.census());
         assert!(w.snp.violations().is_empty(), "seed {seed}: {:?}", w.snp.violations());
     }
 }

@@ -33,7 +33,7 @@ use std::collections::BTreeSet;
 
 use convert::bits::{HUGE, PRESENT};
 use convert::{Alias, ConvertError, Engine, Level, PageState, Platform, Target, Visibility};
-use hvmock::{GuestPageTables, Mapping, RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxHostile, TdxPageState};
+use hvmock::{GuestPageTables, Mapping, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
 use integration::sim::{SimFrames, SimPhys, SimTlb, ALIAS_VA, DIRECT_MAP_VA};
 use integration::watch::not_present_entries;
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, CPUS, DIRECT_MAP_FLAGS, MEMORY};
@@ -66,11 +66,7 @@ impl Guest for TdxWorld {
         &self.m
     }
     fn host_side(&self, pa: u64) -> Option<Visibility> {
-        match self.tdx.page(pa).state {
-            TdxPageState::Accepted => Some(Visibility::Private),
-            TdxPageState::Shared => Some(Visibility::Shared),
-            TdxPageState::Pending => None,
-        }
+        TdxWorld::host_side(self, pa)
     }
     fn violations(&self) -> usize {
         self.tdx.violations().len()
@@ -85,19 +81,7 @@ impl Guest for SnpWorld {
         &self.m
     }
     fn host_side(&self, pa: u64) -> Option<Visibility> {
-        match self.snp.rmp(pa) {
-            RmpEntry {
-                assigned: true,
-                validated: true,
-                ..
-            } => Some(Visibility::Private),
-            RmpEntry {
-                assigned: false,
-                validated: false,
-                ..
-            } => Some(Visibility::Shared),
-            _ => None,
-        }
+        SnpWorld::host_side(self, pa)
     }
     fn violations(&self) -> usize {
         self.snp.violations().len()

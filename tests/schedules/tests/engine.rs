@@ -1,0 +1,399 @@
+//! The engine's real code under shuttle: conversions of overlapping and
+//! adjacent ranges, of a vmalloc-style buffer against its frames' direct
+//! map, racing alias registration and removal, racing
+//! `release_deferred_tables`, and a shared pool whose chunks go back to
+//! private. Every schedule ends with the engine contract's invariants.
+
+#[cfg(not(shuttle))]
+#[test]
+#[ignore = "needs the explorer's primitives: run scripts/schedules (RUSTFLAGS=--cfg shuttle)"]
+fn schedules_need_cfg_shuttle() {}
+
+#[cfg(shuttle)]
+mod explored {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use convert::bits::PRESENT;
+    use convert::pool::{ChunkSource, SharedPool, CHUNK};
+    use convert::{Alias, ConvertError, Level, PageState, Report, Target, Visibility};
+    use hvmock::{SnpConfig, TdxConfig};
+    use integration::invariants::assert_consistent_over;
+    use integration::sim::{set_cpu, ALIAS_VA};
+    use integration::world::{Machine, Shape, SnpWorld, TdxWorld, DIRECT_MAP_FLAGS};
+    use integration::{GIB, MIB};
+    use schedules::{explore, schedules};
+    use shuttle::thread;
+
+    const PAGE: u64 = 4096;
+    /// A 2 MiB region mapped by one 2 MiB leaf of the direct map.
+    const REGION: u64 = GIB + 20 * MIB;
+    const SCHEDULES: usize = 200;
+
+    fn frame(i: u64) -> u64 {
+        REGION + i * PAGE
+    }
+
+    fn frames(first: u64, count: u64) -> Target {
+        Target::Physical {
+            pa: frame(first),
+            len: count * PAGE,
+        }
+    }
+
+    /// Frames each successful conversion changed; a frame's final side is
+    /// private exactly when an even number of conversions changed it, in
+    /// whatever order they ran.
+    #[derive(Default)]
+    struct Ledger(Mutex<BTreeMap<u64, u32>>);
+
+    impl Ledger {
+        /// Records `result`: a success toggles `frames`; an error must
+        /// have changed nothing.
+        fn record(&self, result: Result<Report, ConvertError>, frames: &[u64]) {
+            match result {
+                Ok(report) => {
+                    assert_eq!(report.frames, frames.len() as u64, "report counts the frames changed");
+                    let mut toggles = self.0.lock().unwrap();
+                    for &pa in frames {
+                        *toggles.entry(pa).or_default() += 1;
+                    }
+                }
+                Err(err) => assert!(err.changed_nothing(), "{err:?} after a change"),
+            }
+        }
+
+        fn expected(&self, pa: u64) -> PageState {
+            match self.0.lock().unwrap().get(&pa).copied().unwrap_or(0) % 2 {
+                0 => PageState::Private,
+                _ => PageState::Shared,
+            }
+        }
+
+        /// Every frame the scenario touched is where the ledger says.
+        fn check(&self, state: impl Fn(u64) -> Option<PageState>, touched: impl Iterator<Item = u64>) {
+            for pa in touched {
+                assert_eq!(state(pa), Some(self.expected(pa)), "frame {pa:#x}");
+            }
+        }
+    }
+
+    fn range(first: u64, count: u64) -> Vec<u64> {
+        (first..first + count).map(frame).collect()
+    }
+
+    /// Converts `frames(first, count)` to shared and back, recording both.
+    fn there_and_back(
+        convert: impl Fn(Target, Visibility) -> Result<Report, ConvertError>,
+        ledger: &Ledger,
+        first: u64,
+        count: u64,
+    ) {
+        for to in [Visibility::Shared, Visibility::Private] {
+            ledger.record(convert(frames(first, count), to), &range(first, count));
+        }
+    }
+
+    /// The direct map's leaf over `REGION` is one 2 MiB leaf again when all
+    /// its frames are on one side (collapse left no split behind).
+    fn region_whole(m: &Machine, ledger: &Ledger) {
+        let uniform = (0..512).all(|i| ledger.expected(frame(i)) == PageState::Private);
+        let leaf = m.page_tables().translate(&m.mem, Machine::direct(REGION)).unwrap();
+        if uniform {
+            assert!(
+                leaf.size >= 2 * MIB,
+                "the region is mapped by one leaf of at least 2 MiB again: {leaf:x?}"
+            );
+        }
+    }
+
+    /// The engine contract's invariants over the frames the scenarios
+    /// use (the region, the pool's chunks after it), none converting.
+    fn checked(m: &Machine, state: impl Fn(u64) -> Option<PageState>, host: impl Fn(u64) -> Option<Visibility>) {
+        let frames = REGION..REGION + 8 * MIB;
+        for pa in frames.clone().step_by(PAGE as usize) {
+            assert_ne!(state(pa), Some(PageState::Converting), "frame {pa:#x} left converting");
+            // The scenarios leave no guard page: every entry the engine
+            // made not present it must have made present again.
+            assert!(
+                m.page_tables().translate(&m.mem, Machine::direct(pa)).is_some(),
+                "frame {pa:#x} lost its direct-map entry"
+            );
+        }
+        assert_consistent_over(m, frames, state, host);
+    }
+
+    fn tdx_world() -> TdxWorld {
+        TdxWorld::new(TdxConfig::default(), Shape::Mixed)
+    }
+
+    fn snp_world() -> SnpWorld {
+        SnpWorld::new(SnpConfig::default(), Shape::Mixed)
+    }
+
+    fn two_cpus_tdx(first: [(u64, u64); 2]) {
+        let w = tdx_world();
+        let e = w.engine();
+        let ledger = Ledger::default();
+        thread::scope(|s| {
+            for (cpu, (start, count)) in first.into_iter().enumerate() {
+                let (e, ledger) = (&e, &ledger);
+                s.spawn(move || {
+                    set_cpu(cpu);
+                    there_and_back(|t, to| e.convert(t, to), ledger, start, count);
+                });
+            }
+        });
+        e.release_deferred_tables();
+        ledger.check(|pa| e.state(pa), (0..8).map(frame));
+        region_whole(&w.m, &ledger);
+        checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
+        assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+    }
+
+    fn two_cpus_snp(first: [(u64, u64); 2]) {
+        let w = snp_world();
+        let e = w.engine();
+        for cpu in 0..2 {
+            set_cpu(cpu);
+            w.boot_ghcb(&e, 1536 * MIB + cpu as u64 * PAGE);
+        }
+        let ledger = Ledger::default();
+        thread::scope(|s| {
+            for (cpu, (start, count)) in first.into_iter().enumerate() {
+                let (e, ledger) = (&e, &ledger);
+                s.spawn(move || {
+                    set_cpu(cpu);
+                    there_and_back(|t, to| e.convert(t, to), ledger, start, count);
+                });
+            }
+        });
+        e.release_deferred_tables();
+        ledger.check(|pa| e.state(pa), (0..8).map(frame));
+        region_whole(&w.m, &ledger);
+        checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
+        assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
+    }
+
+    #[test]
+    fn overlapping_ranges_tdx() {
+        explore(schedules(SCHEDULES), || two_cpus_tdx([(0, 3), (2, 3)]));
+    }
+
+    #[test]
+    fn adjacent_ranges_tdx() {
+        explore(schedules(SCHEDULES), || two_cpus_tdx([(0, 2), (2, 2)]));
+    }
+
+    #[test]
+    fn overlapping_ranges_snp() {
+        explore(schedules(SCHEDULES), || two_cpus_snp([(0, 3), (2, 3)]));
+    }
+
+    #[test]
+    fn adjacent_ranges_snp() {
+        explore(schedules(SCHEDULES), || two_cpus_snp([(0, 2), (2, 2)]));
+    }
+
+    /// A vmalloc-style buffer over frames 5, 3, 1 of the region, converted
+    /// through the buffer, against its neighbours 0, 2, 6 and 7 converted
+    /// through the direct map: the same direct-map leaf and table. (An OS
+    /// converts a buffer's frames only through the buffer: the engine knows
+    /// no other mapping of them.)
+    #[test]
+    fn a_vmalloc_buffer_against_its_frames_direct_map_tdx() {
+        explore(schedules(SCHEDULES), || {
+            let w = tdx_world();
+            let e = w.engine();
+            let buffer_frames = [frame(5), frame(3), frame(1)];
+            let va = w.m.vmalloc(&buffer_frames);
+            let ledger = Ledger::default();
+            thread::scope(|s| {
+                s.spawn(|| {
+                    set_cpu(0);
+                    for to in [Visibility::Shared, Visibility::Private] {
+                        let target = Target::Virtual { va, len: 3 * PAGE };
+                        ledger.record(e.convert(target, to), &buffer_frames);
+                    }
+                });
+                s.spawn(|| {
+                    set_cpu(1);
+                    for (first, count) in [(0, 1), (2, 1), (6, 2)] {
+                        there_and_back(|t, to| e.convert(t, to), &ledger, first, count);
+                    }
+                });
+            });
+            e.release_deferred_tables();
+            ledger.check(|pa| e.state(pa), (0..8).map(frame));
+            region_whole(&w.m, &ledger);
+            checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
+            assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+        });
+    }
+
+    /// An alias of the region (one 2 MiB leaf) is removed while a
+    /// conversion of two of its frames runs, and the OS reuses its entry as
+    /// soon as the removal returns; meanwhile another alias comes and goes.
+    /// No conversion may meet the alias mapping a converting frame (the
+    /// TDX model checks every MapGPA and ACCEPT), the engine must never
+    /// write the reused entry, and the table its split left in the alias
+    /// must come back to the frame source.
+    #[test]
+    fn a_conversion_racing_alias_registration_and_removal_tdx() {
+        explore(schedules(SCHEDULES), || {
+            let w = tdx_world();
+            let e = w.engine();
+            let m = &w.m;
+            let second = ALIAS_VA + 2 * MIB;
+            m.builder().map(
+                ALIAS_VA,
+                REGION,
+                2 * MIB,
+                Level::Pd,
+                DIRECT_MAP_FLAGS,
+                Visibility::Private,
+            );
+            m.builder().map(
+                second,
+                REGION + 2 * MIB,
+                8 * PAGE,
+                Level::Pt,
+                DIRECT_MAP_FLAGS,
+                Visibility::Private,
+            );
+            let alias = Alias {
+                va: ALIAS_VA,
+                pa: REGION,
+                len: 2 * MIB,
+            };
+            let id = e.register_alias(alias).unwrap();
+            let entry = m.builder().table_at(ALIAS_VA, Level::Pd) + 8 * Level::Pd.index(ALIAS_VA) as u64;
+            // What the OS writes once the alias is gone: not present, its
+            // own software bits.
+            const REUSED: u64 = 0x0BAD_0000_0000_0E00 & !PRESENT;
+            let ledger = Ledger::default();
+            thread::scope(|s| {
+                s.spawn(|| {
+                    set_cpu(0);
+                    there_and_back(|t, to| e.convert(t, to), &ledger, 0, 2);
+                });
+                s.spawn(|| {
+                    set_cpu(1);
+                    let other = e
+                        .register_alias(Alias {
+                            va: second,
+                            pa: REGION + 2 * MIB,
+                            len: 8 * PAGE,
+                        })
+                        .unwrap();
+                    assert_eq!(e.unregister_alias(id), Some(alias));
+                    m.mem.write_u64(entry, REUSED);
+                    e.unregister_alias(other).unwrap();
+                });
+            });
+            e.release_deferred_tables();
+            assert_eq!(
+                m.mem.read_u64(entry),
+                REUSED,
+                "the engine wrote the alias entry after its removal"
+            );
+            ledger.check(|pa| e.state(pa), (0..8).map(frame));
+            checked(m, |pa| e.state(pa), |pa| w.host_side(pa));
+            assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+        });
+    }
+
+    /// A collapse defers its table; another CPU releases deferred tables
+    /// while conversions run.
+    #[test]
+    fn release_deferred_tables_racing_a_conversion_tdx() {
+        explore(schedules(SCHEDULES), || {
+            let w = tdx_world();
+            let e = w.engine();
+            let ledger = Ledger::default();
+            thread::scope(|s| {
+                s.spawn(|| {
+                    set_cpu(0);
+                    there_and_back(|t, to| e.convert(t, to), &ledger, 0, 1);
+                    there_and_back(|t, to| e.convert(t, to), &ledger, 1, 1);
+                });
+                s.spawn(|| {
+                    set_cpu(1);
+                    for _ in 0..3 {
+                        e.release_deferred_tables();
+                    }
+                });
+            });
+            e.release_deferred_tables();
+            ledger.check(|pa| e.state(pa), (0..8).map(frame));
+            region_whole(&w.m, &ledger);
+            checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
+        });
+    }
+
+    /// Chunks from the region's neighbours, handed out one at a time.
+    struct Chunks(Mutex<Vec<u64>>);
+
+    impl ChunkSource for Chunks {
+        fn allocate_chunk(&self) -> Option<u64> {
+            self.0.lock().unwrap().pop()
+        }
+        fn free_chunk(&self, pa: u64) {
+            self.0.lock().unwrap().push(pa);
+        }
+    }
+
+    /// Two CPUs allocate and free shared buffers; the pool keeps no empty
+    /// chunk, so every emptied chunk goes back to private at once.
+    #[test]
+    fn pool_allocations_and_frees_with_chunks_going_back_to_private_snp() {
+        explore(schedules(SCHEDULES), || {
+            let w = snp_world();
+            let e = w.engine();
+            for cpu in 0..2 {
+                set_cpu(cpu);
+                w.boot_ghcb(&e, 1536 * MIB + cpu as u64 * PAGE);
+            }
+            let chunks: Vec<u64> = (0..3).map(|i| REGION + 2 * MIB + i * CHUNK).collect();
+            let pool = SharedPool::new(&e, Chunks(Mutex::new(chunks.clone())), 0);
+            let live = Mutex::new(Vec::<(u64, u64)>::new());
+            thread::scope(|s| {
+                for cpu in 0..2u64 {
+                    let (pool, live, e) = (&pool, &live, &e);
+                    s.spawn(move || {
+                        set_cpu(cpu as usize);
+                        let a = pool.alloc(PAGE * (1 + cpu)).unwrap();
+                        let b = pool.alloc(PAGE).unwrap();
+                        for buf in [a, b] {
+                            assert_eq!(e.state(buf.pa), Some(PageState::Shared), "a buffer handed out shared");
+                            let mut live = live.lock().unwrap();
+                            assert!(
+                                live.iter()
+                                    .all(|&(pa, len)| buf.pa + buf.len <= pa || pa + len <= buf.pa),
+                                "overlapping buffers"
+                            );
+                            live.push((buf.pa, buf.len));
+                        }
+                        for buf in [a, b] {
+                            live.lock().unwrap().retain(|&(pa, _)| pa != buf.pa);
+                            pool.free(buf).unwrap();
+                        }
+                    });
+                }
+            });
+            let stats = pool.stats();
+            assert_eq!((stats.chunks_held, stats.chunks_lost), (0, 0), "{stats:?}");
+            assert_eq!(stats.chunks_shared, stats.chunks_returned, "{stats:?}");
+            for &chunk in &chunks {
+                assert_eq!(
+                    e.state(chunk),
+                    Some(PageState::Private),
+                    "chunk {chunk:#x} back to private"
+                );
+            }
+            e.release_deferred_tables();
+            checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
+            assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
+        });
+    }
+}
