@@ -8,8 +8,10 @@
 //! shared and reusable, and a later free tries again; only a chunk the
 //! engine poisoned is lost.
 //!
-//! Thread-safe (one spin lock; a chunk conversion happens with it held, so
-//! allocations wait for it: it is rare by design). `no_std`, no heap.
+//! Thread-safe: one lock, never held across a chunk conversion (which
+//! takes hypercalls and a shootdown that other CPUs must answer) nor a call
+//! into the chunk source. A chunk converting meanwhile holds its slot but
+//! serves no allocation. `no_std`, no heap.
 
 use crate::sync::Mutex;
 
@@ -26,6 +28,8 @@ pub const CHUNK: u64 = 2 << 20;
 const PAGES: usize = 512;
 /// The most chunks a pool holds (128 MiB).
 pub const MAX_CHUNKS: usize = 64;
+// One bit per slot in `Inner::converting`.
+const _: () = assert!(MAX_CHUNKS <= 64);
 
 /// Converts memory: the engine, or anything standing in for it.
 pub trait Convert {
@@ -174,7 +178,51 @@ impl Chunk {
 
 struct Inner {
     chunks: [Option<Chunk>; MAX_CHUNKS],
+    /// Slots whose chunk is converting with the lock dropped, one bit each.
+    converting: u64,
     stats: PoolStats,
+}
+
+impl Inner {
+    /// A fitting run of pages: in a partly used chunk first, so that empty
+    /// ones can go back.
+    fn fitting(&self, pages: usize) -> Option<(usize, usize)> {
+        let fits = |empty: bool| {
+            self.chunks.iter().enumerate().find_map(|(i, c)| {
+                c.as_ref()
+                    .filter(|c| (c.used == 0) == empty)
+                    .and_then(|c| c.find(pages))
+                    .map(|page| (i, page))
+            })
+        };
+        fits(false).or_else(|| fits(true))
+    }
+
+    fn hand_out(&mut self, slot: usize, page: usize, pages: usize) -> Option<SharedBuffer> {
+        let chunk = self.chunks[slot].as_mut()?;
+        chunk.set(page, pages, false);
+        chunk.used += pages as u16;
+        self.stats.allocations += 1;
+        Some(SharedBuffer {
+            pa: chunk.pa + page as u64 * 4096,
+            len: pages as u64 * 4096,
+        })
+    }
+
+    fn idle_slot(&self) -> Option<usize> {
+        (0..MAX_CHUNKS).find(|&i| self.chunks[i].is_none() && self.converting & (1 << i) == 0)
+    }
+
+    /// An empty chunk beyond `keep_empty`, the one in `prefer` first.
+    fn surplus(&self, keep_empty: usize, prefer: usize) -> Option<usize> {
+        let empty = |c: &Option<Chunk>| c.is_some_and(|c| c.used == 0);
+        if self.chunks.iter().filter(|c| empty(c)).count() <= keep_empty {
+            return None;
+        }
+        Some(prefer)
+            .filter(|&s| empty(&self.chunks[s]))
+            .or_else(|| self.chunks.iter().position(empty))
+    }
 }
 
 /// The shared-memory pool.
@@ -203,6 +251,7 @@ impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
             keep_empty,
             inner: Mutex::new(Inner {
                 chunks: [None; MAX_CHUNKS],
+                converting: 0,
                 stats: PoolStats::default(),
             }),
         }
@@ -219,54 +268,52 @@ impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
             return Err(PoolError::BadSize(bytes));
         }
         let pages = bytes.div_ceil(4096) as usize;
-        let mut inner = self.inner.lock();
-        // Partly used chunks first, so empty ones can go back.
-        let fitting = |empty: bool| {
-            inner.chunks.iter().enumerate().find_map(|(i, c)| {
-                c.as_ref()
-                    .filter(|c| (c.used == 0) == empty)
-                    .and_then(|c| c.find(pages))
-                    .map(|page| (i, page))
-            })
+        let slot = {
+            let mut inner = self.inner.lock();
+            if let Some((slot, page)) = inner.fitting(pages) {
+                return inner.hand_out(slot, page, pages).ok_or(PoolError::Exhausted);
+            }
+            let slot = inner.idle_slot().ok_or(PoolError::Exhausted)?;
+            inner.converting |= 1 << slot;
+            slot
         };
-        let found = fitting(false).or_else(|| fitting(true));
-        let (slot, page) = match found {
-            Some(hit) => hit,
-            None => {
-                let slot = inner
-                    .chunks
-                    .iter()
-                    .position(Option::is_none)
-                    .ok_or(PoolError::Exhausted)?;
-                let pa = self.source.allocate_chunk().ok_or(PoolError::Exhausted)?;
-                if let Err(e) = self
-                    .converter
-                    .convert(Target::Physical { pa, len: CHUNK }, Visibility::Shared)
-                {
-                    // Refused before any change: the chunk is still
-                    // private and can go back. Failed later: poisoned.
-                    if e.changed_nothing() {
-                        self.source.free_chunk(pa);
-                    } else {
-                        inner.stats.chunks_lost += 1;
-                    }
-                    return Err(PoolError::Convert(e));
-                }
+        let added = self.new_chunk();
+        let mut inner = self.inner.lock();
+        inner.converting &= !(1 << slot);
+        match added {
+            Ok(pa) => {
                 inner.stats.chunks_shared += 1;
                 inner.stats.chunks_held += 1;
                 inner.chunks[slot] = Some(Chunk::new(pa));
-                (slot, 0)
+                inner.hand_out(slot, 0, pages).ok_or(PoolError::Exhausted)
             }
-        };
-        let chunk = inner.chunks[slot].as_mut().ok_or(PoolError::Exhausted)?;
-        chunk.set(page, pages, false);
-        chunk.used += pages as u16;
-        let buffer = SharedBuffer {
-            pa: chunk.pa + page as u64 * 4096,
-            len: pages as u64 * 4096,
-        };
-        inner.stats.allocations += 1;
-        Ok(buffer)
+            Err(e) => {
+                if matches!(e, PoolError::Convert(e) if !e.changed_nothing()) {
+                    inner.stats.chunks_lost += 1;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// A chunk from the source, converted to shared; called without the
+    /// lock.
+    fn new_chunk(&self) -> Result<u64, PoolError> {
+        let pa = self.source.allocate_chunk().ok_or(PoolError::Exhausted)?;
+        match self
+            .converter
+            .convert(Target::Physical { pa, len: CHUNK }, Visibility::Shared)
+        {
+            Ok(_) => Ok(pa),
+            Err(e) => {
+                // Refused before any change: the chunk is still private and
+                // can go back. Failed later: poisoned, and lost.
+                if e.changed_nothing() {
+                    self.source.free_chunk(pa);
+                }
+                Err(PoolError::Convert(e))
+            }
+        }
     }
 
     /// Gives `buffer` back: exactly a buffer `alloc` returned and not yet
@@ -294,47 +341,55 @@ impl<C: Convert, S: ChunkSource> SharedPool<C, S> {
         chunk.set(first, pages, true);
         chunk.used -= pages as u16;
         inner.stats.frees += 1;
+        drop(inner);
         // Not only when this free empties a chunk: an earlier return may
-        // have failed and left a surplus one.
-        self.return_surplus(&mut inner, slot);
-        // The buffer is free whatever became of the chunks.
+        // have failed and left a surplus one. The buffer is free whatever
+        // becomes of the chunks.
+        self.return_surplus(slot);
         Ok(())
     }
 
     /// Converts empty chunks beyond `keep_empty` back to private and gives
-    /// them to the source, the one in `prefer` first.
-    fn return_surplus(&self, inner: &mut Inner, prefer: usize) {
+    /// them to the source, the one in `prefer` first. Each is taken out of
+    /// service under the lock and converted without it.
+    fn return_surplus(&self, prefer: usize) {
         loop {
-            let empty = |c: &Option<Chunk>| c.is_some_and(|c| c.used == 0);
-            if inner.chunks.iter().filter(|c| empty(c)).count() <= self.keep_empty {
-                return;
-            }
-            let Some(slot) = Some(prefer)
-                .filter(|&s| empty(&inner.chunks[s]))
-                .or_else(|| inner.chunks.iter().position(empty))
-            else {
-                return;
+            let (slot, chunk) = {
+                let mut inner = self.inner.lock();
+                let Some(slot) = inner.surplus(self.keep_empty, prefer) else {
+                    return;
+                };
+                let Some(chunk) = inner.chunks[slot].take() else {
+                    return;
+                };
+                inner.converting |= 1 << slot;
+                (slot, chunk)
             };
-            let Some(pa) = inner.chunks[slot].map(|c| c.pa) else {
-                return;
-            };
-            match self
-                .converter
-                .convert(Target::Physical { pa, len: CHUNK }, Visibility::Private)
-            {
+            let result = self.converter.convert(
+                Target::Physical {
+                    pa: chunk.pa,
+                    len: CHUNK,
+                },
+                Visibility::Private,
+            );
+            let mut inner = self.inner.lock();
+            inner.converting &= !(1 << slot);
+            match result {
                 Ok(_) => {
-                    inner.chunks[slot] = None;
                     inner.stats.chunks_held -= 1;
                     inner.stats.chunks_returned += 1;
-                    self.source.free_chunk(pa);
+                    drop(inner);
+                    self.source.free_chunk(chunk.pa);
                 }
                 // Still shared and whole: it serves allocations until a
                 // later free manages to return it. Trying the others now
                 // would most likely fail the same way.
-                Err(e) if e.changed_nothing() => return,
+                Err(e) if e.changed_nothing() => {
+                    inner.chunks[slot] = Some(chunk);
+                    return;
+                }
                 // Poisoned by the engine: never handed out again.
                 Err(_) => {
-                    inner.chunks[slot] = None;
                     inner.stats.chunks_held -= 1;
                     inner.stats.chunks_lost += 1;
                 }

@@ -343,8 +343,9 @@ mod explored {
         }
     }
 
-    /// Two CPUs allocate and free shared buffers; the pool keeps no empty
-    /// chunk, so every emptied chunk goes back to private at once.
+    /// Two CPUs allocate shared buffers, all live at once, then free them;
+    /// the pool keeps no empty chunk, so every emptied chunk goes back to
+    /// private at once, racing the other CPU's allocations and frees.
     #[test]
     fn pool_allocations_and_frees_with_chunks_going_back_to_private_snp() {
         explore(schedules(SCHEDULES), || {
@@ -357,9 +358,11 @@ mod explored {
             let chunks: Vec<u64> = (0..3).map(|i| REGION + 2 * MIB + i * CHUNK).collect();
             let pool = SharedPool::new(&e, Chunks(Mutex::new(chunks.clone())), 0);
             let live = Mutex::new(Vec::<(u64, u64)>::new());
+            // Every buffer is live at once before any is freed.
+            let allocated = shuttle::sync::Barrier::new(2);
             thread::scope(|s| {
                 for cpu in 0..2u64 {
-                    let (pool, live, e) = (&pool, &live, &e);
+                    let (pool, live, e, allocated) = (&pool, &live, &e, &allocated);
                     s.spawn(move || {
                         set_cpu(cpu as usize);
                         let a = pool.alloc(PAGE * (1 + cpu)).unwrap();
@@ -374,6 +377,7 @@ mod explored {
                             );
                             live.push((buf.pa, buf.len));
                         }
+                        allocated.wait();
                         for buf in [a, b] {
                             live.lock().unwrap().retain(|&(pa, _)| pa != buf.pa);
                             pool.free(buf).unwrap();
