@@ -190,7 +190,7 @@ pub enum Step {
     FreeDeferred,
     Host { call: HostCall, ok: bool },
     Restore,
-    Collapse,
+    CollapseAndSettle,
     TakeDeferred,
 }
 
@@ -247,7 +247,7 @@ pub fn steps(cfg: &Config, s: &State, k: usize, out: &mut Vec<Step>) {
             }
         }
         Phase::Restore if free_lock => out.push(Step::Restore),
-        Phase::Collapse if free_lock || s.lock == me => out.push(Step::Collapse),
+        Phase::Collapse if free_lock || s.lock == me => out.push(Step::CollapseAndSettle),
         _ => {}
     }
 }
@@ -321,7 +321,7 @@ pub fn apply(cfg: &Config, s: &mut State, k: usize, step: Step) {
                 s.convs[k].phase = Phase::Collapse;
             }
         }
-        Step::Collapse => {
+        Step::CollapseAndSettle => {
             s.lock = Some(k as u8);
             collapse(cfg, s, k);
             let (frames, to) = convert_op(cfg, s, k);
