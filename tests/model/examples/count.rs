@@ -25,11 +25,11 @@ fn main() {
                 .expect("a mutant letter"),
         );
     }
+    if let Ok(v) = std::env::var("CPUS") {
+        cfg = cfg.with_cpus(v.parse().expect("a CPU count"));
+    }
     if let Ok(v) = std::env::var("SPEC") {
         cfg.speculate = v.parse().expect("a CPU mask");
-    }
-    if let Ok(v) = std::env::var("CPUS") {
-        cfg.cpus = v.parse().expect("a CPU count");
     }
     if let Ok(v) = std::env::var("FAIL") {
         cfg.host_failures = v == "1";

@@ -323,7 +323,7 @@ pub fn apply(cfg: &Config, s: &mut State, k: usize, step: Step) {
         }
         Step::CollapseAndSettle => {
             s.lock = Some(k as u8);
-            collapse(cfg, s, k);
+            collapse(cfg, s);
             let (frames, to) = convert_op(cfg, s, k);
             let failed = s.convs[k].failed;
             if !failed {
@@ -592,8 +592,7 @@ fn restore(s: &mut State, k: usize, cfg: &Config) {
 
 /// `collapse_all` / `try_collapse`: a table whose entries are all present
 /// and alike becomes a huge leaf; the page goes to the deferred list.
-fn collapse(cfg: &Config, s: &mut State, k: usize) {
-    let _ = k;
+fn collapse(cfg: &Config, s: &mut State) {
     let Pde::Table(p) = s.hw.pde else { return };
     let page = s.hw.pages[p as usize];
     let attr = page.ptes[0].attr;

@@ -113,6 +113,15 @@ impl Config {
         }
     }
 
+    /// `cpus` CPUs, the reader's (the last) the one that speculates.
+    pub fn with_cpus(self, cpus: usize) -> Config {
+        Config {
+            cpus,
+            speculate: 1 << (cpus - 1),
+            ..self
+        }
+    }
+
     pub fn reader_cpu(&self) -> usize {
         self.cpus - 1
     }
