@@ -81,6 +81,11 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             let filled = reserve.fill_to(needed, &self.mem, &self.frames, &self.states);
             lock = self.tables_lock.lock();
             if let Err(e) = filled {
+                // Another CPU may have made the splits meanwhile: out of
+                // pages only if they are still needed.
+                if matches!(e, ReserveError::Exhausted) && reserve.len() >= self.plan(&tx, scratch) {
+                    break;
+                }
                 self.release_claims(&tx);
                 drop(lock);
                 reserve.release(&self.mem, &self.frames, &self.states);

@@ -590,6 +590,72 @@ fn overlapping_aliases_are_refused_at_registration() {
     );
 }
 
+/// Hands out its first frame only once a second CPU has asked for one and
+/// finished the conversion it wanted it for; then runs dry.
+struct OnePageTwoAsking<'m> {
+    frames: &'m integration::sim::SimFrames,
+    calls: std::sync::atomic::AtomicUsize,
+    second_done: (std::sync::Mutex<bool>, std::sync::Condvar),
+}
+
+impl FrameSource for OnePageTwoAsking<'_> {
+    fn allocate_frame(&self) -> Option<u64> {
+        match self.calls.fetch_add(1, Ordering::SeqCst) {
+            // The first asker waits for the second to have split the leaf
+            // with the only page there is.
+            0 => {
+                let (done, cv) = &self.second_done;
+                let _done = cv.wait_while(done.lock().unwrap(), |d| !*d).unwrap();
+                None
+            }
+            1 => self.frames.allocate_frame(),
+            _ => None,
+        }
+    }
+    fn free_frame(&self, pa: u64) {
+        self.frames.free_frame(pa)
+    }
+    fn retire_os_table(&self, pa: u64) {
+        self.frames.retire_os_table(pa)
+    }
+}
+
+/// Two CPUs convert frames of one 2 MiB leaf with one table page to spare:
+/// the one whose frame source runs dry looks at the tables again and finds
+/// the other's split, which is all it needed.
+#[test]
+fn a_conversion_whose_split_another_cpu_made_meanwhile_needs_no_page() {
+    let w = tdx(Shape::Mixed);
+    let m = &w.m;
+    let source = OnePageTwoAsking {
+        frames: &m.frames,
+        calls: Default::default(),
+        second_done: Default::default(),
+    };
+    let e = m.engine_with_frames(&source, tdx_platform(&w));
+    let leaf = GIB + 40 * MIB;
+    let frame = |i: u64| Target::Physical {
+        pa: leaf + i * PAGE,
+        len: PAGE,
+    };
+    std::thread::scope(|s| {
+        let first = s.spawn(|| {
+            set_cpu(0);
+            e.convert(frame(0), Visibility::Shared)
+        });
+        while source.calls.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        set_cpu(1);
+        e.convert(frame(1), Visibility::Shared).unwrap();
+        *source.second_done.0.lock().unwrap() = true;
+        source.second_done.1.notify_all();
+        assert_eq!(first.join().unwrap().map(|r| r.frames), Ok(1));
+    });
+    assert_eq!(m.frames.in_use(), 1, "one split, one table");
+    assert_consistent(m, |pa| e.state(pa), |pa| w.host_side(pa), e.census());
+}
+
 // "Nothing changed" is literal.
 
 #[test]
