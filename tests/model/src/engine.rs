@@ -269,7 +269,12 @@ pub fn apply(cfg: &Config, s: &mut State, k: usize, step: Step) {
             let Phase::Relock { filled } = s.convs[k].phase else {
                 unreachable!()
             };
-            if !filled {
+            if !filled && needed(s) == 0 {
+                // The source ran dry, but another thread's split made the
+                // page unnecessary: planned again, the conversion goes on.
+                s.convs[k].merged = false;
+                s.convs[k].phase = split_or_unmap(s);
+            } else if !filled {
                 // `OutOfTableMemory`: nothing changed.
                 release_claims(cfg, s, k);
                 s.lock = None;
