@@ -1,0 +1,72 @@
+//! Tests from a third hostile review (alias removal, the pool without its
+//! lock across conversions, the schedule explorer, the model). Each one
+//! fails against the commit reviewed and names what it shows.
+
+#![allow(clippy::too_many_lines)]
+
+use convert::{Alias, Level, Visibility};
+use hvmock::TdxConfig;
+use integration::sim::ALIAS_VA;
+use integration::world::{Shape, TdxWorld, DIRECT_MAP_FLAGS};
+use integration::{GIB, MIB};
+
+const PAGE: u64 = 4096;
+
+fn tdx(shape: Shape) -> TdxWorld {
+    TdxWorld::new(TdxConfig::default(), shape)
+}
+
+/// Whether `va` translates to `pa` through a present leaf.
+fn maps(w: &TdxWorld, va: u64, pa: u64) -> bool {
+    w.m.page_tables()
+        .translate(&w.m.mem, va)
+        .is_some_and(|t| t.pa + (va % t.size) == pa)
+}
+
+// ---------------------------------------------------------------------
+// Contract, "What the engine may change": "It makes not present only
+// present leaves of the ranges it converts" and `unregister_alias` "leaves
+// no entry of it present" -- of *it*, the alias `[va, va + len)`.
+//
+// What happens: `unmap_retiring` (engine/retire.rs) walks the alias with
+// `for_each_entry` and clears P on every present leaf it meets, without
+// splitting first. A huge leaf of the OS that maps the alias and more (an
+// alias that is a part of a 2 MiB or 1 GiB leaf: a kernel image mapped
+// with large pages but registered for its own extent) is made not present
+// WHOLE: the OS's mapping outside the alias disappears. A conversion splits
+// such a leaf at the alias's edge; the removal does not.
+#[test]
+fn unregistering_an_alias_inside_a_huge_leaf_unmaps_the_os_mapping_around_it() {
+    let mut failures = Vec::new();
+    // (leaf size, frame of the leaf, alias offset and length in it)
+    let cases = [
+        (Level::Pd, GIB + 8 * MIB, MIB / 2, MIB / 2),
+        (Level::Pdpt, 0, 4 * MIB, 2 * MIB),
+    ];
+    for (level, pa, offset, len) in cases {
+        let w = tdx(Shape::Mixed);
+        let e = w.engine();
+        let m = &w.m;
+        m.builder()
+            .map(ALIAS_VA, pa, level.span(), level, DIRECT_MAP_FLAGS, Visibility::Private);
+        let id = e
+            .register_alias(Alias {
+                va: ALIAS_VA + offset,
+                pa: pa + offset,
+                len,
+            })
+            .unwrap();
+        e.unregister_alias(id).unwrap();
+        // Outside the alias, before and after it: the OS's, untouched.
+        for off in [0, offset - PAGE, offset + len, level.span() - PAGE] {
+            if !maps(&w, ALIAS_VA + off, pa + off) {
+                failures.push(format!(
+                    "{level:?} leaf, alias [+{offset:#x}, +{:#x}): {:#x} (outside the alias) no longer mapped",
+                    offset + len,
+                    ALIAS_VA + off
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
