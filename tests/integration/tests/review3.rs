@@ -4,9 +4,10 @@
 
 #![allow(clippy::too_many_lines)]
 
-use convert::{Alias, Level, Visibility};
+use convert::{Alias, Level, Target, Visibility};
 use hvmock::TdxConfig;
 use integration::sim::ALIAS_VA;
+use integration::watch::tables_with_regions;
 use integration::world::{Shape, TdxWorld, DIRECT_MAP_FLAGS};
 use integration::{GIB, MIB};
 
@@ -66,6 +67,73 @@ fn unregistering_an_alias_inside_a_huge_leaf_unmaps_the_os_mapping_around_it() {
                     ALIAS_VA + off
                 ));
             }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+// ---------------------------------------------------------------------
+// Contract, "Locks" / "Register an alias before mapping it; free its
+// tables after unregistering": "`unregister_alias` ... leaves no entry of
+// it present and none of the engine's tables in it, so the OS frees only
+// its own tables of the range"; `Engine::unregister_alias`: "When this
+// returns the alias ... holds none of the engine's tables".
+//
+// What happens: `detach_pass` (engine/retire.rs) unlinks only tables whose
+// 2 MiB / 1 GiB region lies WHOLLY inside the alias. A conversion that
+// splits an OS huge leaf at the alias's edge (the alias a part of a 2 MiB
+// leaf, or 2 MiB-aligned inside a 1 GiB leaf) leaves an engine table in a
+// region the alias covers only in part; after the removal it is still
+// linked into the OS's tables, mapping the (now not present) alias: the
+// OS, which "frees only its own tables", finds a table it does not own
+// (its allocator never handed it out) in the range it reuses, and the
+// engine never gets it back (no later conversion knows the alias to
+// collapse it).
+#[test]
+fn unregister_leaves_the_engines_split_table_where_the_alias_covers_a_region_in_part() {
+    let mut failures = Vec::new();
+    let cases = [
+        (Level::Pd, GIB + 8 * MIB, MIB / 2, MIB / 2),
+        (Level::Pdpt, 0, 4 * MIB, 2 * MIB),
+    ];
+    for (level, pa, offset, len) in cases {
+        let w = tdx(Shape::Mixed);
+        let e = w.engine();
+        let m = &w.m;
+        m.builder()
+            .map(ALIAS_VA, pa, level.span(), level, DIRECT_MAP_FLAGS, Visibility::Private);
+        let id = e
+            .register_alias(Alias {
+                va: ALIAS_VA + offset,
+                pa: pa + offset,
+                len,
+            })
+            .unwrap();
+        // A frame of the alias to shared: the alias's leaf is split at the
+        // frame, in tables from the engine's frame source.
+        e.convert(
+            Target::Physical {
+                pa: pa + offset + 16 * PAGE,
+                len: PAGE,
+            },
+            Visibility::Shared,
+        )
+        .unwrap();
+        e.unregister_alias(id).unwrap();
+        e.release_deferred_tables();
+        let engines = m.frames.in_use_set();
+        let left: Vec<(u64, (u64, u64))> = tables_with_regions(&m.mem, m.root, m.enc)
+            .into_iter()
+            .filter(|(t, (region, span))| {
+                engines.contains(t) && *region < ALIAS_VA + offset + len && ALIAS_VA + offset < region + span
+            })
+            .collect();
+        if !left.is_empty() {
+            failures.push(format!(
+                "{level:?} leaf, alias [+{offset:#x}, +{:#x}): engine tables still linked over the removed \
+                 alias (table, (region, span)): {left:x?}",
+                offset + len
+            ));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
