@@ -303,6 +303,69 @@ mod explored {
         });
     }
 
+    /// Review 3: the alias scenario above has the OS reuse the removed
+    /// alias's entry with a NOT PRESENT value, which the engine leaves alone
+    /// whether or not `unregister_alias` waited for the conversions that
+    /// copied the alias (they meet a hole and skip it): an unregister that
+    /// does not wait survives it. Here the OS reuses the range at once as
+    /// an OS would, with a present 2 MiB mapping of other memory; a
+    /// conversion still writing through its copy of the alias splits or
+    /// changes that mapping.
+    #[test]
+    fn a_removed_alias_reused_at_once_with_a_present_mapping_is_never_touched_tdx() {
+        explore(schedules(SCHEDULES), || {
+            let w = tdx_world();
+            let e = w.engine();
+            let m = &w.m;
+            m.builder().map(
+                ALIAS_VA,
+                REGION,
+                2 * MIB,
+                Level::Pd,
+                DIRECT_MAP_FLAGS,
+                Visibility::Private,
+            );
+            let alias = Alias {
+                va: ALIAS_VA,
+                pa: REGION,
+                len: 2 * MIB,
+            };
+            let id = e.register_alias(alias).unwrap();
+            let entry = m.builder().table_at(ALIAS_VA, Level::Pd) + 8 * Level::Pd.index(ALIAS_VA) as u64;
+            let ledger = Ledger::default();
+            let reused = std::sync::OnceLock::new();
+            thread::scope(|s| {
+                s.spawn(|| {
+                    set_cpu(0);
+                    there_and_back(|t, to| e.convert(t, to), &ledger, 0, 2);
+                });
+                s.spawn(|| {
+                    set_cpu(1);
+                    assert_eq!(e.unregister_alias(id), Some(alias));
+                    // The OS maps other memory there at once.
+                    m.builder().map(
+                        ALIAS_VA,
+                        GIB + 200 * MIB,
+                        2 * MIB,
+                        Level::Pd,
+                        DIRECT_MAP_FLAGS,
+                        Visibility::Private,
+                    );
+                    reused.set(m.mem.read_u64(entry)).unwrap();
+                });
+            });
+            e.release_deferred_tables();
+            assert_eq!(
+                m.mem.read_u64(entry),
+                *reused.get().unwrap(),
+                "the engine changed the OS's new mapping of the removed alias's range"
+            );
+            ledger.check(|pa| e.state(pa), (0..8).map(frame));
+            checked(m, |pa| e.state(pa), |pa| w.host_side(pa));
+            assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+        });
+    }
+
     /// A collapse defers its table; another CPU releases deferred tables
     /// while conversions run.
     #[test]
