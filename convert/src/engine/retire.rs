@@ -19,14 +19,19 @@ use crate::Alias;
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, T, P> {
     /// Makes every leaf of the retiring `alias` not present, then shoots
     /// its range down: conversions that start once it is removed do not
-    /// know it, so it must map nothing by then.
+    /// know it, so it must map nothing by then. A leaf that reaches past
+    /// either end of the alias also maps the OS's memory there, and is left
+    /// alone.
     pub(super) fn unmap_retiring(&self, alias: Alias) {
         let mut writes = 0;
+        let end = alias.va + alias.len;
         {
             let _lock = self.tables_lock.lock();
-            for_each_entry(&self.tables(), alias.va, alias.len, |level, slot, _, _| {
+            for_each_entry(&self.tables(), alias.va, alias.len, |level, slot, cursor, _| {
                 let entry = slot.load(Ordering::Acquire);
-                if entry & PRESENT != 0 && is_leaf(level, entry) {
+                let start = cursor - cursor % level.span();
+                let inside = start >= alias.va && start.checked_add(level.span()).is_some_and(|e| e <= end);
+                if inside && entry & PRESENT != 0 && is_leaf(level, entry) {
                     slot.store(entry & !PRESENT, Ordering::Release);
                     writes += 1;
                 }
