@@ -345,3 +345,24 @@ impl<'f> TableBuilder<'f> {
 pub fn state_storage(size: u64) -> Vec<AtomicU8> {
     (0..size / 4096).map(|_| AtomicU8::new(0)).collect()
 }
+
+/// A shared pool's chunk source: hands out the chunks it holds, the last
+/// first, and takes back the ones returned.
+#[derive(Debug)]
+pub struct ChunkStack(Mutex<Vec<u64>>);
+
+impl ChunkStack {
+    /// A source holding `chunks`.
+    pub fn new(chunks: Vec<u64>) -> Self {
+        ChunkStack(Mutex::new(chunks))
+    }
+}
+
+impl convert::pool::ChunkSource for ChunkStack {
+    fn allocate_chunk(&self) -> Option<u64> {
+        self.0.lock().unwrap().pop()
+    }
+    fn free_chunk(&self, pa: u64) {
+        self.0.lock().unwrap().push(pa);
+    }
+}

@@ -1,37 +1,24 @@
 //! The shared-memory pool over the engine and the TDX model.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 
 use convert::pool::{ChunkSource, Convert, PoolError, SharedBuffer, SharedPool, CHUNK};
 use convert::{ConvertError, PageState, PlatformError, Report, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
+use integration::sim::ChunkStack;
 use integration::world::{Shape, TdxWorld};
 use integration::{GIB, MIB};
 
-/// Chunks from the 2 MiB-mapped half of the test guest.
-struct Chunks(Mutex<Vec<u64>>);
-
-impl Chunks {
-    fn new(n: u64) -> Self {
-        Chunks(Mutex::new((0..n).rev().map(|i| GIB + 256 * MIB + i * CHUNK).collect()))
-    }
-}
-
-impl ChunkSource for Chunks {
-    fn allocate_chunk(&self) -> Option<u64> {
-        self.0.lock().unwrap().pop()
-    }
-    fn free_chunk(&self, pa: u64) {
-        self.0.lock().unwrap().push(pa);
-    }
+/// `n` chunks from the 2 MiB-mapped half of the test guest.
+fn chunks(n: u64) -> ChunkStack {
+    ChunkStack::new((0..n).rev().map(|i| GIB + 256 * MIB + i * CHUNK).collect())
 }
 
 #[test]
 fn churn_costs_no_split_and_almost_no_hypercalls() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(8), 1);
+    let pool = SharedPool::new(&e, chunks(8), 1);
     let mut live: Vec<SharedBuffer> = Vec::new();
     let mut x = 12345u64;
     for i in 0..5000 {
@@ -77,7 +64,7 @@ fn churn_costs_no_split_and_almost_no_hypercalls() {
 fn misuse_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(1), 0);
+    let pool = SharedPool::new(&e, chunks(1), 0);
     assert_eq!(pool.alloc(0), Err(PoolError::BadSize(0)));
     assert_eq!(pool.alloc(CHUNK + 1), Err(PoolError::BadSize(CHUNK + 1)));
     let a = pool.alloc(CHUNK).unwrap();
@@ -100,7 +87,7 @@ fn misuse_is_refused() {
 fn a_poisoned_chunk_is_never_reused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
     assert!(matches!(pool.alloc(8192), Err(PoolError::Convert(_))));
     assert_eq!(pool.stats().chunks_lost, 1);
@@ -115,7 +102,7 @@ fn a_poisoned_chunk_is_never_reused() {
 fn concurrent_allocations_never_overlap() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(16), 2);
+    let pool = SharedPool::new(&e, chunks(16), 2);
     let all: Vec<Vec<SharedBuffer>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|t| {
@@ -175,7 +162,7 @@ const PAGE: u64 = 4096;
 fn free_of_a_huge_length_or_a_pa_near_the_top_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
     // u64::MAX rounded down to a page.
     let top = !(PAGE - 1);
@@ -202,7 +189,7 @@ fn free_of_a_huge_length_or_a_pa_near_the_top_is_refused() {
 fn free_of_an_unaligned_length_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(PAGE).unwrap();
     let b = pool.alloc(2 * PAGE).unwrap();
     for len in [100, PAGE - 1, PAGE + 1] {
@@ -218,7 +205,7 @@ fn free_of_an_unaligned_length_is_refused() {
 fn free_of_an_unaligned_pa_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
     for pa in [a.pa + 1, a.pa + 100, a.pa + PAGE - 1, a.pa - 1] {
         refused(&pool, SharedBuffer { pa, len: a.len });
@@ -231,7 +218,7 @@ fn free_of_an_unaligned_pa_is_refused() {
 fn free_of_a_sub_range_of_a_live_buffer_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(4 * PAGE).unwrap();
     for (offset, len) in [(PAGE, PAGE), (PAGE, 3 * PAGE), (3 * PAGE, PAGE), (PAGE, 2 * PAGE)] {
         refused(&pool, SharedBuffer { pa: a.pa + offset, len });
@@ -243,7 +230,7 @@ fn free_of_a_sub_range_of_a_live_buffer_is_refused() {
 fn free_of_a_range_spanning_two_live_buffers_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
     let b = pool.alloc(2 * PAGE).unwrap();
     assert_eq!(b.pa, a.pa + a.len, "adjacent");
@@ -262,7 +249,7 @@ fn free_of_a_range_spanning_two_live_buffers_is_refused() {
 fn partial_free_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(4 * PAGE).unwrap();
     for len in [PAGE, 2 * PAGE, 3 * PAGE] {
         refused(&pool, SharedBuffer { pa: a.pa, len });
@@ -276,7 +263,7 @@ fn partial_free_is_refused() {
 fn double_free_after_reuse_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), 1);
     let a = pool.alloc(4 * PAGE).unwrap();
     pool.free(a).unwrap();
     // Over A's first pages, and the rest of A by another allocation.
@@ -349,7 +336,7 @@ fn a_chunk_that_could_not_go_private_is_kept_and_reused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
     let flaky = Flaky::new(&e);
-    let pool = SharedPool::new(&flaky, Chunks::new(2), 0);
+    let pool = SharedPool::new(&flaky, chunks(2), 0);
     let a = pool.alloc(2 * PAGE).unwrap();
     flaky.fail_next(Visibility::Private, 1);
     assert_eq!(
@@ -383,7 +370,7 @@ fn a_kept_surplus_chunk_is_returned_on_a_later_free() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
     let flaky = Flaky::new(&e);
-    let pool = SharedPool::new(&flaky, Chunks::new(2), 0);
+    let pool = SharedPool::new(&flaky, chunks(2), 0);
     let x = pool.alloc(CHUNK).unwrap();
     let y1 = pool.alloc(PAGE).unwrap();
     let y2 = pool.alloc(PAGE).unwrap();
@@ -420,7 +407,7 @@ fn a_new_chunk_that_could_not_go_shared_goes_back_to_the_source() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
     let flaky = Flaky::new(&e);
-    let pool = SharedPool::new(&flaky, Chunks::new(1), 0);
+    let pool = SharedPool::new(&flaky, chunks(1), 0);
     flaky.fail_next(Visibility::Shared, 1);
     assert_eq!(pool.alloc(PAGE), Err(PoolError::Convert(UNCHANGED)));
     assert_eq!(pool.stats().chunks_lost, 0);
@@ -435,7 +422,7 @@ fn a_new_chunk_that_could_not_go_shared_goes_back_to_the_source() {
 fn a_chunk_poisoned_going_private_is_lost() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, Chunks::new(2), 0);
+    let pool = SharedPool::new(&e, chunks(2), 0);
     let a = pool.alloc(PAGE).unwrap();
     w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
     assert_eq!(pool.free(a), Ok(()));

@@ -139,8 +139,6 @@ pub struct Conv {
     pub phase: Phase,
     /// The table page in the reserve, if any.
     pub reserve: Option<u8>,
-    /// A collapse bumped `merges` since the lock was dropped to fill.
-    pub merged: bool,
     /// This conversion split the leaf (for mutant g).
     pub split_here: bool,
     /// CPUs yet to acknowledge the shootdown.
@@ -160,7 +158,6 @@ impl Conv {
             pc: 0,
             phase: Phase::Idle,
             reserve: None,
-            merged: false,
             split_here: false,
             acks: 0,
             shoot_direct: 0,
@@ -272,7 +269,6 @@ pub fn apply(cfg: &Config, s: &mut State, k: usize, step: Step) {
             if !filled && needed(s) == 0 {
                 // The source ran dry, but another thread's split made the
                 // page unnecessary: planned again, the conversion goes on.
-                s.convs[k].merged = false;
                 s.convs[k].phase = split_or_unmap(s);
             } else if !filled {
                 // `OutOfTableMemory`: nothing changed.
@@ -283,7 +279,6 @@ pub fn apply(cfg: &Config, s: &mut State, k: usize, step: Step) {
             } else {
                 // Merged or not, one page is all a plan can need, and it is
                 // in the reserve now.
-                s.convs[k].merged = false;
                 s.convs[k].phase = split_or_unmap(s);
             }
         }
@@ -368,7 +363,6 @@ fn claim(cfg: &Config, s: &mut State, k: usize) {
     if needed(s) > usize::from(s.convs[k].reserve.is_some()) {
         // The frame source is called with the lock dropped.
         s.lock = None;
-        s.convs[k].merged = false;
         s.convs[k].phase = Phase::Fill;
     } else {
         s.convs[k].phase = split_or_unmap(s);
@@ -611,12 +605,9 @@ fn collapse(cfg: &Config, s: &mut State) {
         s.hw.pages[p as usize].usage = PageUse::Retired;
         s.deferred |= 1 << p;
     }
-    // `merges` bumped: a conversion filling its reserve plans again.
-    for c in s.convs.iter_mut() {
-        if matches!(c.phase, Phase::Fill | Phase::Relock { .. }) {
-            c.merged = true;
-        }
-    }
+    // `merges` bumped: a conversion filling its reserve plans again when
+    // it relocks, which in one region never needs more than the one page
+    // it holds, so the bump itself is not modelled.
 }
 
 /// Every claimed frame back to the state it had (`release_claims`).
@@ -632,7 +623,6 @@ fn finish(cfg: &Config, s: &mut State, k: usize, outcome: Outcome) {
     c.outcomes.push(outcome);
     c.pc += 1;
     c.reserve = None;
-    c.merged = false;
     c.split_here = false;
     c.failed = false;
     c.phase = if (c.pc as usize) < cfg.programs[k].len() {

@@ -42,7 +42,7 @@ const OVERLAPPING: &[&str] = &[FIXUP, WHOLE, POISONED, BOTH_CONVERTED, REFUSED];
 
 #[test]
 fn tdx_adjacent_conversions() {
-    check(Config::adjacent(Platform::Tdx), 270_000, ADJACENT);
+    check(Config::adjacent(Platform::Tdx), 265_000, ADJACENT);
 }
 
 #[test]

@@ -15,12 +15,12 @@ mod explored {
     use std::sync::Mutex;
 
     use convert::bits::PRESENT;
-    use convert::pool::{ChunkSource, SharedPool, CHUNK};
+    use convert::pool::{SharedPool, CHUNK};
     use convert::{Alias, ConvertError, Level, PageState, Report, Target, Visibility};
     use hvmock::{SnpConfig, TdxConfig};
     use integration::invariants::assert_consistent_over;
-    use integration::sim::{set_cpu, ALIAS_VA};
-    use integration::world::{Machine, Shape, SnpWorld, TdxWorld, DIRECT_MAP_FLAGS};
+    use integration::sim::{set_cpu, ChunkStack, ALIAS_VA};
+    use integration::world::{Machine, Shape, SnpEngine, SnpWorld, TdxEngine, TdxWorld, DIRECT_MAP_FLAGS};
     use integration::{GIB, MIB};
     use schedules::{explore, schedules};
     use shuttle::thread;
@@ -131,19 +131,36 @@ mod explored {
         SnpWorld::new(SnpConfig::default(), Shape::Mixed)
     }
 
-    fn two_cpus_tdx(first: [(u64, u64); 2]) {
-        let w = tdx_world();
-        let e = w.engine();
+    /// Two CPUs, each converting its range to shared and back.
+    fn race(
+        ranges: [(u64, u64); 2],
+        convert: impl Fn(Target, Visibility) -> Result<Report, ConvertError> + Sync,
+    ) -> Ledger {
         let ledger = Ledger::default();
         thread::scope(|s| {
-            for (cpu, (start, count)) in first.into_iter().enumerate() {
-                let (e, ledger) = (&e, &ledger);
+            for (cpu, (start, count)) in ranges.into_iter().enumerate() {
+                let (convert, ledger) = (&convert, &ledger);
                 s.spawn(move || {
                     set_cpu(cpu);
-                    there_and_back(|t, to| e.convert(t, to), ledger, start, count);
+                    there_and_back(convert, ledger, start, count);
                 });
             }
         });
+        ledger
+    }
+
+    /// Each of the two CPUs gets its GHCB, as at boot.
+    fn boot_ghcbs(w: &SnpWorld, e: &SnpEngine<'_>) {
+        for cpu in 0..2 {
+            set_cpu(cpu);
+            w.boot_ghcb(e, 1536 * MIB + cpu as u64 * PAGE);
+        }
+    }
+
+    fn two_cpus_tdx(ranges: [(u64, u64); 2]) {
+        let w = tdx_world();
+        let e = w.engine();
+        let ledger = race(ranges, |t, to| e.convert(t, to));
         e.release_deferred_tables();
         ledger.check(|pa| e.state(pa), (0..8).map(frame));
         region_whole(&w.m, &ledger);
@@ -151,23 +168,11 @@ mod explored {
         assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
     }
 
-    fn two_cpus_snp(first: [(u64, u64); 2]) {
+    fn two_cpus_snp(ranges: [(u64, u64); 2]) {
         let w = snp_world();
         let e = w.engine();
-        for cpu in 0..2 {
-            set_cpu(cpu);
-            w.boot_ghcb(&e, 1536 * MIB + cpu as u64 * PAGE);
-        }
-        let ledger = Ledger::default();
-        thread::scope(|s| {
-            for (cpu, (start, count)) in first.into_iter().enumerate() {
-                let (e, ledger) = (&e, &ledger);
-                s.spawn(move || {
-                    set_cpu(cpu);
-                    there_and_back(|t, to| e.convert(t, to), ledger, start, count);
-                });
-            }
-        });
+        boot_ghcbs(&w, &e);
+        let ledger = race(ranges, |t, to| e.convert(t, to));
         e.release_deferred_tables();
         ledger.check(|pa| e.state(pa), (0..8).map(frame));
         region_whole(&w.m, &ledger);
@@ -231,6 +236,28 @@ mod explored {
         });
     }
 
+    /// The region mapped by one 2 MiB leaf at `ALIAS_VA` and registered as
+    /// an alias: its id, the alias, and the physical address of its entry.
+    fn region_alias(w: &TdxWorld, e: &TdxEngine<'_>) -> (usize, Alias, u64) {
+        let builder = || w.m.builder();
+        builder().map(
+            ALIAS_VA,
+            REGION,
+            2 * MIB,
+            Level::Pd,
+            DIRECT_MAP_FLAGS,
+            Visibility::Private,
+        );
+        let alias = Alias {
+            va: ALIAS_VA,
+            pa: REGION,
+            len: 2 * MIB,
+        };
+        let id = e.register_alias(alias).unwrap();
+        let entry = builder().table_at(ALIAS_VA, Level::Pd) + 8 * Level::Pd.index(ALIAS_VA) as u64;
+        (id, alias, entry)
+    }
+
     /// An alias of the region (one 2 MiB leaf) is removed while a
     /// conversion of two of its frames runs, and the OS reuses its entry as
     /// soon as the removal returns; meanwhile another alias comes and goes.
@@ -246,14 +273,6 @@ mod explored {
             let m = &w.m;
             let second = ALIAS_VA + 2 * MIB;
             m.builder().map(
-                ALIAS_VA,
-                REGION,
-                2 * MIB,
-                Level::Pd,
-                DIRECT_MAP_FLAGS,
-                Visibility::Private,
-            );
-            m.builder().map(
                 second,
                 REGION + 2 * MIB,
                 8 * PAGE,
@@ -261,13 +280,7 @@ mod explored {
                 DIRECT_MAP_FLAGS,
                 Visibility::Private,
             );
-            let alias = Alias {
-                va: ALIAS_VA,
-                pa: REGION,
-                len: 2 * MIB,
-            };
-            let id = e.register_alias(alias).unwrap();
-            let entry = m.builder().table_at(ALIAS_VA, Level::Pd) + 8 * Level::Pd.index(ALIAS_VA) as u64;
+            let (id, alias, entry) = region_alias(&w, &e);
             // What the OS writes once the alias is gone: not present, its
             // own software bits.
             const REUSED: u64 = 0x0BAD_0000_0000_0E00 & !PRESENT;
@@ -317,21 +330,7 @@ mod explored {
             let w = tdx_world();
             let e = w.engine();
             let m = &w.m;
-            m.builder().map(
-                ALIAS_VA,
-                REGION,
-                2 * MIB,
-                Level::Pd,
-                DIRECT_MAP_FLAGS,
-                Visibility::Private,
-            );
-            let alias = Alias {
-                va: ALIAS_VA,
-                pa: REGION,
-                len: 2 * MIB,
-            };
-            let id = e.register_alias(alias).unwrap();
-            let entry = m.builder().table_at(ALIAS_VA, Level::Pd) + 8 * Level::Pd.index(ALIAS_VA) as u64;
+            let (id, alias, entry) = region_alias(&w, &e);
             let ledger = Ledger::default();
             let reused = std::sync::OnceLock::new();
             thread::scope(|s| {
@@ -394,18 +393,6 @@ mod explored {
         });
     }
 
-    /// Chunks from the region's neighbours, handed out one at a time.
-    struct Chunks(Mutex<Vec<u64>>);
-
-    impl ChunkSource for Chunks {
-        fn allocate_chunk(&self) -> Option<u64> {
-            self.0.lock().unwrap().pop()
-        }
-        fn free_chunk(&self, pa: u64) {
-            self.0.lock().unwrap().push(pa);
-        }
-    }
-
     /// Two CPUs allocate shared buffers, all live at once, then free them;
     /// the pool keeps no empty chunk, so every emptied chunk goes back to
     /// private at once, racing the other CPU's allocations and frees.
@@ -414,12 +401,9 @@ mod explored {
         explore(schedules(SCHEDULES), || {
             let w = snp_world();
             let e = w.engine();
-            for cpu in 0..2 {
-                set_cpu(cpu);
-                w.boot_ghcb(&e, 1536 * MIB + cpu as u64 * PAGE);
-            }
+            boot_ghcbs(&w, &e);
             let chunks: Vec<u64> = (0..3).map(|i| REGION + 2 * MIB + i * CHUNK).collect();
-            let pool = SharedPool::new(&e, Chunks(Mutex::new(chunks.clone())), 0);
+            let pool = SharedPool::new(&e, ChunkStack::new(chunks.clone()), 0);
             let live = Mutex::new(Vec::<(u64, u64)>::new());
             // Every buffer is live at once before any is freed.
             let allocated = shuttle::sync::Barrier::new(2);
