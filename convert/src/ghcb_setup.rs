@@ -4,7 +4,7 @@
 
 use core::ptr::NonNull;
 
-use ghcb::{Ghcb, GhcbMsr, GhcbPage, Pvalidate};
+use snp_ghcb::{Ghcb, GhcbMsr, GhcbPage, Pvalidate};
 
 use crate::engine::{ConvertError, Engine, Target};
 use crate::platform::snp::{GhcbProvider, Snp};
@@ -19,7 +19,7 @@ pub enum GhcbSetupError {
     /// Making the page shared failed.
     Convert(ConvertError),
     /// The hypervisor did not register it.
-    Register(ghcb::protocol::ProtocolError),
+    Register(snp_ghcb::protocol::ProtocolError),
 }
 
 /// Makes the page at `pa` shared (every alias, through the engine) and
@@ -48,7 +48,8 @@ where
         .convert(Target::Physical { pa, len: 4096 }, Visibility::Shared)
         .map_err(GhcbSetupError::Convert)?;
     // SAFETY: registration changes no memory.
-    unsafe { ghcb::protocol::register_ghcb(engine.platform().hypervisor(), pa) }.map_err(GhcbSetupError::Register)?;
+    unsafe { snp_ghcb::protocol::register_ghcb(engine.platform().hypervisor(), pa) }
+        .map_err(GhcbSetupError::Register)?;
     // SAFETY: the caller guarantees `ptr` maps the (now shared) page.
     Ok(unsafe { GhcbPage::new(ptr, pa) })
 }

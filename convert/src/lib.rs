@@ -58,8 +58,8 @@
 //!
 //! ```no_run
 //! use core::sync::atomic::AtomicU8;
-//! use convert::platform::tdx::Tdx;
-//! use convert::{Config, DirectMap, Engine, StateTable, Target, VaRange, Visibility};
+//! use coco_convert::platform::tdx::Tdx;
+//! use coco_convert::{Config, DirectMap, Engine, StateTable, Target, VaRange, Visibility};
 //!
 //! const PHYS_OFFSET: u64 = 0xFFFF_8880_0000_0000; // where the kernel maps all RAM
 //! const RAM: u64 = 1 << 30;
@@ -67,7 +67,7 @@
 //! /// Page-table pages by physical address, through the direct map.
 //! struct DirectMapAccess;
 //! // SAFETY: every table lies in RAM, which the direct map covers.
-//! unsafe impl convert::PhysMem for DirectMapAccess {
+//! unsafe impl coco_convert::PhysMem for DirectMapAccess {
 //!     fn table(&self, pa: u64) -> *mut u64 {
 //!         (PHYS_OFFSET + pa) as *mut u64
 //!     }
@@ -75,14 +75,14 @@
 //!
 //! /// Table pages: a bump allocator over a boot-time region works before any heap.
 //! struct BootFrames;
-//! impl convert::FrameSource for BootFrames {
+//! impl coco_convert::FrameSource for BootFrames {
 //!     fn allocate_frame(&self) -> Option<u64> { /* ... */ None }
 //!     fn free_frame(&self, _pa: u64) { /* ... */ }
 //! }
 //!
 //! /// TLB shootdown on every CPU (invlpg by IPI, or a full flush).
 //! struct Ipi;
-//! impl convert::TlbShootdown for Ipi {
+//! impl coco_convert::TlbShootdown for Ipi {
 //!     fn shootdown(&self, _ranges: &[VaRange]) { /* ... */ }
 //! }
 //!

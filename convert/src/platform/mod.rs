@@ -22,11 +22,11 @@ pub enum PlatformError {
     /// TDX ACCEPT failed.
     Accept(tdcall::AcceptError),
     /// SNP Page State Change through the GHCB failed.
-    Psc(ghcb::psc::PscError),
+    Psc(snp_ghcb::psc::PscError),
     /// SNP Page State Change through the MSR protocol failed.
-    PscMsr(ghcb::protocol::ProtocolError),
+    PscMsr(snp_ghcb::protocol::ProtocolError),
     /// SNP PVALIDATE failed.
-    Pvalidate(ghcb::pvalidate::PvalidateRangeError),
+    Pvalidate(snp_ghcb::pvalidate::PvalidateRangeError),
     /// SNP needs the private scratch window and the engine has none.
     NoScratchWindow,
 }

@@ -5,10 +5,10 @@
 //! present); PSC through the calling CPU's GHCB, or the MSR protocol, one
 //! page per request, before a GHCB exists.
 
-use ghcb::msr_protocol::PscOp;
-use ghcb::psc::{submit, PscDescriptor, PscEntries, MAX_ENTRIES};
-use ghcb::pvalidate::pvalidate_range;
-use ghcb::{GhcbMsr, GhcbPage, Pvalidate};
+use snp_ghcb::msr_protocol::PscOp;
+use snp_ghcb::psc::{submit, PscDescriptor, PscEntries, MAX_ENTRIES};
+use snp_ghcb::pvalidate::pvalidate_range;
+use snp_ghcb::{GhcbMsr, GhcbPage, Pvalidate};
 
 use super::{PlatformError, PrivateMap, Runs};
 use crate::counters::Counters;
@@ -188,7 +188,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
                 for frame in runs.frames() {
                     Counters::add(&counters.psc_msr, 1);
                     // SAFETY: as above.
-                    unsafe { ghcb::protocol::page_state_change(&self.hv, frame >> 12, op) }
+                    unsafe { snp_ghcb::protocol::page_state_change(&self.hv, frame >> 12, op) }
                         .map_err(PlatformError::PscMsr)?;
                 }
                 Ok(())
@@ -303,6 +303,6 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
 
     fn terminate(&self, reason: u8) {
         // SAFETY: a termination request changes no memory.
-        unsafe { ghcb::protocol::terminate(&self.hv, ghcb::protocol::reason::SET_GENERAL, reason) };
+        unsafe { snp_ghcb::protocol::terminate(&self.hv, snp_ghcb::protocol::reason::SET_GENERAL, reason) };
     }
 }

@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 
-use ghcb::{GhcbMsr, PageSize, Pvalidate};
+use snp_ghcb::{GhcbMsr, PageSize, Pvalidate};
 use hvmock::{GuestMemory, MockSnp, MockTdx};
 use tdcall::{Registers, Tdcall};
 

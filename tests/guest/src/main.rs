@@ -20,10 +20,10 @@ mod trap;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
-use convert::platform::tdx::Tdx;
-use convert::{Config, DirectMap, EncryptionBit, Engine, StateTable, Visibility};
-use ghcb::{GhcbMsrInstruction, GhcbPage, PvalidateInstruction};
+use coco_convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use coco_convert::platform::tdx::Tdx;
+use coco_convert::{Config, DirectMap, EncryptionBit, Engine, StateTable, Visibility};
+use snp_ghcb::{GhcbMsrInstruction, GhcbPage, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
 use memory::{Identity, Shootdown, DIRECT_MAP, FRAMES, HOST_VIEW, RAM};
@@ -45,7 +45,7 @@ extern "C" fn kernel_main() -> ! {
     // A linker-script symbol; only its address is taken.
     let end = core::ptr::addr_of!(__bss_end) as u64;
     scenarios::check(end < 24 << 20, "kernel image runs into the page-table frames");
-    convert::zeropad::init();
+    coco_convert::zeropad::init();
     emulate::host_memory();
     println!(
         "guest: long mode, IDT/TSS, heap, zeropad decoder ready; kernel ends at {:#x}",
@@ -155,7 +155,7 @@ fn snp() {
     // SAFETY: the GHCB MSR and VMGEXIT trap to the emulator.
     let hv = unsafe { GhcbMsrInstruction::new() };
     // SAFETY: as above.
-    let info = unsafe { ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|e| {
+    let info = unsafe { snp_ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|e| {
         println!("SEV info: {e:?}");
         fail("SEV info")
     });
@@ -190,9 +190,9 @@ fn snp() {
     let setup_ghcb = || {
         let before = e.counters();
         let ghcb_pa = 1536 << 20;
-        let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
+        let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
         // SAFETY: the page is the GHCB's alone, mapped by the direct map.
-        let page = unsafe { convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
+        let page = unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
         GHCB_SLOTS[smp::cpu()].lock().replace(page);
         scenarios::check(
             e.counters().since(&before).psc_msr == 1,
@@ -253,7 +253,7 @@ fn handle_trap(frame: &mut trap::Frame) {
             let cr2: u64;
             // SAFETY: reading CR2 in the #PF handler.
             unsafe { core::arch::asm!("mov {0}, cr2", out(reg) cr2, options(nomem, nostack)) };
-            match convert::zeropad::handle_fault(frame, cr2, convert::zeropad::FaultKind::PageFault) {
+            match coco_convert::zeropad::handle_fault(frame, cr2, coco_convert::zeropad::FaultKind::PageFault) {
                 Ok(()) => {
                     ZEROPAD_FIXUPS.fetch_add(1, Ordering::Relaxed);
                 }

@@ -15,8 +15,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use convert::bits::{ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
-use convert::{
+use coco_convert::bits::{ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
+use coco_convert::{
     EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
 };
 
@@ -86,7 +86,7 @@ impl FrameSource for EarlyFrames {
 
 pub fn invlpg(va: u64) {
     // SAFETY: CPL 0.
-    unsafe { convert::arch::invlpg(va) };
+    unsafe { coco_convert::arch::invlpg(va) };
 }
 
 pub fn reload_cr3() {

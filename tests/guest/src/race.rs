@@ -6,7 +6,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use convert::{Platform, Target, Visibility};
+use coco_convert::{Platform, Target, Visibility};
 
 use crate::memory::DIRECT_MAP;
 use crate::scenarios::{check, GuestEngine};
@@ -33,7 +33,7 @@ pub fn ap_loop() -> ! {
                 // SAFETY: the first three bytes are on a page that stays
                 // private and mapped; the rest may fault, and the fault
                 // handler is wired.
-                let v = unsafe { convert::zeropad::load_unaligned_zeropad(p) };
+                let v = unsafe { coco_convert::zeropad::load_unaligned_zeropad(p) };
                 let high = v >> 24;
                 if v & 0xFF_FFFF != EXPECT.load(Ordering::Relaxed) || (high != 0 && high != 0xA5_A5A5_A5A5) {
                     WRONG.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 
 use core::sync::atomic::{AtomicU8, Ordering};
 
-use convert::{ConvertError, CounterSnapshot, Engine, PageState, Platform, Target, Visibility};
+use coco_convert::{ConvertError, CounterSnapshot, Engine, PageState, Platform, Target, Visibility};
 
 use crate::heap::{NO_HEAP, REFUSED};
 use crate::memory::{direct_map_layout, EarlyFrames, Identity, Shootdown, Tables, DIRECT_MAP};
@@ -217,7 +217,7 @@ pub fn failure<P: Platform>(e: &GuestEngine<P>, t: &Tables, lie: &dyn Fn(bool)) 
     unsafe { p.cast::<[u8; 3]>().write_volatile([0xA1, 0xB2, 0xC3]) };
     let fixups = crate::ZEROPAD_FIXUPS.load(Ordering::Relaxed);
     // SAFETY: the first byte is readable; the fault handler is wired.
-    let v = unsafe { convert::zeropad::load_unaligned_zeropad(p) };
+    let v = unsafe { coco_convert::zeropad::load_unaligned_zeropad(p) };
     check(v == 0xC3B2A1, "failure: zeropad load gave the wrong value");
     check(
         crate::ZEROPAD_FIXUPS.load(Ordering::Relaxed) == fixups + 1,
@@ -245,14 +245,14 @@ pub fn failure<P: Platform>(e: &GuestEngine<P>, t: &Tables, lie: &dyn Fn(bool)) 
     );
 }
 
-fn short(r: &Result<convert::Report, ConvertError>) -> &'static str {
+fn short(r: &Result<coco_convert::Report, ConvertError>) -> &'static str {
     match r {
         Err(ConvertError::Platform {
-            error: convert::PlatformError::MapGpa(_),
+            error: coco_convert::PlatformError::MapGpa(_),
             ..
         }) => "MapGPA refused",
         Err(ConvertError::Platform {
-            error: convert::PlatformError::Psc(_),
+            error: coco_convert::PlatformError::Psc(_),
             ..
         }) => "PSC refused",
         Err(ConvertError::Platform { .. }) => "platform error",

@@ -7,8 +7,8 @@
 //! - [`MockSnp`]: an SEV-SNP hypervisor and the RMP. Keeps one RMP entry
 //!   per 4 KiB page (assigned, validated, part of a 2 MiB entry); answers
 //!   the GHCB MSR protocol and the Page State Change NAE event by reading
-//!   the GHCB out of guest memory; implements [`ghcb::GhcbMsr`] and
-//!   [`ghcb::Pvalidate`].
+//!   the GHCB out of guest memory; implements [`snp_ghcb::GhcbMsr`] and
+//!   [`snp_ghcb::Pvalidate`].
 //! - [`GuestMemory`]: the guest's physical memory both of them read and
 //!   write (contents are scribbled on every conversion, zeroed on ACCEPT).
 //!

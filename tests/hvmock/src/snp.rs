@@ -8,7 +8,7 @@ use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 
-use ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
+use snp_ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
 use spin::Mutex;
 
 use crate::memory::GuestMemory;

@@ -8,10 +8,10 @@
 
 use std::time::Instant;
 
-use convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
-use convert::platform::tdx::{Tdx, TdxOptions};
-use convert::pool::{ChunkSource, SharedPool};
-use convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, Visibility};
+use coco_convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use coco_convert::platform::tdx::{Tdx, TdxOptions};
+use coco_convert::pool::{ChunkSource, SharedPool};
+use coco_convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, Visibility};
 use hvmock::GuestPageTables;
 use integration::null::{NullSnp, NullTdx};
 use integration::sim::{SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
@@ -98,7 +98,7 @@ fn runs_of(frames: &[u64]) -> Vec<(u64, u64)> {
     sorted.sort_unstable();
     sorted.dedup();
     // A 4 KiB frame is an extent of one page.
-    convert::Runs::Extents(&sorted).iter().collect()
+    coco_convert::Runs::Extents(&sorted).iter().collect()
 }
 
 /// One measured workload.
@@ -162,7 +162,7 @@ fn tdx_engine(m: &Machine, strategy: Strategy) -> SimEngine<'_, Tdx<NullTdx>> {
         TdxOptions::LINUX
     };
     let platform = Tdx::new(NullTdx, 1 << 47).unwrap().with_options(options);
-    let config = convert::Config {
+    let config = coco_convert::Config {
         collapse: strategy == Strategy::Ours,
         ..m.config()
     };
@@ -186,7 +186,7 @@ fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEng
     };
     let slots = Box::leak(Box::new([spin::Mutex::new(None)]));
     let platform = Snp::new(hv, hv, PerCpuGhcbs::new(slots, || 0), 51, options).unwrap();
-    let config = convert::Config {
+    let config = coco_convert::Config {
         collapse: strategy == Strategy::Ours,
         ..m.config()
     };
@@ -203,7 +203,7 @@ fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEng
     let pa = m.size() - 64 * MIB - PAGE;
     let ptr = std::ptr::NonNull::new(m.mem.ptr(pa).cast()).unwrap();
     // SAFETY: the page is in simulated memory and used by nothing else.
-    let page = unsafe { convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
+    let page = unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
     e.platform().ghcbs().install(page);
     e
 }
@@ -218,8 +218,8 @@ fn measure(
     work: &Workload<'_>,
 ) -> Outcome {
     let enc = match plat {
-        Plat::Tdx => convert::EncryptionBit::tdx(1 << 47).unwrap(),
-        Plat::Snp => convert::EncryptionBit::snp(51).unwrap(),
+        Plat::Tdx => coco_convert::EncryptionBit::tdx(1 << 47).unwrap(),
+        Plat::Snp => coco_convert::EncryptionBit::snp(51).unwrap(),
     };
     let m = Machine::with_gib_levels(enc, levels);
     m.frames.set_checked(false);
@@ -631,10 +631,14 @@ fn main() {
                 let mut done = 0;
                 if pooled {
                     struct ByClosure<'c>(&'c Conv<'c>);
-                    impl convert::pool::Convert for ByClosure<'_> {
-                        fn convert(&self, t: Target, to: Visibility) -> Result<convert::Report, convert::ConvertError> {
+                    impl coco_convert::pool::Convert for ByClosure<'_> {
+                        fn convert(
+                            &self,
+                            t: Target,
+                            to: Visibility,
+                        ) -> Result<coco_convert::Report, coco_convert::ConvertError> {
                             (self.0)(t, to, &mut [0; 1]);
-                            Ok(convert::Report::default())
+                            Ok(coco_convert::Report::default())
                         }
                     }
                     let chunks = Chunks(std::sync::Mutex::new(

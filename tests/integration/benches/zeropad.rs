@@ -10,7 +10,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use convert::zeropad::{self, FaultFrame, Gpr};
+use coco_convert::zeropad::{self, FaultFrame, Gpr};
 use integration::signals::{setup, Pages};
 
 fn median_ns(samples: usize, batch: u64, mut f: impl FnMut()) -> f64 {
@@ -55,7 +55,7 @@ fn main() {
         assert!(r.is_ok(), "the benchmark must time the fix-up, not a refusal");
         black_box(f);
     });
-    let site = convert::zeropad::site::sites()
+    let site = coco_convert::zeropad::site::sites()
         .iter()
         .rfind(|s| !s.is_empty())
         .map_or(0, |s| s.address());
@@ -74,7 +74,10 @@ fn main() {
         // SAFETY: both pages are readable.
         black_box(unsafe { zeropad::load_unaligned_zeropad(black_box(p)) });
     });
-    let sites = convert::zeropad::site::sites().iter().filter(|s| !s.is_empty()).count();
+    let sites = coco_convert::zeropad::site::sites()
+        .iter()
+        .filter(|s| !s.is_empty())
+        .count();
 
     println!(
         "zeropad fix-up, median ns per operation ({samples} samples{})",

@@ -6,7 +6,7 @@
 //!
 //! Run: `cargo run --release -p integration --example demo`
 
-use convert::{CounterSnapshot, Target, Visibility};
+use coco_convert::{CounterSnapshot, Target, Visibility};
 use hvmock::{GuestPageTables, SnpConfig, TdxConfig};
 use integration::sim::DIRECT_MAP_VA;
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, MEMORY};
@@ -123,16 +123,16 @@ fn skipped(check: bool) -> &'static str {
 }
 
 fn run<M, F, T, P>(
-    e: &convert::Engine<'_, M, F, T, P>,
+    e: &coco_convert::Engine<'_, M, F, T, P>,
     m: &Machine,
     frames: &[u64],
     scratch: &mut [u64],
     start: CounterSnapshot,
 ) where
-    M: convert::PhysMem,
-    F: convert::FrameSource,
-    T: convert::TlbShootdown,
-    P: convert::Platform,
+    M: coco_convert::PhysMem,
+    F: coco_convert::FrameSource,
+    T: coco_convert::TlbShootdown,
+    P: coco_convert::Platform,
 {
     let va = m.vmalloc(frames);
     let len = frames.len() as u64 * 4096;

@@ -5,11 +5,11 @@
 //!
 //! Run: `cargo run -p integration --example handshake`
 
-use ghcb::msr_protocol::PscOp;
-use ghcb::psc::change_page_state;
-use ghcb::pvalidate::pvalidate_range;
 use hvmock::{SnpConfig, SnpHostile, TdxConfig, TdxEvent, TdxHostile};
 use integration::{boot_ghcb, snp, tdx, va, MIB};
+use snp_ghcb::msr_protocol::PscOp;
+use snp_ghcb::psc::change_page_state;
+use snp_ghcb::pvalidate::pvalidate_range;
 use tdcall::{accept_range, map_gpa, vp_info, Visibility};
 
 fn main() {
@@ -109,7 +109,7 @@ fn snp_demo() {
     );
     let mut ghcb = boot_ghcb(&hv);
     // SAFETY: the model's memory is not used by Rust code.
-    let features = unsafe { ghcb::protocol::hv_features(&hv) }.expect("features");
+    let features = unsafe { snp_ghcb::protocol::hv_features(&hv) }.expect("features");
     println!(
         "  MSR protocol: version 2 agreed, GHCB {:#x} made shared (1 PSC request) and registered, features {features:?}",
         ghcb.gpa()

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
-use convert::{PageState, Visibility};
+use coco_convert::{PageState, Visibility};
 
 use crate::watch::tables_with_regions;
 use crate::world::{Machine, CPUS, TABLES};

@@ -13,9 +13,9 @@ pub mod world;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use ghcb::msr_protocol::PscOp;
-use ghcb::{Ghcb, GhcbPage};
 use hvmock::{GuestMemory, MockSnp, MockTdx, SnpConfig, TdxConfig};
+use snp_ghcb::msr_protocol::PscOp;
+use snp_ghcb::{Ghcb, GhcbPage};
 
 /// MiB.
 pub const MIB: u64 = 1 << 20;
@@ -49,9 +49,9 @@ pub fn boot_ghcb(snp: &MockSnp) -> GhcbPage {
     // SAFETY: the model's memory is not used by Rust code; the page becomes
     // the shared GHCB.
     unsafe {
-        ghcb::protocol::negotiate(snp).expect("negotiate");
-        ghcb::protocol::page_state_change(snp, gpa >> 12, PscOp::Shared).expect("GHCB page to shared");
-        ghcb::protocol::register_ghcb(snp, gpa).expect("register GHCB");
+        snp_ghcb::protocol::negotiate(snp).expect("negotiate");
+        snp_ghcb::protocol::page_state_change(snp, gpa >> 12, PscOp::Shared).expect("GHCB page to shared");
+        snp_ghcb::protocol::register_ghcb(snp, gpa).expect("register GHCB");
         wrap_ghcb(snp, gpa)
     }
 }

@@ -4,8 +4,8 @@
 
 use std::sync::Arc;
 
-use ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
 use hvmock::GuestMemory;
+use snp_ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
 use tdcall::{Registers, Tdcall};
 
 /// TDX: every TDCALL and TDG.VP.VMCALL succeeds.

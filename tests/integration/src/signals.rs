@@ -6,7 +6,7 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
-use convert::zeropad::{self, FaultKind, Gpr, RegisterAccess};
+use coco_convert::zeropad::{self, FaultKind, Gpr, RegisterAccess};
 
 /// Faults the handler fixed up.
 pub static FIXUPS: AtomicU64 = AtomicU64::new(0);

@@ -3,13 +3,13 @@
 //! handed out, a counting TLB shootdown, and per-CPU scratch windows; the
 //! frame source and the shootdown report every call to a [`Watch`].
 
-use convert::sync::AtomicU8;
+use coco_convert::sync::AtomicU8;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use convert::bits::{HUGE, PRESENT, TABLE_POINTER};
-use convert::{
+use coco_convert::bits::{HUGE, PRESENT, TABLE_POINTER};
+use coco_convert::{
     EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
 };
 use hvmock::GuestMemory;
@@ -329,7 +329,7 @@ impl<'f> TableBuilder<'f> {
         let leaf_flags = if page == Level::Pt {
             flags
         } else {
-            convert::bits::flags_4k_to_huge(flags)
+            coco_convert::bits::flags_4k_to_huge(flags)
         };
         for off in (0..len).step_by(span as usize) {
             let table = self.table_at(va + off, page);
@@ -358,7 +358,7 @@ impl ChunkStack {
     }
 }
 
-impl convert::pool::ChunkSource for ChunkStack {
+impl coco_convert::pool::ChunkSource for ChunkStack {
     fn allocate_chunk(&self) -> Option<u64> {
         self.0.lock().unwrap().pop()
     }

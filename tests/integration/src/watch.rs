@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use convert::bits::{HUGE, PRESENT};
-use convert::{EncryptionBit, Level, VaRange};
+use coco_convert::bits::{HUGE, PRESENT};
+use coco_convert::{EncryptionBit, Level, VaRange};
 use hvmock::GuestMemory;
 
 type Probe = Box<dyn Fn() -> bool + Send + Sync>;
@@ -184,7 +184,7 @@ pub struct Snapshot {
     /// Table page -> entries.
     pub tables: BTreeMap<u64, Vec<u64>>,
     /// Public state of every frame.
-    pub states: Vec<Option<convert::PageState>>,
+    pub states: Vec<Option<coco_convert::PageState>>,
 }
 
 impl std::fmt::Debug for Snapshot {

@@ -2,16 +2,16 @@
 //! map of one 1 GiB page then 2 MiB pages, a vmalloc area, an alias area,
 //! scratch windows, and a TDX or SNP model watching the page tables.
 
-use convert::sync::AtomicU8;
+use coco_convert::sync::AtomicU8;
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
-use convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
-use convert::platform::tdx::Tdx;
-use convert::{Config, DirectMap, EncryptionBit, Engine, Level, StateTable, Visibility};
-use ghcb::GhcbPage;
+use coco_convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
+use coco_convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use coco_convert::platform::tdx::Tdx;
+use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, StateTable, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
+use snp_ghcb::GhcbPage;
 
 use crate::sim::{current_cpu, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder, DIRECT_MAP_VA, VMALLOC_VA};
 use crate::watch::{Snapshot, Watch};
@@ -171,7 +171,7 @@ impl Machine {
     }
 
     /// An engine over this machine's tables, frames, TLB and state table.
-    pub fn engine<P: convert::Platform>(&self, platform: P) -> Engine<'_, &SimPhys, &SimFrames, &SimTlb, P> {
+    pub fn engine<P: coco_convert::Platform>(&self, platform: P) -> Engine<'_, &SimPhys, &SimFrames, &SimTlb, P> {
         Engine::new(
             self.config(),
             &self.phys,
@@ -235,7 +235,7 @@ impl Machine {
     }
 
     /// An engine over this machine with another frame source, over `platform`.
-    pub fn engine_with_frames<F: convert::FrameSource, P: convert::Platform>(
+    pub fn engine_with_frames<F: coco_convert::FrameSource, P: coco_convert::Platform>(
         &self,
         frames: F,
         platform: P,
@@ -285,10 +285,10 @@ impl Machine {
     /// the returned guard drops.
     pub fn probe_lock<'e, 'a, M, F, T, P>(&self, engine: &'e Engine<'a, M, F, T, P>) -> LockProbe<'e>
     where
-        M: convert::PhysMem,
-        F: convert::FrameSource,
-        T: convert::TlbShootdown,
-        P: convert::Platform,
+        M: coco_convert::PhysMem,
+        F: coco_convert::FrameSource,
+        T: coco_convert::TlbShootdown,
+        P: coco_convert::Platform,
         Engine<'a, M, F, T, P>: Sync,
     {
         let probe: Box<dyn Fn() -> bool + Send + Sync + 'e> = Box::new(move || engine.table_lock_held());
@@ -437,11 +437,11 @@ impl SnpWorld {
     /// If the (honest) model refuses: a fixture error.
     pub fn boot_ghcb(&self, engine: &SnpEngine<'_>, pa: u64) {
         // SAFETY: negotiation has no memory effect.
-        unsafe { ghcb::protocol::negotiate(&self.snp) }.expect("negotiate");
+        unsafe { snp_ghcb::protocol::negotiate(&self.snp) }.expect("negotiate");
         let ptr = NonNull::new(self.m.mem.ptr(pa).cast()).unwrap();
         // SAFETY: `ptr` is the page at `pa` in the simulated memory, used by
         // nothing else.
-        let page = unsafe { convert::setup_ghcb(engine, pa, ptr) }.expect("GHCB setup");
+        let page = unsafe { coco_convert::setup_ghcb(engine, pa, ptr) }.expect("GHCB setup");
         *self.ghcbs[current_cpu()].lock() = Some(page);
     }
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use convert::bits::{PRESENT, TABLE_POINTER};
-use convert::{Alias, ConvertError, FrameSource, Level, PageState, Target, Visibility};
+use coco_convert::bits::{PRESENT, TABLE_POINTER};
+use coco_convert::{Alias, ConvertError, FrameSource, Level, PageState, Target, Visibility};
 use hvmock::{SnpConfig, TdxConfig, TdxHostile};
 use integration::invariants::assert_consistent;
 use integration::sim::{set_cpu, ALIAS_VA};
@@ -31,8 +31,8 @@ fn tdx(shape: Shape) -> TdxWorld {
     TdxWorld::new(TdxConfig::default(), shape)
 }
 
-fn tdx_platform(w: &TdxWorld) -> convert::platform::tdx::Tdx<&hvmock::MockTdx> {
-    convert::platform::tdx::Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap()
+fn tdx_platform(w: &TdxWorld) -> coco_convert::platform::tdx::Tdx<&hvmock::MockTdx> {
+    coco_convert::platform::tdx::Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap()
 }
 
 fn assert_clean(m: &Machine) {
@@ -579,14 +579,14 @@ fn overlapping_aliases_are_refused_at_registration() {
             pa: GIB + MIB,
             ..a
         }),
-        Err(convert::AliasError::Overlaps { id: 0 })
+        Err(coco_convert::AliasError::Overlaps { id: 0 })
     );
     assert_eq!(
         e.register_alias(Alias {
             va: Machine::direct(0),
             ..a
         }),
-        Err(convert::AliasError::OverlapsDirectMap)
+        Err(coco_convert::AliasError::OverlapsDirectMap)
     );
 }
 
@@ -689,7 +689,7 @@ fn next(x: &mut u64) -> u64 {
     *x
 }
 
-fn hammer<P: convert::Platform>(e: &integration::world::EngineOf<'_, P>, seed: u64, vmalloc: &[(u64, u64)])
+fn hammer<P: coco_convert::Platform>(e: &integration::world::EngineOf<'_, P>, seed: u64, vmalloc: &[(u64, u64)])
 where
     for<'x> integration::world::EngineOf<'x, P>: Sync,
 {
@@ -930,7 +930,7 @@ fn an_os_merge_inside_with_table_lock_makes_a_conversion_plan_again() {
     let e = m.engine_with_frames(&hooked, tdx_platform(&w));
     let boundary = GIB + 2 * MIB;
     let pde = dm_entry(m, GIB, Level::Pd);
-    let leaf = GIB | convert::bits::flags_4k_to_huge(DIRECT_MAP_FLAGS) | PRESENT;
+    let leaf = GIB | coco_convert::bits::flags_4k_to_huge(DIRECT_MAP_FLAGS) | PRESENT;
     let merge: Box<dyn FnMut() + Send + '_> = Box::new(|| e.with_table_lock(|| m.mem.write_u64(pde, leaf)));
     // SAFETY: only the lifetime is erased; the hook runs (and is gone)
     // before `e` and `m` are dropped, inside the conversion below.

@@ -2,7 +2,7 @@
 //! vmalloc-style buffer's direct-map aliases, registered aliases; and the
 //! models' check catches a mapping the engine was not told about.
 
-use convert::{Alias, PageState, Target, Visibility};
+use coco_convert::{Alias, PageState, Target, Visibility};
 use hvmock::{SnpConfig, TdxConfig};
 use integration::sim::ALIAS_VA;
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, DIRECT_MAP_FLAGS};
@@ -85,7 +85,7 @@ fn registered_alias_is_converted_in_the_same_transaction() {
         ALIAS_VA,
         pa,
         len,
-        convert::Level::Pd,
+        coco_convert::Level::Pd,
         DIRECT_MAP_FLAGS,
         Visibility::Private,
     );
@@ -115,7 +115,7 @@ fn an_unregistered_alias_is_caught_by_the_model() {
         ALIAS_VA,
         pa,
         2 * MIB,
-        convert::Level::Pd,
+        coco_convert::Level::Pd,
         DIRECT_MAP_FLAGS,
         Visibility::Private,
     );

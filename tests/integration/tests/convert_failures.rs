@@ -4,7 +4,7 @@
 //! the policy hook can terminate. Running out of table memory changes
 //! nothing.
 
-use convert::{ConvertError, FailureAction, FailurePolicy, PageState, PlatformError, Target, Visibility};
+use coco_convert::{ConvertError, FailureAction, FailurePolicy, PageState, PlatformError, Target, Visibility};
 use hvmock::{SnpConfig, SnpHostile, TdxConfig, TdxHostile};
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld};
 use integration::{GIB, MIB};
@@ -347,10 +347,10 @@ fn ghcb_registration_lie_is_refused_by_setup() {
     let pa = 1536 * MIB;
     let ptr = std::ptr::NonNull::new(w.m.mem.ptr(pa).cast()).unwrap();
     // SAFETY: the page is used by nothing else.
-    let err = unsafe { convert::setup_ghcb(&e, pa, ptr) }.unwrap_err();
+    let err = unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.unwrap_err();
     assert_eq!(
         err,
-        convert::GhcbSetupError::Register(ghcb::protocol::ProtocolError::RegistrationMismatch {
+        coco_convert::GhcbSetupError::Register(snp_ghcb::protocol::ProtocolError::RegistrationMismatch {
             requested: pa >> 12,
             echoed: (pa >> 12) + 1
         })

@@ -31,8 +31,8 @@
 
 use std::collections::BTreeSet;
 
-use convert::bits::{HUGE, PRESENT};
-use convert::{Alias, ConvertError, Engine, Level, PageState, Platform, Target, Visibility};
+use coco_convert::bits::{HUGE, PRESENT};
+use coco_convert::{Alias, ConvertError, Engine, Level, PageState, Platform, Target, Visibility};
 use hvmock::{GuestPageTables, Mapping, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
 use integration::sim::{SimFrames, SimPhys, SimTlb, ALIAS_VA, DIRECT_MAP_VA};
 use integration::watch::not_present_entries;
@@ -358,7 +358,7 @@ impl AliasFixture {
                 }
                 continue;
             }
-            let huge = convert::bits::flags_4k_to_huge(DIRECT_MAP_FLAGS);
+            let huge = coco_convert::bits::flags_4k_to_huge(DIRECT_MAP_FLAGS);
             m.mem
                 .write_u64(Self::pde(m, va), (ALIAS_PA + off) | huge | enc | PRESENT);
         }
@@ -483,7 +483,7 @@ fn huge_layout_restored(original: &[Mapping], tables: GuestPageTables, w: &Machi
     Ok(())
 }
 
-fn machine(enc: convert::EncryptionBit, gib_page: bool, small_mask: u64) -> Machine {
+fn machine(enc: coco_convert::EncryptionBit, gib_page: bool, small_mask: u64) -> Machine {
     Machine::new_with_tables_at(enc, Shape::Random(gib_page, small_mask), TABLES)
 }
 

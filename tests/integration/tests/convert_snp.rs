@@ -1,8 +1,8 @@
 //! The engine on SEV-SNP: GHCB set up shared from the start, PSC batched,
 //! PVALIDATE through the private scratch window.
 
-use convert::platform::snp::SnpOptions;
-use convert::{PageState, Target, Visibility};
+use coco_convert::platform::snp::SnpOptions;
+use coco_convert::{PageState, Target, Visibility};
 use hvmock::{RmpEntry, SnpConfig};
 use integration::world::{Machine, Shape, SnpWorld};
 use integration::{GIB, MIB};
@@ -103,22 +103,27 @@ fn linux_strategy_costs_more_calls_for_the_same_work() {
 #[test]
 fn without_a_window_snp_refuses_and_changes_nothing() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    let platform =
-        convert::platform::snp::Snp::new(&w.snp, &w.snp, convert::platform::snp::NoGhcb, 51, SnpOptions::MINIMAL)
-            .unwrap();
-    let e = convert::Engine::new(
+    let platform = coco_convert::platform::snp::Snp::new(
+        &w.snp,
+        &w.snp,
+        coco_convert::platform::snp::NoGhcb,
+        51,
+        SnpOptions::MINIMAL,
+    )
+    .unwrap();
+    let e = coco_convert::Engine::new(
         w.m.config(),
         &w.m.phys,
         &w.m.frames,
         &w.m.tlb,
         platform,
-        convert::StateTable::new(0, &w.m.states),
+        coco_convert::StateTable::new(0, &w.m.states),
     );
     let before = w.m.snapshot();
     let err = e
         .convert(Target::Physical { pa: 4 * MIB, len: 4096 }, Visibility::Shared)
         .unwrap_err();
-    assert_eq!(err, convert::ConvertError::NoScratchWindow);
+    assert_eq!(err, coco_convert::ConvertError::NoScratchWindow);
     assert_eq!(e.state(4 * MIB), Some(PageState::Private));
     assert_eq!(e.counters().hypercalls(), 0);
     assert_eq!(w.m.snapshot(), before, "tables and states exactly as before");

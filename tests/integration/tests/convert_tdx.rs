@@ -1,7 +1,7 @@
 //! The engine on TDX: the transaction against the TDX model, on real
 //! page-table formats in simulated memory.
 
-use convert::{ConvertError, PageState, Target, Visibility};
+use coco_convert::{ConvertError, PageState, Target, Visibility};
 use hvmock::{TdxConfig, TdxPageState};
 use integration::world::{Machine, Shape, TdxWorld};
 use integration::{GIB, MIB};

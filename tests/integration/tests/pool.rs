@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use convert::pool::{ChunkSource, Convert, PoolError, SharedBuffer, SharedPool, CHUNK};
-use convert::{ConvertError, PageState, PlatformError, Report, Target, Visibility};
+use coco_convert::pool::{ChunkSource, Convert, PoolError, SharedBuffer, SharedPool, CHUNK};
+use coco_convert::{ConvertError, PageState, PlatformError, Report, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
 use integration::sim::ChunkStack;
 use integration::world::{Shape, TdxWorld};

@@ -5,12 +5,12 @@
 
 use std::cell::RefCell;
 
-use ghcb::msr_protocol::PscOp;
-use ghcb::psc::{change_page_state, PscError, MAX_EXITS_WITHOUT_PROGRESS};
-use ghcb::{Field, GhcbMsr};
 use hvmock::{SnpConfig, TdxConfig, TdxPageState};
 use integration::{boot_ghcb, snp, tdx, MIB};
 use proptest::prelude::*;
+use snp_ghcb::msr_protocol::PscOp;
+use snp_ghcb::psc::{change_page_state, PscError, MAX_EXITS_WITHOUT_PROGRESS};
+use snp_ghcb::{Field, GhcbMsr};
 use tdcall::{map_gpa, Registers, Tdcall, Visibility, MAX_RETRIES_WITHOUT_PROGRESS};
 
 const SHARED: u64 = 1 << 47;
@@ -189,7 +189,7 @@ proptest! {
         let ghcb_gpa = 0xF_F000;
         let hv = ScribblingHypervisor { memory: memory.clone(), ghcb_gpa, writes, exits: RefCell::new(0) };
         // SAFETY: the page is used by nothing else.
-        let mut ghcb = unsafe { ghcb::GhcbPage::new(std::ptr::NonNull::new(memory.ptr(ghcb_gpa).cast()).unwrap(), ghcb_gpa) };
+        let mut ghcb = unsafe { snp_ghcb::GhcbPage::new(std::ptr::NonNull::new(memory.ptr(ghcb_gpa).cast()).unwrap(), ghcb_gpa) };
         // 8 entries of 4 KiB.
         // SAFETY: the scripted hypervisor changes nothing but the GHCB.
         let result = unsafe { change_page_state(&mut ghcb, &hv, 0, 8 * 4096, PscOp::Private, false) };

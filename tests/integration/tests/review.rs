@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 
-use convert::{ConvertError, Level, PageState, Target, Visibility};
+use coco_convert::{ConvertError, Level, PageState, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
 use integration::world::{Machine, Shape, TdxWorld, DIRECT_MAP_FLAGS};
 use integration::{GIB, MIB};
@@ -158,7 +158,7 @@ fn frames_the_host_never_saw_are_mapped_again_in_a_huge_vmalloc_leaf() {
 // OS's frame source, the same race yields a spurious `NotMapped`.)
 mod uaf {
     use super::*;
-    use convert::{FrameSource, PhysMem};
+    use coco_convert::{FrameSource, PhysMem};
     use integration::sim::{SimFrames, SimPhys};
     use std::cell::Cell;
     use std::sync::{Arc, Barrier, Mutex};
@@ -222,7 +222,7 @@ mod uaf {
 
 #[test]
 fn a_lock_free_walk_never_follows_a_table_another_cpu_freed() {
-    use convert::platform::tdx::Tdx;
+    use coco_convert::platform::tdx::Tdx;
     use std::sync::{Arc, Barrier, Mutex};
     let w = tdx(Shape::Mixed);
     let m = &w.m;
@@ -241,13 +241,13 @@ fn a_lock_free_walk_never_follows_a_table_another_cpu_freed() {
         inner: &m.frames,
         given_back: given_back.clone(),
     };
-    let e = convert::Engine::new(
+    let e = coco_convert::Engine::new(
         m.config(),
         hook,
         frames,
         &m.tlb,
         Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap(),
-        convert::StateTable::new(0, &m.states),
+        coco_convert::StateTable::new(0, &m.states),
     );
     // A vmalloc-style buffer of one 2 MiB leaf.
     let huge = GIB + 300 * MIB;
@@ -349,8 +349,8 @@ fn a_range_in_the_last_2_mib_of_the_address_space_converts_and_collapses() {
 // of the split region maps its neighbour's frame.
 #[test]
 fn a_frame_source_handing_out_an_unaligned_address_is_refused() {
-    use convert::platform::tdx::Tdx;
-    use convert::FrameSource;
+    use coco_convert::platform::tdx::Tdx;
+    use coco_convert::FrameSource;
     struct OffByEight<'a>(&'a integration::sim::SimFrames);
     impl FrameSource for OffByEight<'_> {
         fn allocate_frame(&self) -> Option<u64> {
@@ -362,13 +362,13 @@ fn a_frame_source_handing_out_an_unaligned_address_is_refused() {
     }
     let w = tdx(Shape::Mixed);
     let m = &w.m;
-    let e = convert::Engine::new(
+    let e = coco_convert::Engine::new(
         m.config(),
         &m.phys,
         OffByEight(&m.frames),
         &m.tlb,
         Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap(),
-        convert::StateTable::new(0, &m.states),
+        coco_convert::StateTable::new(0, &m.states),
     );
     let pa = GIB + 10 * MIB + PAGE;
     let before = m.snapshot();
@@ -436,7 +436,7 @@ fn a_range_across_the_canonical_hole_is_refused() {
 // writes a PRESENT leaf (frame 0, shared bit set) into it.
 #[test]
 fn a_second_concurrent_unregister_waits_for_the_conversion_in_flight() {
-    use convert::Alias;
+    use coco_convert::Alias;
     use integration::sim::{current_cpu, set_cpu, ALIAS_VA};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Barrier};

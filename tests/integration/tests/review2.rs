@@ -4,7 +4,7 @@
 
 #![allow(clippy::too_many_lines)]
 
-use convert::{ConvertError, PageState, Target, Visibility};
+use coco_convert::{ConvertError, PageState, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
 use integration::world::{Machine, Shape, TdxWorld};
 use integration::{GIB, MIB};

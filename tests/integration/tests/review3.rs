@@ -4,7 +4,7 @@
 
 #![allow(clippy::too_many_lines)]
 
-use convert::{Alias, Level, Target, Visibility};
+use coco_convert::{Alias, Level, Target, Visibility};
 use hvmock::TdxConfig;
 use integration::sim::ALIAS_VA;
 use integration::watch::tables_with_regions;

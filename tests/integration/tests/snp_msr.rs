@@ -1,10 +1,10 @@
 //! The GHCB MSR protocol against the model: negotiation, features,
 //! registration, single-page PSC, termination, and lies about each.
 
-use ghcb::msr_protocol::{MsrProtocolError, PscOp};
-use ghcb::protocol::{self, HvFeatures, ProtocolError};
 use hvmock::{RmpEntry, SnpConfig, SnpHostile};
 use integration::{boot_ghcb, ghcb_gpa, snp, MIB};
+use snp_ghcb::msr_protocol::{MsrProtocolError, PscOp};
+use snp_ghcb::protocol::{self, HvFeatures, ProtocolError};
 
 #[test]
 fn negotiate_reports_versions_and_c_bit() {
@@ -229,14 +229,14 @@ fn hostile_msr_psc_without_rmp_change_is_caught_by_pvalidate() {
     let (gpa, va) = (3 * 4096, integration::va(&hv, 3 * 4096));
     // SAFETY: as above.
     unsafe {
-        ghcb::pvalidate::pvalidate(&hv, va, ghcb::PageSize::Size4K, false).unwrap();
+        snp_ghcb::pvalidate::pvalidate(&hv, va, snp_ghcb::PageSize::Size4K, false).unwrap();
         protocol::page_state_change(&hv, gpa >> 12, PscOp::Shared).unwrap();
     }
     hv.set_hostile(Some(SnpHostile::MsrPscWithoutRmpChange));
     // SAFETY: as above.
     unsafe { protocol::page_state_change(&hv, gpa >> 12, PscOp::Private) }.unwrap();
     // SAFETY: as above.
-    let err = unsafe { ghcb::pvalidate::pvalidate(&hv, va, ghcb::PageSize::Size4K, true) }.unwrap_err();
-    assert_eq!(err, ghcb::pvalidate::PvalidateError::FailInput);
+    let err = unsafe { snp_ghcb::pvalidate::pvalidate(&hv, va, snp_ghcb::PageSize::Size4K, true) }.unwrap_err();
+    assert_eq!(err, snp_ghcb::pvalidate::PvalidateError::FailInput);
     assert!(!hv.rmp(gpa).validated);
 }

@@ -2,13 +2,13 @@
 //! memory: batching, 2 MiB entries, resuming after partial progress, and
 //! every lie in the header and entries.
 
-use ghcb::msr_protocol::PscOp;
-use ghcb::psc::{change_page_state, PscBatches, PscError, MAX_ENTRIES, PSC_EXIT_CODE};
-use ghcb::{Field, GhcbPage, NaeError};
 use hvmock::{MockSnp, RmpEntry, SnpConfig, SnpHostile};
 use integration::{boot_ghcb, snp, MIB};
+use snp_ghcb::msr_protocol::PscOp;
+use snp_ghcb::psc::{change_page_state, PscBatches, PscError, MAX_ENTRIES, PSC_EXIT_CODE};
+use snp_ghcb::{Field, GhcbPage, NaeError};
 
-fn psc(hv: &MockSnp, ghcb: &mut GhcbPage, gpa: u64, len: u64, op: PscOp) -> Result<ghcb::psc::PscExits, PscError> {
+fn psc(hv: &MockSnp, ghcb: &mut GhcbPage, gpa: u64, len: u64, op: PscOp) -> Result<snp_ghcb::psc::PscExits, PscError> {
     // SAFETY: the model's memory is not used by Rust code.
     unsafe { change_page_state(ghcb, hv, gpa, len, op, true) }
 }
@@ -98,7 +98,7 @@ fn hostile(mode: SnpHostile, pages_per_exit: Option<u64>) -> PscError {
     hv.set_hostile(Some(mode));
     let exits_before = hv.stats().nae_exits;
     let err = psc(&hv, &mut ghcb, 0, 8 * 4096, PscOp::Shared).unwrap_err();
-    assert!(hv.stats().nae_exits - exits_before <= 1 + ghcb::psc::MAX_EXITS_WITHOUT_PROGRESS as u64 + 8);
+    assert!(hv.stats().nae_exits - exits_before <= 1 + snp_ghcb::psc::MAX_EXITS_WITHOUT_PROGRESS as u64 + 8);
     err
 }
 
@@ -169,7 +169,7 @@ fn hostile_stall_is_bounded() {
     );
     assert_eq!(
         hv.stats().nae_exits - before,
-        1 + ghcb::psc::MAX_EXITS_WITHOUT_PROGRESS as u64
+        1 + snp_ghcb::psc::MAX_EXITS_WITHOUT_PROGRESS as u64
     );
 }
 
@@ -192,17 +192,17 @@ fn hostile_psc_success_without_rmp_change_is_caught_by_pvalidate() {
     let mut ghcb = boot_ghcb(&hv);
     let va = integration::va(&hv, 0);
     // SAFETY: the model's memory is not used by Rust code.
-    unsafe { ghcb::pvalidate::pvalidate_range(&hv, va, 2 * MIB, false, true).unwrap() };
+    unsafe { snp_ghcb::pvalidate::pvalidate_range(&hv, va, 2 * MIB, false, true).unwrap() };
     psc(&hv, &mut ghcb, 0, 2 * MIB, PscOp::Shared).unwrap();
     hv.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
     psc(&hv, &mut ghcb, 0, 2 * MIB, PscOp::Private).unwrap();
     assert!(rmp_all(&hv, 0, 2 * MIB, |e| !e.assigned), "the hypervisor lied");
     // SAFETY: as above.
-    let err = unsafe { ghcb::pvalidate::pvalidate_range(&hv, va, 2 * MIB, true, true) }.unwrap_err();
+    let err = unsafe { snp_ghcb::pvalidate::pvalidate_range(&hv, va, 2 * MIB, true, true) }.unwrap_err();
     assert!(matches!(
         err,
-        ghcb::pvalidate::PvalidateRangeError::Page {
-            error: ghcb::pvalidate::PvalidateError::FailInput,
+        snp_ghcb::pvalidate::PvalidateRangeError::Page {
+            error: snp_ghcb::pvalidate::PvalidateError::FailInput,
             ..
         }
     ));
@@ -219,7 +219,7 @@ fn unregistered_ghcb_is_a_violation_in_the_model() {
     let _ = psc(&hv, &mut ghcb, 4096, 4096, PscOp::Shared);
     assert_eq!(
         hv.stats().protocol_violations,
-        1 + ghcb::psc::MAX_EXITS_WITHOUT_PROGRESS as u64
+        1 + snp_ghcb::psc::MAX_EXITS_WITHOUT_PROGRESS as u64
     );
     assert_eq!(before, 0);
 }

@@ -1,11 +1,11 @@
 //! PVALIDATE against the model's RMP.
 
-use ghcb::msr_protocol::PscOp;
-use ghcb::psc::change_page_state;
-use ghcb::pvalidate::{pvalidate, pvalidate_range, PvalidateError, PvalidateRangeError};
-use ghcb::PageSize;
 use hvmock::{MockSnp, SnpConfig};
 use integration::{boot_ghcb, snp, va, MIB};
+use snp_ghcb::msr_protocol::PscOp;
+use snp_ghcb::psc::change_page_state;
+use snp_ghcb::pvalidate::{pvalidate, pvalidate_range, PvalidateError, PvalidateRangeError};
+use snp_ghcb::PageSize;
 
 /// Makes `[gpa, gpa+len)` private-but-unvalidated the honest way: rescind,
 /// PSC shared, PSC private (2 MiB entries where `huge`).
@@ -105,8 +105,8 @@ fn bad_input_is_typed() {
 
 #[test]
 fn decode_maps_every_code() {
-    use ghcb::pvalidate::decode;
-    use ghcb::RawPvalidate;
+    use snp_ghcb::pvalidate::decode;
+    use snp_ghcb::RawPvalidate;
     assert_eq!(decode(RawPvalidate { eax: 0, carry: false }), Ok(()));
     assert_eq!(
         decode(RawPvalidate { eax: 0, carry: true }),

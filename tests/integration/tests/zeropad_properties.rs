@@ -3,7 +3,7 @@
 //! was read; when it accepts, it read the aligned word just below the fault
 //! and changed one register and RIP, exactly as a zero-padded load would.
 
-use convert::zeropad::{self, FaultFrame, Gpr};
+use coco_convert::zeropad::{self, FaultFrame, Gpr};
 use std::cell::Cell;
 
 use proptest::prelude::*;

@@ -5,7 +5,7 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use convert::zeropad;
+use coco_convert::zeropad;
 use integration::signals::{setup, Pages, FIXUPS};
 
 // ---- the harness ---------------------------------------------------------
@@ -42,7 +42,7 @@ macro_rules! load_into {
         fn $name(p: *const u8) -> u64 {
             let v: u64;
             // SAFETY: the first byte is readable; the handler is installed.
-            unsafe { convert::zeropad_asm!(; concat!("mov ", $reg, ", qword ptr [{p}]") ; ; p = in(reg) p, lateout($reg) v, options(nostack)) };
+            unsafe { coco_convert::zeropad_asm!(; concat!("mov ", $reg, ", qword ptr [{p}]") ; ; p = in(reg) p, lateout($reg) v, options(nostack)) };
             v
         }
     };
@@ -57,7 +57,7 @@ macro_rules! load_into_reserved {
             // SAFETY: as above; the register is restored before the asm
             // ends, and the signal runs on the alternate stack.
             unsafe {
-                convert::zeropad_asm!(concat!("xchg {t}, ", $reg) ; concat!("mov ", $reg, ", qword ptr [{p}]") ; concat!("xchg {t}, ", $reg) ; t = inout(reg) 0u64 => v, p = in(reg) p, options(nostack))
+                coco_convert::zeropad_asm!(concat!("xchg {t}, ", $reg) ; concat!("mov ", $reg, ", qword ptr [{p}]") ; concat!("xchg {t}, ", $reg) ; t = inout(reg) 0u64 => v, p = in(reg) p, options(nostack))
             };
             v
         }
@@ -86,7 +86,7 @@ fn form_base_disp8(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above.
     unsafe {
-        convert::zeropad_asm!(; "mov rax, qword ptr [{b} + 16]" ; ; b = in(reg) p.wrapping_sub(16), out("rax") v, options(nostack))
+        coco_convert::zeropad_asm!(; "mov rax, qword ptr [{b} + 16]" ; ; b = in(reg) p.wrapping_sub(16), out("rax") v, options(nostack))
     };
     v
 }
@@ -95,7 +95,7 @@ fn form_base_disp32(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above.
     unsafe {
-        convert::zeropad_asm!(; "mov rax, qword ptr [{b} + 0x12345]" ; ; b = in(reg) p.wrapping_sub(0x12345), out("rax") v, options(nostack))
+        coco_convert::zeropad_asm!(; "mov rax, qword ptr [{b} + 0x12345]" ; ; b = in(reg) p.wrapping_sub(0x12345), out("rax") v, options(nostack))
     };
     v
 }
@@ -104,7 +104,7 @@ fn form_base_index_scale(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above.
     unsafe {
-        convert::zeropad_asm!(; "mov rax, qword ptr [{b} + {i} * 8 - 8]" ; ; b = in(reg) p.wrapping_sub(3 * 8 - 8), i = in(reg) 3u64, out("rax") v, options(nostack))
+        coco_convert::zeropad_asm!(; "mov rax, qword ptr [{b} + {i} * 8 - 8]" ; ; b = in(reg) p.wrapping_sub(3 * 8 - 8), i = in(reg) 3u64, out("rax") v, options(nostack))
     };
     v
 }
@@ -116,12 +116,12 @@ fn form_index_only(p: *const u8) -> u64 {
     if p as u64 % 2 == 0 {
         // SAFETY: as above.
         unsafe {
-            convert::zeropad_asm!(; "mov rax, qword ptr [{i} * 2 + 0x100]" ; ; i = in(reg) (p as u64 - 0x100) / 2, out("rax") v, options(nostack))
+            coco_convert::zeropad_asm!(; "mov rax, qword ptr [{i} * 2 + 0x100]" ; ; i = in(reg) (p as u64 - 0x100) / 2, out("rax") v, options(nostack))
         };
     } else {
         // SAFETY: as above.
         unsafe {
-            convert::zeropad_asm!(; "mov rax, qword ptr [{i} * 2 + 0x101]" ; ; i = in(reg) (p as u64 - 0x101) / 2, out("rax") v, options(nostack))
+            coco_convert::zeropad_asm!(; "mov rax, qword ptr [{i} * 2 + 0x101]" ; ; i = in(reg) (p as u64 - 0x101) / 2, out("rax") v, options(nostack))
         };
     }
     v
@@ -130,14 +130,14 @@ fn form_index_only(p: *const u8) -> u64 {
 fn form_r12(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above.
-    unsafe { convert::zeropad_asm!(; "mov rax, qword ptr [r12]" ; ; in("r12") p, out("rax") v, options(nostack)) };
+    unsafe { coco_convert::zeropad_asm!(; "mov rax, qword ptr [r12]" ; ; in("r12") p, out("rax") v, options(nostack)) };
     v
 }
 
 fn form_r13(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above.
-    unsafe { convert::zeropad_asm!(; "mov rax, qword ptr [r13]" ; ; in("r13") p, out("rax") v, options(nostack)) };
+    unsafe { coco_convert::zeropad_asm!(; "mov rax, qword ptr [r13]" ; ; in("r13") p, out("rax") v, options(nostack)) };
     v
 }
 
@@ -145,7 +145,7 @@ fn form_rsp(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above; RSP is swapped out and back around the load.
     unsafe {
-        convert::zeropad_asm!("xchg {t}, rsp" ; "mov rax, qword ptr [rsp + 8]" ; "xchg {t}, rsp" ; t = inout(reg) p.wrapping_sub(8) => _, out("rax") v, options(nostack))
+        coco_convert::zeropad_asm!("xchg {t}, rsp" ; "mov rax, qword ptr [rsp + 8]" ; "xchg {t}, rsp" ; t = inout(reg) p.wrapping_sub(8) => _, out("rax") v, options(nostack))
     };
     v
 }
@@ -154,7 +154,7 @@ fn form_rbp(p: *const u8) -> u64 {
     let v: u64;
     // SAFETY: as above; RBP is swapped out and back around the load.
     unsafe {
-        convert::zeropad_asm!("xchg {t}, rbp" ; "mov rax, qword ptr [rbp]" ; "xchg {t}, rbp" ; t = inout(reg) p => _, out("rax") v, options(nostack))
+        coco_convert::zeropad_asm!("xchg {t}, rbp" ; "mov rax, qword ptr [rbp]" ; "xchg {t}, rbp" ; t = inout(reg) p => _, out("rax") v, options(nostack))
     };
     v
 }
@@ -343,7 +343,7 @@ fn a_load_that_is_not_a_site_is_not_fixed() {
 
 #[test]
 fn sites_are_recorded_with_their_length() {
-    let sites: Vec<_> = convert::zeropad::site::sites()
+    let sites: Vec<_> = coco_convert::zeropad::site::sites()
         .iter()
         .filter(|s| !s.is_empty())
         .collect();

@@ -1,7 +1,7 @@
 //! Before `init`, the fix-up declines every fault rather than let the
 //! decoder build its tables (a heap allocation) in a fault handler.
 
-use convert::zeropad::{self, FaultFrame, FaultKind, NotHandled};
+use coco_convert::zeropad::{self, FaultFrame, FaultKind, NotHandled};
 
 #[test]
 fn before_init_nothing_is_handled_and_nothing_changes() {

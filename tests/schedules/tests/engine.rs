@@ -14,9 +14,9 @@ mod explored {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    use convert::bits::PRESENT;
-    use convert::pool::{SharedPool, CHUNK};
-    use convert::{Alias, ConvertError, Level, PageState, Report, Target, Visibility};
+    use coco_convert::bits::PRESENT;
+    use coco_convert::pool::{SharedPool, CHUNK};
+    use coco_convert::{Alias, ConvertError, Level, PageState, Report, Target, Visibility};
     use hvmock::{SnpConfig, TdxConfig};
     use integration::invariants::assert_consistent_over;
     use integration::sim::{set_cpu, ChunkStack, ALIAS_VA};
