@@ -15,11 +15,30 @@ use crate::tables::PhysMem;
 
 /// Why a GHCB could not be set up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GhcbSetupError {
     /// Making the page shared failed.
     Convert(ConvertError),
     /// The hypervisor did not register it.
     Register(snp_ghcb::protocol::ProtocolError),
+}
+
+impl core::fmt::Display for GhcbSetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            GhcbSetupError::Convert(e) => write!(f, "making the GHCB shared failed: {e}"),
+            GhcbSetupError::Register(e) => write!(f, "registering the GHCB failed: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for GhcbSetupError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            GhcbSetupError::Convert(e) => Some(e),
+            GhcbSetupError::Register(e) => Some(e),
+        }
+    }
 }
 
 /// Makes the page at `pa` shared (every alias, through the engine) and

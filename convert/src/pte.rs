@@ -74,24 +74,9 @@ impl Level {
     }
 }
 
-/// Which side of memory a page is on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Visibility {
-    /// Encrypted, integrity-protected, the guest's own.
-    Private,
-    /// Visible to the host.
-    Shared,
-}
-
-impl Visibility {
-    /// The other side.
-    pub const fn other(self) -> Visibility {
-        match self {
-            Visibility::Private => Visibility::Shared,
-            Visibility::Shared => Visibility::Private,
-        }
-    }
-}
+/// Which side of memory a page is on: the TDX crate's type, so a TDX
+/// guest and the engine speak of one `Visibility`.
+pub use tdcall::Visibility;
 
 /// The encryption bit of a PTE: a runtime mask whose meaning depends on the
 /// platform. TDX: bit GPAW-1 set means *shared*. SNP: the C-bit set means

@@ -32,6 +32,7 @@ pub mod code {
 
 /// A response that does not answer the request it follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MsrProtocolError {
     /// GHCBData\[11:0\] is not the response code for the request.
     WrongCode {
@@ -46,6 +47,24 @@ pub enum MsrProtocolError {
         response: u64,
     },
 }
+
+impl core::fmt::Display for MsrProtocolError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            MsrProtocolError::WrongCode { expected, response } => {
+                write!(
+                    f,
+                    "GHCB MSR response {response:#x} does not carry response code {expected:#x}"
+                )
+            }
+            MsrProtocolError::ReservedBits { response } => {
+                write!(f, "GHCB MSR response {response:#x} sets reserved bits")
+            }
+        }
+    }
+}
+
+impl core::error::Error for MsrProtocolError {}
 
 fn expect_code(response: u64, expected: u64, reserved: u64) -> Result<u64, MsrProtocolError> {
     if response & CODE_MASK != expected {

@@ -29,6 +29,7 @@ unsafe impl Send for GhcbPage {}
 
 /// An NAE event the hypervisor did not complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum NaeError {
     /// SW_EXITINFO1\[31:0\] = 1: the hypervisor reports an error; SW_EXITINFO2
     /// says which (GHCB spec, "Hypervisor error reporting").
@@ -42,6 +43,17 @@ pub enum NaeError {
         info1: u64,
     },
 }
+
+impl core::fmt::Display for NaeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            NaeError::Hypervisor { info2 } => write!(f, "the hypervisor reported an error (SW_EXITINFO2 {info2:#x})"),
+            NaeError::Unexpected { info1 } => write!(f, "SW_EXITINFO1 {info1:#x} is neither 0 nor 1"),
+        }
+    }
+}
+
+impl core::error::Error for NaeError {}
 
 impl GhcbPage {
     /// Wraps the GHCB at `ptr`, whose guest physical address is `gpa`.

@@ -8,6 +8,7 @@ use crate::msr_protocol::{self as msr, MsrProtocolError, PscOp, SevInfo};
 
 /// A failed MSR-protocol conversation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// The response was malformed.
     Msr(MsrProtocolError),
@@ -38,6 +39,44 @@ pub enum ProtocolError {
         /// GHCBData\[63:32\] of the response.
         error: u32,
     },
+}
+
+impl core::fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            ProtocolError::Msr(e) => e.fmt(f),
+            ProtocolError::UnsupportedVersion { min, max } => {
+                write!(
+                    f,
+                    "the hypervisor speaks GHCB versions {min}..={max}, not {GHCB_PROTOCOL_VERSION}"
+                )
+            }
+            ProtocolError::BadCBit(bit) => write!(f, "C-bit position {bit} is outside 32..=51"),
+            ProtocolError::RegistrationMismatch { requested, echoed } => {
+                write!(
+                    f,
+                    "GHCB registration of GFN {requested:#x} answered with GFN {echoed:#x}"
+                )
+            }
+            ProtocolError::NoSnp(features) => write!(
+                f,
+                "the hypervisor lacks SEV-SNP support (features {:#x})",
+                features.bits()
+            ),
+            ProtocolError::PageStateChange { gfn, error } => {
+                write!(f, "page state change of GFN {gfn:#x} failed with {error:#x}")
+            }
+        }
+    }
+}
+
+impl core::error::Error for ProtocolError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            ProtocolError::Msr(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl From<MsrProtocolError> for ProtocolError {

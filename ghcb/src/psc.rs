@@ -264,6 +264,7 @@ impl Iterator for PscBatches {
 
 /// A page state change the hypervisor did not complete honestly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PscError {
     /// The range given to [`change_page_state`] is unaligned or wraps.
     InvalidRange,
@@ -312,6 +313,40 @@ pub enum PscError {
         /// Where it stuck.
         at: (u16, u64),
     },
+}
+
+impl core::fmt::Display for PscError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            PscError::InvalidRange => f.write_str("page state change range is unaligned or wraps"),
+            PscError::Nae(e) => write!(f, "page state change exit failed: {e}"),
+            PscError::HostError { info2 } => write!(f, "page state change failed (SW_EXITINFO2 {info2:#x})"),
+            PscError::ReservedSet { header } => {
+                write!(f, "the hypervisor set the PSC header's reserved field ({header:#x})")
+            }
+            PscError::EndEntryChanged { expected, found } => {
+                write!(f, "the hypervisor changed end_entry from {expected} to {found}")
+            }
+            PscError::Backwards { was, now } => write!(f, "PSC progress went backwards from {was:?} to {now:?}"),
+            PscError::OutOfRange { now } => write!(f, "PSC progress {now:?} lies beyond the descriptor"),
+            PscError::EntryTampered { index, expected, found } => {
+                write!(
+                    f,
+                    "PSC entry {index} changed from {expected:#x} to {found:#x} before it was processed"
+                )
+            }
+            PscError::Stalled { at } => write!(f, "page state change made no progress at {at:?}"),
+        }
+    }
+}
+
+impl core::error::Error for PscError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            PscError::Nae(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Exits spent by a successful page state change.

@@ -29,6 +29,7 @@ pub const FAIL_SIZEMISMATCH: u32 = 6;
 
 /// A PVALIDATE that did not change the page as asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PvalidateError {
     /// `FAIL_INPUT`.
     FailInput,
@@ -43,6 +44,19 @@ pub enum PvalidateError {
     Other(u32),
 }
 
+impl core::fmt::Display for PvalidateError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            PvalidateError::FailInput => f.write_str("PVALIDATE: FAIL_INPUT"),
+            PvalidateError::SizeMismatch => f.write_str("PVALIDATE: FAIL_SIZEMISMATCH"),
+            PvalidateError::NoUpdate => f.write_str("PVALIDATE: the page already had the requested validation state"),
+            PvalidateError::Other(code) => write!(f, "PVALIDATE returned {code:#x}"),
+        }
+    }
+}
+
+impl core::error::Error for PvalidateError {}
+
 /// Decodes what PVALIDATE returned.
 pub fn decode(raw: RawPvalidate) -> Result<(), PvalidateError> {
     match raw.eax {
@@ -56,6 +70,7 @@ pub fn decode(raw: RawPvalidate) -> Result<(), PvalidateError> {
 
 /// A PVALIDATE over a range that stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PvalidateRangeError {
     /// The range is empty, unaligned or wraps.
     InvalidRange {
@@ -73,6 +88,26 @@ pub enum PvalidateRangeError {
         /// What PVALIDATE said.
         error: PvalidateError,
     },
+}
+
+impl core::fmt::Display for PvalidateRangeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            PvalidateRangeError::InvalidRange { va, len } => {
+                write!(f, "cannot validate {va:#x}+{len:#x}: empty, unaligned or wrapping")
+            }
+            PvalidateRangeError::Page { va, size, error } => write!(f, "{error} at {va:#x} ({size:?})"),
+        }
+    }
+}
+
+impl core::error::Error for PvalidateRangeError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            PvalidateRangeError::Page { error, .. } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// PVALIDATEs issued by a successful [`pvalidate_range`].

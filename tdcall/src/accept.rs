@@ -22,6 +22,7 @@ const LEVEL_MASK: u64 = 0x7;
 
 /// An ACCEPT that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AcceptError {
     /// The range is empty, not 4 KiB aligned, or wraps around.
     InvalidRange {
@@ -51,6 +52,33 @@ pub enum AcceptError {
         /// What the module said.
         error: TdxError,
     },
+}
+
+impl core::fmt::Display for AcceptError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            AcceptError::InvalidRange { start, len } => {
+                write!(f, "cannot accept {start:#x}+{len:#x}: empty, unaligned or wrapping")
+            }
+            AcceptError::AlreadyAccepted { gpa, level } => {
+                write!(
+                    f,
+                    "{gpa:#x} was already accepted ({level:?}): its contents are not fresh"
+                )
+            }
+            AcceptError::Busy { gpa } => write!(f, "the TDX module stayed busy accepting {gpa:#x}"),
+            AcceptError::Tdx { gpa, level, error } => write!(f, "accepting {gpa:#x} ({level:?}) failed: {error}"),
+        }
+    }
+}
+
+impl core::error::Error for AcceptError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            AcceptError::Tdx { error, .. } => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// TDCALLs issued by a successful [`accept_range`], by page size.

@@ -57,12 +57,31 @@ impl TdInfo {
 
 /// Why TDG.VP.INFO could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum InfoError {
     /// The call failed.
     Tdcall(TdxError),
     /// GPAW is neither 48 nor 52, the only widths TDX defines; a shared-bit
     /// mask derived from it would be wrong.
     UnsupportedGpaw(u8),
+}
+
+impl core::fmt::Display for InfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            InfoError::Tdcall(e) => write!(f, "TDG.VP.INFO failed: {e}"),
+            InfoError::UnsupportedGpaw(w) => write!(f, "GPA width {w} is neither 48 nor 52"),
+        }
+    }
+}
+
+impl core::error::Error for InfoError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            InfoError::Tdcall(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Calls TDG.VP.INFO.

@@ -30,17 +30,29 @@ use crate::vmcall::{subfunction, tdvmcall, VmcallStatus};
 /// Consecutive RETRY answers without progress tolerated before giving up.
 pub const MAX_RETRIES_WITHOUT_PROGRESS: u32 = 3;
 
-/// Which side of the GPA space a range is mapped to.
+/// Which side of memory a page is on: private (encrypted, integrity
+/// protected, the guest's own) or shared with the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Visibility {
-    /// Encrypted, integrity-protected, owned by the TD.
+    /// Encrypted, integrity-protected, the guest's own.
     Private,
     /// Visible to the host.
     Shared,
 }
 
+impl Visibility {
+    /// The other side.
+    pub const fn other(self) -> Visibility {
+        match self {
+            Visibility::Private => Visibility::Shared,
+            Visibility::Shared => Visibility::Private,
+        }
+    }
+}
+
 /// A MapGPA that did not complete.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum MapGpaError {
     /// The request itself is malformed: empty, unaligned, overflowing, or
     /// reaching into the shared half of the GPA space. Nothing was sent.
@@ -85,6 +97,42 @@ pub enum MapGpaError {
         /// The GPA it kept asking to resume from (request form).
         gpa: u64,
     },
+}
+
+impl core::fmt::Display for MapGpaError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            MapGpaError::InvalidRange { start, len } => write!(
+                f,
+                "cannot map {start:#x}+{len:#x}: empty, unaligned, overflowing or in the shared half"
+            ),
+            MapGpaError::InvalidSharedMask(mask) => write!(f, "shared mask {mask:#x} is not a single bit"),
+            MapGpaError::Tdcall(e) => write!(f, "MapGPA: {e}"),
+            MapGpaError::Refused { status, gpa } => write!(f, "the VMM refused MapGPA at {gpa:#x}: {status}"),
+            MapGpaError::ResumeWrongForm { resume } => {
+                write!(f, "the VMM's resume address {resume:#x} lacks the request's shared bit")
+            }
+            MapGpaError::ResumeUnaligned { resume } => {
+                write!(f, "the VMM's resume address {resume:#x} is not page-aligned")
+            }
+            MapGpaError::ResumeOutOfRange { resume, current, end } => {
+                write!(
+                    f,
+                    "the VMM's resume address {resume:#x} lies outside [{current:#x}, {end:#x})"
+                )
+            }
+            MapGpaError::NoProgress { gpa } => write!(f, "the VMM kept answering RETRY at {gpa:#x} without progress"),
+        }
+    }
+}
+
+impl core::error::Error for MapGpaError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            MapGpaError::Tdcall(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Calls issued by a successful [`map_gpa`].

@@ -51,6 +51,7 @@ impl TdxStatus {
 
 /// A TDCALL that did not complete with `TDX_SUCCESS`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TdxError {
     /// `TDX_OPERAND_INVALID`, with the operand id from bits 31:0.
     OperandInvalid {
@@ -73,6 +74,22 @@ pub enum TdxError {
     /// Any other status, kept whole.
     Other(u64),
 }
+
+impl core::fmt::Display for TdxError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            TdxError::OperandInvalid { operand } => write!(f, "TDX_OPERAND_INVALID (operand {operand:#x})"),
+            TdxError::OperandBusy { operand } => write!(f, "TDX_OPERAND_BUSY (operand {operand:#x})"),
+            TdxError::EptWalkFailed => f.write_str("TDX_EPT_WALK_FAILED"),
+            TdxError::PageAlreadyAccepted => f.write_str("TDX_PAGE_ALREADY_ACCEPTED"),
+            TdxError::PageSizeMismatch => f.write_str("TDX_PAGE_SIZE_MISMATCH"),
+            TdxError::NoValidVeInfo => f.write_str("TDX_NO_VALID_VE_INFO"),
+            TdxError::Other(status) => write!(f, "TDX module status {status:#018x}"),
+        }
+    }
+}
+
+impl core::error::Error for TdxError {}
 
 #[cfg(test)]
 mod tests {

@@ -20,6 +20,7 @@ pub const VMCALL_EXPOSED_REGS: u64 = 0xFC00;
 /// TDG.VP.VMCALL status in R10 on return (GHCI v1.5, table "TDG.VP.VMCALL
 /// Instruction Return Codes").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VmcallStatus {
     /// `TDG.VP.VMCALL_SUCCESS` (0).
     Success,
@@ -33,6 +34,19 @@ pub enum VmcallStatus {
     AlignError,
     /// Any other value, which no VMM following the GHCI returns.
     Unknown(u64),
+}
+
+impl core::fmt::Display for VmcallStatus {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            VmcallStatus::Success => f.write_str("success"),
+            VmcallStatus::Retry => f.write_str("retry"),
+            VmcallStatus::InvalidOperand => f.write_str("invalid operand"),
+            VmcallStatus::GpaInUse => f.write_str("GPA in use"),
+            VmcallStatus::AlignError => f.write_str("alignment error"),
+            VmcallStatus::Unknown(v) => write!(f, "unknown status {v:#x}"),
+        }
+    }
 }
 
 impl VmcallStatus {
@@ -51,11 +65,30 @@ impl VmcallStatus {
 
 /// A TDG.VP.VMCALL that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VmcallError {
     /// The TDCALL itself failed: the TDX module refused the call.
     Tdcall(TdxError),
     /// The VMM answered with a status other than success.
     Status(VmcallStatus),
+}
+
+impl core::fmt::Display for VmcallError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            VmcallError::Tdcall(e) => write!(f, "TDG.VP.VMCALL failed: {e}"),
+            VmcallError::Status(s) => write!(f, "the VMM answered: {s}"),
+        }
+    }
+}
+
+impl core::error::Error for VmcallError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            VmcallError::Tdcall(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 /// Issues TDG.VP.VMCALL with sub-function `subfunction` and arguments in

@@ -109,10 +109,17 @@ impl core::fmt::Display for ConvertError {
                 converted,
             } => write!(
                 f,
-                "{error:?} at frame {pa:#x}: {poisoned} frames poisoned, {converted} converted"
+                "{error} at frame {pa:#x}: {poisoned} frames poisoned, {converted} converted"
             ),
         }
     }
 }
 
-impl core::error::Error for ConvertError {}
+impl core::error::Error for ConvertError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            ConvertError::Platform { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}

@@ -16,6 +16,7 @@ use crate::pte::{EncryptionBit, Visibility};
 /// A failed firmware/host step. The frames it concerned are in an unknown
 /// state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PlatformError {
     /// TDX MapGPA failed.
     MapGpa(tdcall::MapGpaError),
@@ -29,6 +30,32 @@ pub enum PlatformError {
     Pvalidate(snp_ghcb::pvalidate::PvalidateRangeError),
     /// SNP needs the private scratch window and the engine has none.
     NoScratchWindow,
+}
+
+impl core::fmt::Display for PlatformError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            PlatformError::MapGpa(e) => e.fmt(f),
+            PlatformError::Accept(e) => e.fmt(f),
+            PlatformError::Psc(e) => e.fmt(f),
+            PlatformError::PscMsr(e) => e.fmt(f),
+            PlatformError::Pvalidate(e) => e.fmt(f),
+            PlatformError::NoScratchWindow => f.write_str("no private scratch window for PVALIDATE"),
+        }
+    }
+}
+
+impl core::error::Error for PlatformError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            PlatformError::MapGpa(e) => Some(e),
+            PlatformError::Accept(e) => Some(e),
+            PlatformError::Psc(e) => Some(e),
+            PlatformError::PscMsr(e) => Some(e),
+            PlatformError::Pvalidate(e) => Some(e),
+            PlatformError::NoScratchWindow => None,
+        }
+    }
 }
 
 /// Maps frames private at a virtual address only the calling CPU uses, for

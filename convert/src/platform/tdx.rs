@@ -104,14 +104,10 @@ impl<T: Tdcall> Platform for Tdx<T> {
         _window: Option<&mut dyn PrivateMap>,
         counters: &Counters,
     ) -> Result<(), PlatformError> {
-        let visibility = match to {
-            Visibility::Private => tdcall::Visibility::Private,
-            Visibility::Shared => tdcall::Visibility::Shared,
-        };
         self.for_each_piece(runs, |pa, len| {
             // SAFETY: the engine guarantees no alias of the run is present
             // and nothing relies on its contents.
-            let calls = unsafe { map_gpa(&self.tdcall, pa, len, visibility, self.shared_mask) };
+            let calls = unsafe { map_gpa(&self.tdcall, pa, len, to, self.shared_mask) };
             calls.map(|c| Counters::add(&counters.map_gpa, c.calls)).map_err(|e| {
                 Counters::add(&counters.map_gpa, 1);
                 PlatformError::MapGpa(e)
