@@ -137,7 +137,7 @@ pub use policy::{FailureAction, FailurePolicy, ReportOnly};
 pub use pte::{EncryptionBit, Level, Visibility};
 pub use reserve::FrameSource;
 pub use shootdown::{TlbShootdown, VaRange};
-pub use state::{PageState, StateTable};
+pub use state::{Census, PageState, RecordError, StateTable};
 pub use tables::{EntryLoc, PhysMem, Walk};
 pub use window::{ScratchWindow, WindowSlot};
 

@@ -249,22 +249,105 @@ impl<'a> StateTable<'a> {
             .map_err(|found| Code::from_bits(found).map(Code::public))
     }
 
-    /// Counts frames per state: [private, shared, converting, poisoned].
-    /// The engine's page-table pages count as private.
-    pub fn census(&self) -> [u64; 4] {
-        let mut counts = [0; 4];
-        for s in self.states {
-            let index = match Code::from_bits(s.load(Ordering::Relaxed)).map(Code::public) {
-                Some(PageState::Private | PageState::PageTable) => 0,
-                Some(PageState::Shared) => 1,
-                Some(PageState::Converting) => 2,
-                Some(PageState::Poisoned) | None => 3,
-            };
-            counts[index] += 1;
+    /// Records that the firmware or the loader left `[pa, pa + len)`
+    /// shared before the engine ran (a GHCB or a shared buffer the
+    /// firmware set up, a range a previous kernel shared), so conversions
+    /// take these frames back to private instead of refusing them. The
+    /// OS's page tables must already map them with the shared attribute.
+    ///
+    /// All or nothing: every frame must be covered and private, or nothing
+    /// is recorded.
+    pub fn record_shared(&self, pa: u64, len: u64) -> Result<(), RecordError> {
+        let end = pa.checked_add(len).filter(|_| len > 0 && (pa | len) % 4096 == 0);
+        let end = end.ok_or(RecordError::InvalidRange { pa, len })?;
+        if let Some(uncovered) = self.first_uncovered(pa, len) {
+            return Err(RecordError::Uncovered { pa: uncovered });
         }
-        counts
+        for frame in (pa..end).step_by(4096) {
+            if let Err(found) = self.claim_code(frame, Code::Private, Code::Shared) {
+                for undo in (pa..frame).step_by(4096) {
+                    let _ = self.claim_code(undo, Code::Shared, Code::Private);
+                }
+                return Err(RecordError::NotPrivate {
+                    pa: frame,
+                    state: found,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts the frames in each state.
+    pub fn census(&self) -> Census {
+        let mut census = Census::default();
+        for s in self.states {
+            let count = match Code::from_bits(s.load(Ordering::Relaxed)).map(Code::public) {
+                Some(PageState::Private) => &mut census.private,
+                Some(PageState::PageTable) => &mut census.page_tables,
+                Some(PageState::Shared) => &mut census.shared,
+                Some(PageState::Converting) => &mut census.converting,
+                Some(PageState::Poisoned) | None => &mut census.poisoned,
+            };
+            *count += 1;
+        }
+        census
     }
 }
+
+/// How many frames a [`StateTable`] holds in each state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Census {
+    /// Private and free for the OS's use.
+    pub private: u64,
+    /// Shared with the host.
+    pub shared: u64,
+    /// Owned by a conversion in flight.
+    pub converting: u64,
+    /// Lost to a failed conversion: never to be used again (a state byte
+    /// the engine does not know counts here too).
+    pub poisoned: u64,
+    /// Private, held by the engine as page-table pages.
+    pub page_tables: u64,
+}
+
+/// Why [`StateTable::record_shared`] recorded nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// Empty, not 4 KiB aligned, or wrapping.
+    InvalidRange {
+        /// Start of the range.
+        pa: u64,
+        /// Its length.
+        len: u64,
+    },
+    /// The table does not cover this frame.
+    Uncovered {
+        /// The first frame not covered.
+        pa: u64,
+    },
+    /// This frame is not private (already shared, converting, poisoned or a
+    /// page-table page; `None`: a state byte the engine does not know).
+    NotPrivate {
+        /// The frame.
+        pa: u64,
+        /// Its state.
+        state: Option<PageState>,
+    },
+}
+
+impl core::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            RecordError::InvalidRange { pa, len } => write!(f, "invalid range {pa:#x}+{len:#x}"),
+            RecordError::Uncovered { pa } => write!(f, "frame {pa:#x} is outside the state table"),
+            RecordError::NotPrivate { pa, state } => write!(f, "frame {pa:#x} is not private ({state:?})"),
+        }
+    }
+}
+
+impl core::error::Error for RecordError {}
 
 #[cfg(test)]
 mod tests {
@@ -281,7 +364,14 @@ mod tests {
         assert_eq!(t.claim(0xF_F000, Code::Private), Err(None));
         t.settle(0x10_0000, Code::Poisoned);
         assert_eq!(t.get(0x10_0000), Some(PageState::Poisoned));
-        assert_eq!(t.census(), [3, 0, 0, 1]);
+        assert_eq!(
+            t.census(),
+            Census {
+                private: 3,
+                poisoned: 1,
+                ..Census::default()
+            }
+        );
         assert_eq!(t.first_uncovered(0x10_0000, 0x4000), None);
         assert_eq!(t.first_uncovered(0x10_1000, 0x4000), Some(0x10_4000));
         assert_eq!(t.first_uncovered(0xF_F000, 0x2000), Some(0xF_F000));
@@ -308,8 +398,50 @@ mod tests {
         let t = StateTable::new(0, &storage);
         t.take_table(0x1000).unwrap();
         assert_eq!(t.claim(0x1000, Code::Private), Err(Some(PageState::PageTable)));
-        assert_eq!(t.census(), [2, 0, 0, 0]);
+        assert_eq!(
+            t.census(),
+            Census {
+                private: 1,
+                page_tables: 1,
+                ..Census::default()
+            }
+        );
         assert!(t.release_table(0x1000) && !t.release_table(0x1000));
         assert_eq!(t.take_table(0x2000), Err(None));
+    }
+
+    #[test]
+    fn record_shared_marks_every_frame_or_none() {
+        let storage: [AtomicU8; 4] = Default::default();
+        let t = StateTable::new(0x10_0000, &storage);
+        assert_eq!(t.record_shared(0x10_1000, 0x2000), Ok(()));
+        assert_eq!(t.get(0x10_1000), Some(PageState::Shared));
+        assert_eq!(t.get(0x10_2000), Some(PageState::Shared));
+        assert_eq!(t.get(0x10_0000), Some(PageState::Private));
+        // The second frame is shared already: the first must stay private.
+        assert_eq!(
+            t.record_shared(0x10_0000, 0x2000),
+            Err(RecordError::NotPrivate {
+                pa: 0x10_1000,
+                state: Some(PageState::Shared)
+            })
+        );
+        assert_eq!(t.get(0x10_0000), Some(PageState::Private));
+        assert_eq!(
+            t.record_shared(0x10_3000, 0x2000),
+            Err(RecordError::Uncovered { pa: 0x10_4000 })
+        );
+        assert_eq!(t.get(0x10_3000), Some(PageState::Private));
+        for (pa, len) in [(0x10_0800, 0x1000), (0x10_0000, 0), (!0xFFF, 0x2000)] {
+            assert_eq!(t.record_shared(pa, len), Err(RecordError::InvalidRange { pa, len }));
+        }
+        assert_eq!(
+            t.census(),
+            Census {
+                private: 2,
+                shared: 2,
+                ..Census::default()
+            }
+        );
     }
 }

@@ -158,9 +158,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         self.states.get(pa)
     }
 
-    /// Frames per state: [private, shared, converting, poisoned] (the
-    /// engine's page-table pages count as private).
-    pub fn census(&self) -> [u64; 4] {
+    /// How many frames are in each state.
+    pub fn census(&self) -> crate::state::Census {
         self.states.census()
     }
 

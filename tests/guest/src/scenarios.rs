@@ -95,7 +95,7 @@ pub fn boot<P: Platform>(e: &GuestEngine<P>, t: &Tables, before: CounterSnapshot
     show(
         "1 boot",
         &e.counters().since(&before),
-        format_args!("64 MiB shared, {} frames shared", e.census()[1]),
+        format_args!("64 MiB shared, {} frames shared", e.census().shared),
     );
 }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::ops::Range;
 
-use coco_convert::{PageState, Visibility};
+use coco_convert::{Census, PageState, Visibility};
 
 use crate::watch::tables_with_regions;
 use crate::world::{Machine, CPUS, TABLES};
@@ -21,9 +21,9 @@ pub fn assert_consistent(
     m: &Machine,
     state: impl Fn(u64) -> Option<PageState>,
     host: impl Fn(u64) -> Option<Visibility>,
-    census: [u64; 4],
+    census: Census,
 ) {
-    assert_eq!(census[2], 0, "nothing left converting");
+    assert_eq!(census.converting, 0, "nothing left converting");
     assert_consistent_over(m, 0..m.size(), state, host);
 }
 

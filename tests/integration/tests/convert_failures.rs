@@ -88,7 +88,7 @@ fn every_tdx_hostile_mode_poisons_only_its_batch() {
             Visibility::Shared,
         )
         .unwrap();
-        assert_eq!(e.census()[3], LEN / 4096);
+        assert_eq!(e.census().poisoned, LEN / 4096);
         assert_eq!(e.counters().failures, 1);
         assert!(w.tdx.violations().is_empty(), "{mode:?}: {:?}", w.tdx.violations());
     }
@@ -306,7 +306,7 @@ fn concurrent_disjoint_conversions_and_overlap_refusal() {
             });
         }
     });
-    assert_eq!(e.census()[2..], [0, 0]);
+    assert_eq!((e.census().converting, e.census().poisoned), (0, 0));
     assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
     e.release_deferred_tables();
     assert_eq!(w.m.frames.in_use(), 1, "only the PT around the GHCBs remains");

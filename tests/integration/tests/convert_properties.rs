@@ -445,9 +445,9 @@ fn check<P: Platform>(w: &impl Guest, e: &SimEngine<'_, P>, reference: &Referenc
         prop_assert_eq!(e.state(pa), Some(reference.state(pa)), "frame {:#x}", pa);
     }
     let census = e.census();
-    prop_assert_eq!(census[1], reference.shared.len() as u64);
-    prop_assert_eq!(census[2], 0);
-    prop_assert_eq!(census[3], reference.poisoned.len() as u64);
+    prop_assert_eq!(census.shared, reference.shared.len() as u64);
+    prop_assert_eq!(census.converting, 0);
+    prop_assert_eq!(census.poisoned, reference.poisoned.len() as u64);
     e.release_deferred_tables();
     let reachable: BTreeSet<u64> = integration::watch::tables_with_regions(&m.mem, m.root, m.enc)
         .into_keys()
