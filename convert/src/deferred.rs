@@ -79,7 +79,7 @@ impl Deferred {
             return true;
         }
         // SAFETY: chain pages are ours; `PhysMem` maps them.
-        self.chain != END && unsafe { mem.table(self.chain).add(1).read() as usize } < PER_PAGE
+        self.chain != END && unsafe { mem.page_ptr(self.chain).add(1).read() as usize } < PER_PAGE
     }
 
     /// Records `retired`; `false` if there is no room (the caller must give
@@ -93,7 +93,7 @@ impl Deferred {
         if self.chain == END {
             return false;
         }
-        let page = mem.table(self.chain);
+        let page = mem.page_ptr(self.chain);
         // SAFETY: chain pages are frames this list owns; `PhysMem` maps
         // them; the count never exceeds PER_PAGE, so the index stays in
         // the page.
@@ -113,7 +113,7 @@ impl Deferred {
     /// Adds an empty chain page (a frame the engine took from the source
     /// and marked as its own).
     pub fn add_chain_page<M: PhysMem>(&mut self, pa: u64, mem: &M) {
-        let p = mem.table(pa);
+        let p = mem.page_ptr(pa);
         // SAFETY: the frame is the engine's; `PhysMem` maps it.
         unsafe {
             p.write(self.chain);
@@ -126,7 +126,7 @@ impl Deferred {
         self.inline[..self.len].iter().copied().for_each(&mut f);
         let mut page = self.chain;
         while page != END {
-            let p = mem.table(page);
+            let p = mem.page_ptr(page);
             // SAFETY: chain pages are ours; counts never exceed PER_PAGE.
             let (next, count) = unsafe { (p.read(), (p.add(1).read() as usize).min(PER_PAGE)) };
             for i in 0..count {
@@ -168,7 +168,7 @@ impl Deferred {
         let mut page = self.chain;
         while page != END {
             // SAFETY: chain pages are ours.
-            let next = unsafe { mem.table(page).read() };
+            let next = unsafe { mem.page_ptr(page).read() };
             states.release_table(page);
             frames.free_frame(page);
             page = next;

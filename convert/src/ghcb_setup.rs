@@ -1,6 +1,6 @@
-//! Per-CPU GHCB pages, shared from the start (the seed-000 reviewers'
-//! request): the page is converted before the CPU has a GHCB, so the
-//! conversion goes through the MSR protocol, then registered.
+//! Per-CPU GHCB pages, shared from the start: the page is converted before
+//! the CPU has a GHCB, so the conversion goes through the MSR protocol;
+//! then it is registered and installed.
 
 use core::ptr::NonNull;
 
@@ -17,6 +17,9 @@ use crate::tables::PhysMem;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum GhcbSetupError {
+    /// The platform's GHCB provider has no slot for this CPU. Nothing
+    /// changed.
+    NoSlot,
     /// Making the page shared failed.
     Convert(ConvertError),
     /// The hypervisor did not register it.
@@ -26,6 +29,7 @@ pub enum GhcbSetupError {
 impl core::fmt::Display for GhcbSetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
+            GhcbSetupError::NoSlot => f.write_str("no GHCB slot for this CPU"),
             GhcbSetupError::Convert(e) => write!(f, "making the GHCB shared failed: {e}"),
             GhcbSetupError::Register(e) => write!(f, "registering the GHCB failed: {e}"),
         }
@@ -37,13 +41,20 @@ impl core::error::Error for GhcbSetupError {
         match self {
             GhcbSetupError::Convert(e) => Some(e),
             GhcbSetupError::Register(e) => Some(e),
+            GhcbSetupError::NoSlot => None,
         }
     }
 }
 
-/// Makes the page at `pa` shared (every alias, through the engine) and
-/// registers it as the calling CPU's GHCB. Install the result in the
-/// backend's [`GhcbProvider`] (e.g. [`PerCpuGhcbs::install`](crate::platform::snp::PerCpuGhcbs::install)).
+/// Sets up the calling CPU's GHCB: makes the page at `pa` shared (every
+/// alias, through the engine, by the MSR protocol since this CPU has no
+/// GHCB yet), registers it with the hypervisor, and installs it in the
+/// backend's [`GhcbProvider`] (a [`PerCpuGhcbs`](crate::platform::snp::PerCpuGhcbs)
+/// slot), so this CPU's later conversions use it. Call once on each CPU.
+///
+/// If registration fails the page stays shared: the error says so, and the
+/// caller must not reuse the page as private memory without converting it
+/// back.
 ///
 /// # Safety
 ///
@@ -54,7 +65,7 @@ pub unsafe fn setup_ghcb<M, F, T, H, P, G>(
     engine: &Engine<'_, M, F, T, Snp<H, P, G>>,
     pa: u64,
     ptr: NonNull<Ghcb>,
-) -> Result<GhcbPage, GhcbSetupError>
+) -> Result<(), GhcbSetupError>
 where
     M: PhysMem,
     F: FrameSource,
@@ -63,6 +74,9 @@ where
     P: Pvalidate,
     G: GhcbProvider,
 {
+    if !engine.platform().ghcbs().can_install() {
+        return Err(GhcbSetupError::NoSlot);
+    }
     engine
         .convert(Target::Physical { pa, len: 4096 }, Visibility::Shared)
         .map_err(GhcbSetupError::Convert)?;
@@ -70,5 +84,10 @@ where
     unsafe { snp_ghcb::protocol::register_ghcb(engine.platform().hypervisor(), pa) }
         .map_err(GhcbSetupError::Register)?;
     // SAFETY: the caller guarantees `ptr` maps the (now shared) page.
-    Ok(unsafe { GhcbPage::new(ptr, pa) })
+    let page = unsafe { GhcbPage::new(ptr, pa) };
+    engine
+        .platform()
+        .ghcbs()
+        .install(page)
+        .map_err(|_| GhcbSetupError::NoSlot)
 }

@@ -68,7 +68,7 @@
 //! struct DirectMapAccess;
 //! // SAFETY: every table lies in RAM, which the direct map covers.
 //! unsafe impl coco_convert::PhysMem for DirectMapAccess {
-//!     fn table(&self, pa: u64) -> *mut u64 {
+//!     fn page_ptr(&self, pa: u64) -> *mut u64 {
 //!         (PHYS_OFFSET + pa) as *mut u64
 //!     }
 //! }

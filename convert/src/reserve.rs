@@ -103,7 +103,7 @@ impl Reserve {
 
     fn push<M: PhysMem>(&mut self, pa: u64, mem: &M) {
         // SAFETY: the frame is ours until freed; `PhysMem` maps it.
-        unsafe { mem.table(pa).write_volatile(self.head) };
+        unsafe { mem.page_ptr(pa).write_volatile(self.head) };
         self.head = pa;
         self.len += 1;
     }
@@ -115,7 +115,7 @@ impl Reserve {
         }
         let pa = self.head;
         // SAFETY: `pa` is a reserved frame whose first word is the link.
-        self.head = unsafe { mem.table(pa).read_volatile() };
+        self.head = unsafe { mem.page_ptr(pa).read_volatile() };
         self.len -= 1;
         Some(pa)
     }

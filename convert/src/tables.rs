@@ -10,18 +10,21 @@ use crate::pte::{EncryptionBit, Level, HUGE, PRESENT};
 ///
 /// # Safety
 ///
-/// For every page-table page the engine is given or allocates, `table`
-/// must return a pointer to the 4 KiB page at `pa`, valid for atomic reads
-/// and writes for as long as the engine lives.
+/// For every page-table page the engine is given and every frame the
+/// [`FrameSource`](crate::FrameSource) hands it, `page_ptr` must return a
+/// pointer to the 4 KiB page at `pa`, valid for atomic reads and writes for
+/// as long as the engine lives.
 pub unsafe trait PhysMem {
-    /// The page-table page at physical address `pa` (4 KiB aligned).
-    fn table(&self, pa: u64) -> *mut u64;
+    /// A pointer to the 4 KiB page at physical address `pa` (4 KiB
+    /// aligned): the OS's `phys_to_virt` for page-table pages and the
+    /// frames the engine keeps its free lists in.
+    fn page_ptr(&self, pa: u64) -> *mut u64;
 }
 
 // SAFETY: forwarding keeps the implementation's guarantees.
 unsafe impl<T: PhysMem + ?Sized> PhysMem for &T {
-    fn table(&self, pa: u64) -> *mut u64 {
-        (**self).table(pa)
+    fn page_ptr(&self, pa: u64) -> *mut u64 {
+        (**self).page_ptr(pa)
     }
 }
 
@@ -71,7 +74,7 @@ impl<M: PhysMem> Tables<'_, M> {
         debug_assert!(loc.index < 512 && loc.table % 4096 == 0);
         // SAFETY: `PhysMem` guarantees a valid, aligned 4 KiB table; the
         // index is below 512. Entries are only accessed atomically.
-        unsafe { AtomicU64::from_ptr(self.mem.table(loc.table).add(loc.index)) }
+        unsafe { AtomicU64::from_ptr(self.mem.page_ptr(loc.table).add(loc.index)) }
     }
 
     /// All 512 entries of the table at `table`, for loops over a table.
@@ -79,7 +82,7 @@ impl<M: PhysMem> Tables<'_, M> {
         debug_assert!(table % 4096 == 0);
         // SAFETY: `PhysMem` guarantees a valid, aligned 4 KiB table, i.e.
         // 512 u64 entries, accessed only atomically.
-        unsafe { &*self.mem.table(table).cast::<[AtomicU64; 512]>() }
+        unsafe { &*self.mem.page_ptr(table).cast::<[AtomicU64; 512]>() }
     }
 
     pub fn load(&self, loc: EntryLoc) -> u64 {

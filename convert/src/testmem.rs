@@ -62,7 +62,7 @@ impl TestMem {
 
 // SAFETY: pages are boxed and never freed while the memory lives.
 unsafe impl PhysMem for TestMem {
-    fn table(&self, pa: u64) -> *mut u64 {
+    fn page_ptr(&self, pa: u64) -> *mut u64 {
         let mut pages = self.pages.lock().unwrap();
         pages.entry(pa).or_insert_with(|| Box::new([0; 512])).as_mut_ptr()
     }
@@ -73,7 +73,7 @@ impl FrameSource for TestMem {
         let mut next = self.next.lock().unwrap();
         *next += 4096;
         let pa = *next;
-        self.table(pa);
+        self.page_ptr(pa);
         Some(pa)
     }
     fn free_frame(&self, pa: u64) {

@@ -80,10 +80,12 @@ impl core::fmt::Display for TdxError {
         match *self {
             TdxError::OperandInvalid { operand } => write!(f, "TDX_OPERAND_INVALID (operand {operand:#x})"),
             TdxError::OperandBusy { operand } => write!(f, "TDX_OPERAND_BUSY (operand {operand:#x})"),
-            TdxError::EptWalkFailed => f.write_str("TDX_EPT_WALK_FAILED"),
-            TdxError::PageAlreadyAccepted => f.write_str("TDX_PAGE_ALREADY_ACCEPTED"),
-            TdxError::PageSizeMismatch => f.write_str("TDX_PAGE_SIZE_MISMATCH"),
-            TdxError::NoValidVeInfo => f.write_str("TDX_NO_VALID_VE_INFO"),
+            TdxError::EptWalkFailed => f.write_str("TDX_EPT_WALK_FAILED: no private mapping at the GPA"),
+            TdxError::PageAlreadyAccepted => f.write_str("TDX_PAGE_ALREADY_ACCEPTED: the page was accepted before"),
+            TdxError::PageSizeMismatch => {
+                f.write_str("TDX_PAGE_SIZE_MISMATCH: the Secure EPT maps the page at another size")
+            }
+            TdxError::NoValidVeInfo => f.write_str("TDX_NO_VALID_VE_INFO: no #VE information to read"),
             TdxError::Other(status) => write!(f, "TDX module status {status:#018x}"),
         }
     }

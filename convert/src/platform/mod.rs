@@ -3,10 +3,13 @@
 //! The engine calls [`Platform::convert`] only while every alias of every
 //! frame is not present, with the frames as sorted physical runs.
 
+mod knobs;
 mod runs;
 pub mod snp;
 pub mod tdx;
 
+#[cfg(feature = "test-knobs")]
+pub use knobs::{SnpOptions, TdxOptions};
 pub(crate) use runs::{decode, extent, EXTENT_PAGES};
 pub use runs::{Runs, RunsIter};
 
@@ -54,6 +57,46 @@ impl core::error::Error for PlatformError {
             PlatformError::PscMsr(e) => Some(e),
             PlatformError::Pvalidate(e) => Some(e),
             PlatformError::NoScratchWindow => None,
+        }
+    }
+}
+
+/// Why a platform backend could not be built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// TDX: the shared-bit mask is not a single bit a page-table entry can
+    /// hold (bits 32 to 58).
+    InvalidSharedMask(u64),
+    /// TDX: TDG.VP.INFO failed or reported a GPA width TDX does not define.
+    VpInfo(tdcall::InfoError),
+    /// SNP: the C-bit position is not one a page-table entry can hold
+    /// (32 to 58).
+    InvalidCBit(u8),
+    /// SNP: the GHCB MSR protocol negotiation failed or the hypervisor
+    /// lacks SEV-SNP support.
+    Negotiation(snp_ghcb::protocol::ProtocolError),
+}
+
+impl core::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            SetupError::InvalidSharedMask(mask) => {
+                write!(f, "shared-bit mask {mask:#x} is not a single bit from 32 to 58")
+            }
+            SetupError::VpInfo(e) => e.fmt(f),
+            SetupError::InvalidCBit(bit) => write!(f, "C-bit position {bit} is not from 32 to 58"),
+            SetupError::Negotiation(e) => write!(f, "GHCB MSR protocol negotiation failed: {e}"),
+        }
+    }
+}
+
+impl core::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            SetupError::VpInfo(e) => Some(e),
+            SetupError::Negotiation(e) => Some(e),
+            _ => None,
         }
     }
 }

@@ -6,13 +6,15 @@
 //! page per request, before a GHCB exists.
 
 use snp_ghcb::msr_protocol::PscOp;
-use snp_ghcb::psc::{submit, PscDescriptor, PscEntries, MAX_ENTRIES};
+use snp_ghcb::psc::{submit, PscDescriptor, PscEntries};
 use snp_ghcb::pvalidate::pvalidate_range;
 use snp_ghcb::{GhcbMsr, GhcbPage, Pvalidate};
 
-use super::{PlatformError, PrivateMap, Runs};
+use super::knobs::SnpOptions;
+use super::{PlatformError, PrivateMap, Runs, SetupError};
 use crate::counters::Counters;
 use crate::pte::{EncryptionBit, Visibility};
+use crate::sync::Mutex;
 use crate::Platform;
 
 /// Gives the backend the calling CPU's GHCB, if it has one.
@@ -20,6 +22,18 @@ pub trait GhcbProvider {
     /// Runs `f` with this CPU's GHCB, or `None` before one exists (the
     /// backend then uses the MSR protocol).
     fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R;
+
+    /// Whether the calling CPU has a slot [`install`](Self::install) can
+    /// fill.
+    fn can_install(&self) -> bool {
+        false
+    }
+
+    /// Makes `page` the calling CPU's GHCB; gives it back if this CPU has
+    /// no slot.
+    fn install(&self, page: GhcbPage) -> Result<(), GhcbPage> {
+        Err(page)
+    }
 }
 
 /// No GHCB (early boot): every page state change goes through the MSR
@@ -33,75 +47,60 @@ impl GhcbProvider for NoGhcb {
     }
 }
 
+/// One CPU's GHCB, once [`setup_ghcb`](crate::setup_ghcb) has made it.
+/// `GhcbSlot::new()` is `const`, so the slots can be a `static` array.
+#[derive(Debug)]
+pub struct GhcbSlot(Mutex<Option<GhcbPage>>);
+
+impl Default for GhcbSlot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GhcbSlot {
+    /// An empty slot: the CPU uses the MSR protocol until it is filled.
+    pub const fn new() -> Self {
+        GhcbSlot(Mutex::new(None))
+    }
+}
+
 /// One GHCB slot per CPU, filled as each CPU sets its GHCB up (see
 /// [`setup_ghcb`](crate::setup_ghcb)). `cpu` returns the calling CPU's
 /// index.
 #[derive(Debug)]
 pub struct PerCpuGhcbs<'a> {
-    slots: &'a [spin::Mutex<Option<GhcbPage>>],
+    slots: &'a [GhcbSlot],
     cpu: fn() -> usize,
 }
 
 impl<'a> PerCpuGhcbs<'a> {
     /// Slots in `slots`, indexed by `cpu()`.
-    pub const fn new(slots: &'a [spin::Mutex<Option<GhcbPage>>], cpu: fn() -> usize) -> Self {
+    pub const fn new(slots: &'a [GhcbSlot], cpu: fn() -> usize) -> Self {
         PerCpuGhcbs { slots, cpu }
-    }
-
-    /// Installs the calling CPU's GHCB.
-    pub fn install(&self, page: GhcbPage) {
-        if let Some(slot) = self.slots.get((self.cpu)()) {
-            *slot.lock() = Some(page);
-        }
     }
 }
 
 impl GhcbProvider for PerCpuGhcbs<'_> {
     fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R {
         match self.slots.get((self.cpu)()) {
-            Some(slot) => f(slot.lock().as_mut()),
+            Some(slot) => f(slot.0.lock().as_mut()),
             None => f(None),
         }
     }
-}
 
-/// How the backend batches its calls. The defaults are the fewest calls
-/// the ABIs allow; [`SnpOptions::LINUX`] reproduces what Linux does today,
-/// for comparison.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SnpOptions {
-    /// Entries per PSC descriptor (at most 253).
-    pub psc_entries_per_exit: usize,
-    /// Use 2 MiB PSC entries where aligned.
-    pub psc_2m: bool,
-    /// Use 2 MiB PVALIDATE where aligned.
-    pub pvalidate_2m: bool,
-    /// Allow 2 MiB entries and PVALIDATE for the frames of a scattered
-    /// (vmalloc-style) batch too, where they happen to form an aligned 2 MiB.
-    pub huge_for_scattered: bool,
-}
+    fn can_install(&self) -> bool {
+        self.slots.get((self.cpu)()).is_some()
+    }
 
-impl SnpOptions {
-    /// The fewest calls: full descriptors, 2 MiB wherever aligned.
-    pub const MINIMAL: SnpOptions = SnpOptions {
-        psc_entries_per_exit: MAX_ENTRIES,
-        psc_2m: true,
-        pvalidate_2m: true,
-        huge_for_scattered: true,
-    };
-    /// Linux's strategy: 64-entry descriptors, 4 KiB PSC and PVALIDATE for
-    /// vmalloc frames (2 MiB for aligned contiguous ranges).
-    pub const LINUX: SnpOptions = SnpOptions {
-        psc_entries_per_exit: 64,
-        psc_2m: true,
-        pvalidate_2m: true,
-        huge_for_scattered: false,
-    };
-}
-
-impl Default for SnpOptions {
-    fn default() -> Self {
-        Self::MINIMAL
+    fn install(&self, page: GhcbPage) -> Result<(), GhcbPage> {
+        match self.slots.get((self.cpu)()) {
+            Some(slot) => {
+                *slot.0.lock() = Some(page);
+                Ok(())
+            }
+            None => Err(page),
+        }
     }
 }
 
@@ -117,25 +116,50 @@ pub struct Snp<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> {
 }
 
 impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
-    /// A backend for C-bit position `c_bit` (from SEV info or CPUID
-    /// 0x8000001F).
-    pub fn new(hv: H, pvalidate: P, ghcbs: G, c_bit: u8, options: SnpOptions) -> Option<Self> {
-        let encryption = EncryptionBit::snp(c_bit)?;
-        let options = SnpOptions {
-            psc_entries_per_exit: options.psc_entries_per_exit.clamp(1, MAX_ENTRIES),
-            ..options
-        };
-        Some(Snp {
+    /// A backend for C-bit position `c_bit` (CPUID 0x8000001F EBX\[5:0\],
+    /// or what [`negotiate`](Self::negotiate) finds).
+    pub fn new(hv: H, pvalidate: P, ghcbs: G, c_bit: u8) -> Result<Self, SetupError> {
+        let encryption = EncryptionBit::snp(c_bit).ok_or(SetupError::InvalidCBit(c_bit))?;
+        Ok(Snp {
             hv,
             pvalidate,
             ghcbs,
             encryption,
-            options,
+            options: SnpOptions::MINIMAL,
         })
     }
 
+    /// A backend configured through the GHCB MSR protocol: SEV information
+    /// (the protocol version we speak and the C-bit position) and the
+    /// hypervisor's features (SEV-SNP required). Usable before any GHCB
+    /// exists.
+    ///
+    /// # Safety
+    ///
+    /// As for [`GhcbMsr::vmgexit`] (the requests change no memory).
+    pub unsafe fn negotiate(hv: H, pvalidate: P, ghcbs: G) -> Result<Self, SetupError> {
+        // SAFETY: forwarded to the caller.
+        let info = unsafe { snp_ghcb::protocol::negotiate(&hv) }.map_err(SetupError::Negotiation)?;
+        // SAFETY: as above.
+        unsafe { snp_ghcb::protocol::hv_features(&hv) }.map_err(SetupError::Negotiation)?;
+        Self::new(hv, pvalidate, ghcbs, info.c_bit)
+    }
+
+    /// The same backend with other batching.
+    #[cfg(feature = "test-knobs")]
+    pub fn with_options(self, options: SnpOptions) -> Self {
+        Snp {
+            options: SnpOptions {
+                psc_entries_per_exit: options.psc_entries_per_exit.clamp(1, snp_ghcb::psc::MAX_ENTRIES),
+                ..options
+            },
+            ..self
+        }
+    }
+
     /// The same backend marking private pages in PTEs with another bit than
-    /// the C-bit: for a test platform, a bit the hardware ignores.
+    /// the C-bit: for an emulated platform, a bit the MMU ignores.
+    #[cfg(feature = "test-knobs")]
     pub fn with_pte_bit(self, bit: EncryptionBit) -> Self {
         Snp {
             encryption: bit,

@@ -3,26 +3,11 @@
 
 use tdcall::{accept_range, map_gpa, report_fatal_error, Tdcall};
 
-use super::{PlatformError, PrivateMap, Runs};
+use super::knobs::TdxOptions;
+use super::{PlatformError, PrivateMap, Runs, SetupError};
 use crate::counters::Counters;
 use crate::pte::{EncryptionBit, Visibility};
 use crate::Platform;
-
-/// How the backend batches its calls.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TdxOptions {
-    /// One MapGPA (and one largest-first ACCEPT sweep) per contiguous
-    /// physical run. Off: one per 4 KiB frame of a scattered batch, as
-    /// Linux does for vmalloc buffers.
-    pub coalesce_runs: bool,
-}
-
-impl TdxOptions {
-    /// The fewest calls.
-    pub const MINIMAL: TdxOptions = TdxOptions { coalesce_runs: true };
-    /// Linux's strategy, for comparison.
-    pub const LINUX: TdxOptions = TdxOptions { coalesce_runs: false };
-}
 
 /// TDX over any [`Tdcall`] (the instruction, or a model).
 #[derive(Debug)]
@@ -34,10 +19,11 @@ pub struct Tdx<T: Tdcall> {
 }
 
 impl<T: Tdcall> Tdx<T> {
-    /// A backend using `shared_mask` (from TDG.VP.INFO) as the shared bit.
-    pub fn new(tdcall: T, shared_mask: u64) -> Option<Self> {
-        EncryptionBit::tdx(shared_mask)?;
-        Some(Tdx {
+    /// A backend whose shared bit is `shared_mask` (TDG.VP.INFO's GPA width
+    /// less one: [`TdInfo::shared_mask`](tdcall::TdInfo::shared_mask)).
+    pub fn new(tdcall: T, shared_mask: u64) -> Result<Self, SetupError> {
+        EncryptionBit::tdx(shared_mask).ok_or(SetupError::InvalidSharedMask(shared_mask))?;
+        Ok(Tdx {
             tdcall,
             shared_mask,
             options: TdxOptions::MINIMAL,
@@ -45,9 +31,16 @@ impl<T: Tdcall> Tdx<T> {
         })
     }
 
+    /// A backend configured from TDG.VP.INFO.
+    pub fn from_vp_info(tdcall: T) -> Result<Self, SetupError> {
+        let info = tdcall::vp_info(&tdcall).map_err(SetupError::VpInfo)?;
+        Self::new(tdcall, info.shared_mask())
+    }
+
     /// The same backend marking pages in PTEs with another bit than the
-    /// GPA's shared bit: for a test platform, a bit the hardware ignores
+    /// GPA's shared bit: for an emulated platform, a bit the MMU ignores
     /// (MapGPA still uses the real shared bit).
+    #[cfg(feature = "test-knobs")]
     pub fn with_pte_bit(self, bit: EncryptionBit) -> Self {
         Tdx {
             pte_bit: Some(bit),
@@ -56,19 +49,9 @@ impl<T: Tdcall> Tdx<T> {
     }
 
     /// The same backend with other batching.
+    #[cfg(feature = "test-knobs")]
     pub fn with_options(self, options: TdxOptions) -> Self {
         Tdx { options, ..self }
-    }
-
-    /// A backend configured from TDG.VP.INFO.
-    pub fn from_vp_info(tdcall: T) -> Result<Self, tdcall::InfoError> {
-        let info = tdcall::vp_info(&tdcall)?;
-        Ok(Tdx {
-            shared_mask: info.shared_mask(),
-            tdcall,
-            options: TdxOptions::MINIMAL,
-            pte_bit: None,
-        })
     }
 
     /// The TDCALL implementation.

@@ -20,10 +20,10 @@ mod trap;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use coco_convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::{Config, DirectMap, EncryptionBit, Engine, StateTable, Visibility};
-use snp_ghcb::{GhcbMsrInstruction, GhcbPage, PvalidateInstruction};
+use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
 use memory::{Identity, Shootdown, DIRECT_MAP, FRAMES, HOST_VIEW, RAM};
@@ -113,7 +113,7 @@ fn tdx() {
     attach(&tables, &|t| model.attach_page_tables(t));
     // SAFETY: as above.
     let platform = Tdx::new(unsafe { TdcallInstruction::new() }, info.shared_mask())
-        .unwrap_or_else(|| fail("mask"))
+        .unwrap_or_else(|_| fail("mask"))
         .with_pte_bit(enc);
     let e = Engine::new(
         config(&tables),
@@ -144,7 +144,7 @@ fn tdx() {
     );
 }
 
-static GHCB_SLOTS: [spin::Mutex<Option<GhcbPage>>; smp::CPUS] = [const { spin::Mutex::new(None) }; smp::CPUS];
+static GHCB_SLOTS: [GhcbSlot; smp::CPUS] = [const { GhcbSlot::new() }; smp::CPUS];
 
 fn snp() {
     println!("== SEV-SNP (emulated hypervisor + RMP; PTE C-bit: 53, a bit the MMU ignores)");
@@ -170,9 +170,8 @@ fn snp() {
         unsafe { PvalidateInstruction::new() },
         PerCpuGhcbs::new(&GHCB_SLOTS, smp::cpu),
         info.c_bit,
-        SnpOptions::MINIMAL,
     )
-    .unwrap_or_else(|| fail("c-bit"))
+    .unwrap_or_else(|_| fail("c-bit"))
     .with_pte_bit(enc);
     let e = Engine::new(
         config(&tables),
@@ -192,8 +191,7 @@ fn snp() {
         let ghcb_pa = 1536 << 20;
         let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
         // SAFETY: the page is the GHCB's alone, mapped by the direct map.
-        let page = unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
-        GHCB_SLOTS[smp::cpu()].lock().replace(page);
+        unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
         scenarios::check(
             e.counters().since(&before).psc_msr == 1,
             "GHCB: not through the MSR protocol",

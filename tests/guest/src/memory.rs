@@ -32,7 +32,7 @@ pub struct Identity;
 
 // SAFETY: every table frame lies in the identity-mapped first 32 MiB.
 unsafe impl PhysMem for Identity {
-    fn table(&self, pa: u64) -> *mut u64 {
+    fn page_ptr(&self, pa: u64) -> *mut u64 {
         assert!(pa < TABLE_FRAMES.1, "table {pa:#x} outside the identity map");
         pa as *mut u64
     }

@@ -8,8 +8,9 @@
 
 use std::time::Instant;
 
-use coco_convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
-use coco_convert::platform::tdx::{Tdx, TdxOptions};
+use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
+use coco_convert::platform::tdx::Tdx;
+use coco_convert::platform::{SnpOptions, TdxOptions};
 use coco_convert::pool::{ChunkSource, SharedPool};
 use coco_convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, Visibility};
 use hvmock::GuestPageTables;
@@ -184,8 +185,10 @@ fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEng
     } else {
         SnpOptions::LINUX
     };
-    let slots = Box::leak(Box::new([spin::Mutex::new(None)]));
-    let platform = Snp::new(hv, hv, PerCpuGhcbs::new(slots, || 0), 51, options).unwrap();
+    let slots = Box::leak(Box::new([GhcbSlot::new()]));
+    let platform = Snp::new(hv, hv, PerCpuGhcbs::new(slots, || 0), 51)
+        .unwrap()
+        .with_options(options);
     let config = coco_convert::Config {
         collapse: strategy == Strategy::Ours,
         ..m.config()
@@ -203,8 +206,7 @@ fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEng
     let pa = m.size() - 64 * MIB - PAGE;
     let ptr = std::ptr::NonNull::new(m.mem.ptr(pa).cast()).unwrap();
     // SAFETY: the page is in simulated memory and used by nothing else.
-    let page = unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
-    e.platform().ghcbs().install(page);
+    unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
     e
 }
 

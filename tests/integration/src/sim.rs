@@ -33,7 +33,7 @@ pub struct SimPhys(pub Arc<GuestMemory>);
 // which outlives the engine; `ptr` checks bounds.
 unsafe impl PhysMem for SimPhys {
     #[inline]
-    fn table(&self, pa: u64) -> *mut u64 {
+    fn page_ptr(&self, pa: u64) -> *mut u64 {
         self.0.ptr(pa).cast()
     }
 }

@@ -7,11 +7,11 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 
 use coco_convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
-use coco_convert::platform::snp::{PerCpuGhcbs, Snp, SnpOptions};
+use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
+use coco_convert::platform::SnpOptions;
 use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, StateTable, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
-use snp_ghcb::GhcbPage;
 
 use crate::sim::{current_cpu, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder, DIRECT_MAP_VA, VMALLOC_VA};
 use crate::watch::{Snapshot, Watch};
@@ -373,7 +373,7 @@ pub struct SnpWorld {
     /// The model, watching the page tables.
     pub snp: MockSnp,
     /// GHCB slots, one per CPU.
-    pub ghcbs: &'static [spin::Mutex<Option<GhcbPage>>],
+    pub ghcbs: &'static [GhcbSlot],
 }
 
 /// The engine type of an SNP world.
@@ -393,7 +393,7 @@ impl SnpWorld {
         snp.attach_page_tables(m.page_tables());
         let ghcbs = Box::leak(
             (0..CPUS)
-                .map(|_| spin::Mutex::new(None))
+                .map(|_| GhcbSlot::new())
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),
         );
@@ -402,14 +402,9 @@ impl SnpWorld {
 
     /// The engine, with the given batching options.
     pub fn engine_with(&self, options: SnpOptions) -> SnpEngine<'_> {
-        let platform = Snp::new(
-            &self.snp,
-            &self.snp,
-            PerCpuGhcbs::new(self.ghcbs, current_cpu),
-            51,
-            options,
-        )
-        .unwrap();
+        let platform = Snp::new(&self.snp, &self.snp, PerCpuGhcbs::new(self.ghcbs, current_cpu), 51)
+            .unwrap()
+            .with_options(options);
         self.m.engine(platform).with_window(&self.m.windows)
     }
 
@@ -441,7 +436,6 @@ impl SnpWorld {
         let ptr = NonNull::new(self.m.mem.ptr(pa).cast()).unwrap();
         // SAFETY: `ptr` is the page at `pa` in the simulated memory, used by
         // nothing else.
-        let page = unsafe { coco_convert::setup_ghcb(engine, pa, ptr) }.expect("GHCB setup");
-        *self.ghcbs[current_cpu()].lock() = Some(page);
+        unsafe { coco_convert::setup_ghcb(engine, pa, ptr) }.expect("GHCB setup");
     }
 }

@@ -1,7 +1,7 @@
 //! The engine on SEV-SNP: GHCB set up shared from the start, PSC batched,
 //! PVALIDATE through the private scratch window.
 
-use coco_convert::platform::snp::SnpOptions;
+use coco_convert::platform::SnpOptions;
 use coco_convert::{PageState, Target, Visibility};
 use hvmock::{RmpEntry, SnpConfig};
 use integration::world::{Machine, Shape, SnpWorld};
@@ -103,14 +103,8 @@ fn linux_strategy_costs_more_calls_for_the_same_work() {
 #[test]
 fn without_a_window_snp_refuses_and_changes_nothing() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    let platform = coco_convert::platform::snp::Snp::new(
-        &w.snp,
-        &w.snp,
-        coco_convert::platform::snp::NoGhcb,
-        51,
-        SnpOptions::MINIMAL,
-    )
-    .unwrap();
+    let platform =
+        coco_convert::platform::snp::Snp::new(&w.snp, &w.snp, coco_convert::platform::snp::NoGhcb, 51).unwrap();
     let e = coco_convert::Engine::new(
         w.m.config(),
         &w.m.phys,

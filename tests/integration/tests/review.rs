@@ -180,7 +180,7 @@ mod uaf {
 
     // SAFETY: forwards to SimPhys.
     unsafe impl PhysMem for Hook {
-        fn table(&self, pa: u64) -> *mut u64 {
+        fn page_ptr(&self, pa: u64) -> *mut u64 {
             if PAUSE_AT.with(|p| p.get()) == Some(pa) {
                 PAUSE_AT.with(|p| p.set(None));
                 self.paused.wait();
@@ -189,7 +189,7 @@ mod uaf {
             if self.given_back.lock().unwrap().contains(&pa) {
                 self.stale_reads.lock().unwrap().push(pa);
             }
-            self.inner.table(pa)
+            self.inner.page_ptr(pa)
         }
     }
 
