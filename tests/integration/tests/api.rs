@@ -6,7 +6,7 @@
 
 use std::error::Error;
 
-use coco_convert::platform::snp::{GhcbSlot, NoGhcb, PerCpuGhcbs, Snp};
+use coco_convert::platform::snp::{GhcbProvider, GhcbSlot, NoGhcb, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::{PlatformError, SetupError};
 use coco_convert::{ConvertError, GhcbSetupError, PageState, RecordError, StateTable, Target, Visibility};
@@ -198,9 +198,8 @@ fn setup_ghcb_installs_the_page_for_the_calling_cpu() {
 /// anything: the page stays private.
 #[test]
 fn setup_ghcb_without_a_slot_changes_nothing() {
-    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    let no_slots: &[GhcbSlot] = &[];
-    for ghcbs in [PerCpuGhcbs::new(no_slots, current_cpu)] {
+    fn check(ghcbs: impl GhcbProvider) {
+        let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
         let platform = Snp::new(&w.snp, &w.snp, ghcbs, 51).unwrap();
         let e = w.m.engine(platform).with_window(&w.m.windows);
         let pa = 1536 * MIB;
@@ -211,6 +210,9 @@ fn setup_ghcb_without_a_slot_changes_nothing() {
         assert_eq!(e.state(pa), Some(PageState::Private));
         assert_eq!(w.host_side(pa), Some(Visibility::Private));
     }
+    let no_slots: &[GhcbSlot] = &[];
+    check(PerCpuGhcbs::new(no_slots, current_cpu));
+    check(NoGhcb);
 }
 
 /// A frame the firmware left shared, recorded as such, converts back to
