@@ -132,14 +132,14 @@ pub use aliases::{Alias, AliasError, DirectMap, MAX_ALIASES};
 pub use counters::{CounterSnapshot, Counters};
 pub use engine::{Config, ConvertError, Engine, Report, Target};
 pub use ghcb_setup::{setup_ghcb, GhcbSetupError};
-pub use platform::{Platform, PlatformError, PrivateMap, Runs};
+pub use platform::{Platform, PlatformError, Runs};
 pub use policy::{FailureAction, FailurePolicy, ReportOnly};
 pub use pte::{EncryptionBit, Level, Visibility};
 pub use reserve::FrameSource;
 pub use shootdown::{TlbShootdown, VaRange};
 pub use state::{Census, PageState, RecordError, StateTable};
 pub use tables::{EntryLoc, PhysMem, Walk};
-pub use window::{ScratchWindow, WindowSlot};
+pub use window::{PerCpuWindows, ScratchWindow, WindowSlot};
 
 /// Leaf and table-pointer bits, for OSes and tests that build page tables.
 pub mod bits {

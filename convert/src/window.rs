@@ -26,9 +26,45 @@ pub struct WindowSlot {
 pub unsafe trait ScratchWindow {
     /// This CPU's window.
     fn slot(&self) -> WindowSlot;
-    /// Invalidates this CPU's TLB entries for `[va, va + len)` (`invlpg`,
-    /// see [`arch::invlpg`](crate::arch::invlpg)).
+    /// Invalidates this CPU's TLB entries for `[va, va + len)`
+    /// ([`arch::invalidate_range`](crate::arch::invalidate_range)).
     fn invalidate_local(&self, va: u64, len: u64);
+}
+
+/// One window per CPU, the ready-made [`ScratchWindow`]: `slots[cpu()]`
+/// is the calling CPU's, and invalidation is `invlpg` (or a CR3 reload
+/// for the whole window) on this CPU.
+#[derive(Debug)]
+pub struct PerCpuWindows<'a> {
+    slots: &'a [WindowSlot],
+    cpu: fn() -> usize,
+}
+
+impl<'a> PerCpuWindows<'a> {
+    /// Windows in `slots`, indexed by `cpu()`.
+    ///
+    /// # Safety
+    ///
+    /// Every slot satisfies [`WindowSlot`]'s rules, no two CPUs share one,
+    /// `cpu()` is below `slots.len()` on every CPU that converts, a
+    /// conversion does not migrate between CPUs, and the engine runs at
+    /// CPL 0 (for `invlpg`).
+    pub const unsafe fn new(slots: &'a [WindowSlot], cpu: fn() -> usize) -> Self {
+        PerCpuWindows { slots, cpu }
+    }
+}
+
+// SAFETY: `new`'s caller promised the rules for every slot.
+#[cfg(target_arch = "x86_64")]
+unsafe impl ScratchWindow for PerCpuWindows<'_> {
+    fn slot(&self) -> WindowSlot {
+        self.slots[(self.cpu)()]
+    }
+
+    fn invalidate_local(&self, va: u64, len: u64) {
+        // SAFETY: `new`'s caller promised CPL 0.
+        unsafe { crate::arch::invalidate_range(va, len) };
+    }
 }
 
 /// The engine's side of the window.

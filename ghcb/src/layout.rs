@@ -60,6 +60,20 @@ const _: () = {
     assert!(offset_of!(Ghcb, ghcb_usage) == 0xFFC);
 };
 
+impl Ghcb {
+    /// An all-zero GHCB, for a `static` or a page the guest initialises
+    /// before sharing it. `Ghcb` also implements zerocopy's byte traits
+    /// (the compiler's proof that any bytes the hypervisor writes are a
+    /// valid `Ghcb`); nothing in this crate's API asks you to use them.
+    pub const fn zeroed() -> Ghcb {
+        const fn any_bytes_are_valid<T: FromBytes>() {}
+        any_bytes_are_valid::<Ghcb>();
+        // SAFETY: `Ghcb` is `FromBytes` (derived, so checked by zerocopy):
+        // every bit pattern, zero included, is a valid value.
+        unsafe { core::mem::zeroed() }
+    }
+}
+
 /// Byte offset of the valid bitmap.
 pub const VALID_BITMAP_OFFSET: usize = offset_of!(Ghcb, valid_bitmap);
 /// Byte offset of the shared buffer.

@@ -182,11 +182,10 @@ mod tests {
     extern crate std;
     use super::*;
     use std::boxed::Box;
-    use zerocopy::FromZeros;
 
     #[test]
     fn fields_and_valid_bitmap_stay_in_step() {
-        let mut raw = Box::new(Ghcb::new_zeroed());
+        let mut raw = Box::new(Ghcb::zeroed());
         let ptr = NonNull::from(&mut *raw);
         // SAFETY: the box outlives the handle and nothing else touches it.
         let mut page = unsafe { GhcbPage::new(ptr, 0x7000) };

@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
-use coco_convert::{Config, DirectMap, EncryptionBit, Engine, StateTable, Visibility};
+use coco_convert::{Config, DirectMap, EncryptionBit, Engine, PerCpuWindows, StateTable, Visibility};
 use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
@@ -214,12 +214,15 @@ fn snp() {
 
 /// The scratch windows of one platform's tables, kept for the engine's
 /// lifetime.
-struct WindowsCell(spin::Mutex<Option<&'static memory::Windows>>);
+struct WindowsCell(spin::Mutex<Option<&'static PerCpuWindows<'static>>>);
 
 impl WindowsCell {
-    fn init(&self, t: &memory::Tables) -> &'static memory::Windows {
-        let w: &'static memory::Windows =
-            alloc::boxed::Box::leak(alloc::boxed::Box::new(memory::Windows { slots: t.windows.slots }));
+    fn init(&self, t: &memory::Tables) -> &'static PerCpuWindows<'static> {
+        let slots = alloc::boxed::Box::leak(alloc::boxed::Box::new(t.windows.slots));
+        // SAFETY: each CPU has its own window, whose PML4/PDPT path exists
+        // and whose PT page is zeroed; conversions do not migrate between
+        // CPUs; the kernel runs at CPL 0.
+        let w = alloc::boxed::Box::leak(alloc::boxed::Box::new(unsafe { PerCpuWindows::new(slots, smp::cpu) }));
         *self.0.lock() = Some(w);
         w
     }

@@ -16,9 +16,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use coco_convert::bits::{ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
-use coco_convert::{
-    EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
-};
+use coco_convert::{EncryptionBit, FrameSource, Level, PhysMem, TlbShootdown, VaRange, Visibility, WindowSlot};
 
 pub const RAM: u64 = 2 << 30;
 pub const DIRECT_MAP: u64 = 0xFFFF_8880_0000_0000;
@@ -121,17 +119,6 @@ impl TlbShootdown for Shootdown {
 /// One scratch window per CPU.
 pub struct Windows {
     pub slots: [WindowSlot; crate::smp::CPUS],
-}
-
-// SAFETY: each CPU has its own window, whose PML4/PDPT path exists and
-// whose PT page is zeroed; conversions do not migrate between CPUs.
-unsafe impl ScratchWindow for Windows {
-    fn slot(&self) -> WindowSlot {
-        self.slots[crate::smp::cpu()]
-    }
-    fn invalidate_local(&self, va: u64, len: u64) {
-        flush_local(&[VaRange { va, len }]);
-    }
 }
 
 /// A built hierarchy.
