@@ -16,13 +16,31 @@
 //!
 //! What the embedding OS provides: [`PhysMem`] (reach page-table pages by
 //! physical address), [`FrameSource`] (table pages), [`TlbShootdown`], a
-//! [`StateTable`]'s storage, and for SNP a [`ScratchWindow`] per CPU.
-//! Nothing here allocates from a heap.
+//! [`StateTable`]'s storage, and for SNP a [`ScratchWindow`] per CPU
+//! ([`PerCpuWindows`] is ready-made) and a GHCB slot per CPU
+//! ([`platform::snp::GhcbSlot`]). The engine never allocates from a heap;
+//! only the optional `zeropad` feature needs one, once (see below).
+//!
+//! # Features
+//!
+//! - `zeropad` (off by default): the [`zeropad`] module, the fault fix-up
+//!   that makes `load_unaligned_zeropad` safe next to conversions, for
+//!   kernels that read strings a word at a time across page ends. It
+//!   brings the iced-x86 decoder: about 85 KB of code and 33 KB of
+//!   read-only data in a release `x86_64-unknown-none` kernel, and about
+//!   330 KB of heap that [`zeropad::init`] allocates once for the
+//!   decoder's tables (the fault path never allocates). Off by default so
+//!   that a kernel or firmware without a heap, or without such loads,
+//!   pays nothing.
+//! - `test-knobs` (off by default, never for production): batching other
+//!   than the fewest calls (as Linux does, for comparison) and a PTE bit
+//!   other than the real encryption bit, for emulated platforms whose MMU
+//!   must ignore it.
 //!
 //! # The contract
 //!
-//! The full text, each promise with the test that holds it, is
-//! `docs/contract.md` in the repository. In short:
+//! The full text, each promise with the test that holds it, is the
+//! repository's contract document. In short:
 //!
 //! - **The OS promises** not to change entries that map frames a
 //!   conversion owns, nor split or merge their tables, until the call
@@ -52,9 +70,10 @@
 //! # Embedding
 //!
 //! What a TDX guest kernel implements and calls (compiled, not run: it needs
-//! a TD). SEV-SNP is the same with [`platform::snp::Snp`], a
-//! [`ScratchWindow`] given to [`Engine::with_window`], and each CPU's GHCB
-//! set up with [`setup_ghcb`].
+//! a TD). SEV-SNP differs in three lines: the backend from
+//! [`platform::snp::Snp::negotiate`] (the C-bit from the GHCB MSR
+//! protocol), a [`PerCpuWindows`] given to [`Engine::with_window`], and
+//! [`setup_ghcb`] once on each CPU.
 //!
 //! ```no_run
 //! use core::sync::atomic::AtomicU8;
@@ -91,7 +110,7 @@
 //! # fn cr3() -> u64 { 0 }
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // SAFETY: we run in a TD at CPL 0.
-//! let tdx = Tdx::from_vp_info(unsafe { tdcall::TdcallInstruction::new() }).map_err(|e| format!("{e:?}"))?;
+//! let tdx = Tdx::from_vp_info(unsafe { tdcall::TdcallInstruction::new() })?;
 //! let config = Config { root: cr3(), direct_map: DirectMap { va: PHYS_OFFSET, pa: 0, len: RAM }, collapse: true, collapse_1g: true };
 //! let engine = Engine::new(config, DirectMapAccess, BootFrames, Ipi, tdx, StateTable::new(0, &STATES));
 //!

@@ -215,6 +215,17 @@ impl<'a> StateTable<'a> {
             .is_some_and(|s| s.load(Ordering::Acquire) & hole as u8 != 0)
     }
 
+    /// Poisons a frame this conversion owns, keeping its hole marks: until
+    /// the conversion settles, they tell the OS's not-present leaves from
+    /// the conversion's own.
+    pub(crate) fn poison(&self, pa: u64) {
+        if let Some(slot) = self.slot(pa) {
+            let _ = slot.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some((v & (Hole::DirectMap as u8 | Hole::Registered as u8)) | Code::Poisoned as u8)
+            });
+        }
+    }
+
     /// Sets the settled state of a frame this conversion owns (clearing its
     /// marks).
     pub(crate) fn settle(&self, pa: u64, to: Code) {

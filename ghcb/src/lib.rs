@@ -17,6 +17,10 @@
 //! and of the RMP can stand in for the CPU in tests. The real instructions
 //! live in one small module ([`GhcbMsrInstruction`], [`PvalidateInstruction`]).
 //!
+//! # Features
+//!
+//! None. The crate never allocates and needs no heap.
+//!
 //! Reference: AMD "SEV-ES Guest-Hypervisor Communication Block
 //! Standardization", publication #56421 (the GHCB spec), version 2; AMD64
 //! Architecture Programmer's Manual vol. 3 (PVALIDATE).

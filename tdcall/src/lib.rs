@@ -17,6 +17,10 @@
 //! result; nothing the host controls can make these functions panic or loop
 //! forever.
 //!
+//! # Features
+//!
+//! None. The crate never allocates and needs no heap.
+//!
 //! References: Intel TDX Module v1.5 ABI Specification (TDCALL leaves and
 //! completion status codes) and Intel TDX Guest-Hypervisor Communication
 //! Interface (GHCI) v1.5 (TDG.VP.VMCALL sub-functions).

@@ -335,7 +335,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             let result = unsafe { self.platform.convert(runs, tx.to, window, &self.counters) };
             result.map_err(|error| {
                 for frame in runs.frames() {
-                    self.states.settle(frame, Code::Poisoned);
+                    self.states.poison(frame);
                 }
                 Failure {
                     error,
@@ -498,9 +498,12 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         let from = Code::settled(tx.from());
         match tx.frames {
             Frames::Linear { pa, len } => {
-                if sent_all {
-                    for frame in (pa..pa + len).step_by(PAGE as usize) {
+                for frame in (pa..pa + len).step_by(PAGE as usize) {
+                    if sent_all {
                         self.states.settle(frame, to);
+                    } else if self.states.code(frame) == Some(Code::Poisoned) {
+                        // Its hole marks are no longer needed.
+                        self.states.settle(frame, Code::Poisoned);
                     }
                 }
             }
@@ -512,6 +515,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                         match self.states.code(frame) {
                             Some(Code::RestoredNew) => self.states.settle(frame, to),
                             Some(Code::RestoredOld) => self.states.settle(frame, from),
+                            Some(Code::Poisoned) => self.states.settle(frame, Code::Poisoned),
                             _ => {}
                         }
                     }

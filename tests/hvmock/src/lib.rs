@@ -24,6 +24,7 @@
 //! the lie was caught rather than hang.
 //!
 //! `no_std` with `alloc`, so the same model can run inside a test guest.
+//! No cargo features.
 #![no_std]
 #![deny(missing_docs)]
 

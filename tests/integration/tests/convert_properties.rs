@@ -760,3 +760,31 @@ where
     }
     Ok(())
 }
+
+/// Found by the TDX property test: a one-frame vmalloc buffer whose frame
+/// begins a 2 MiB direct-map leaf the OS left not present (frame kept),
+/// and a host that fails.
+#[test]
+fn a_failed_vmalloc_conversion_poisons_only_its_frame_beside_an_os_hole() {
+    let config = TdxConfig {
+        map_gpa_chunk_pages: Some(97),
+        ..TdxConfig::default()
+    };
+    let w = TdxWorld::with_machine(config, |enc| machine(enc, false, 0));
+    let e = w.engine();
+    let buffer = Buffer {
+        huge: vec![],
+        small: vec![789 * 2 * MIB],
+        twice: vec![],
+        hole: None,
+    };
+    let ops = vec![
+        Op::FailNext,
+        Op::Vmalloc {
+            buffer: 0,
+            to_shared: true,
+            scratch: 1,
+        },
+    ];
+    run(&w, &e, &[Hole::Region(789, HoleKind::FrameKept)], &[buffer], ops).unwrap();
+}
