@@ -397,7 +397,8 @@ fn print_bound(plat: Plat, b: &Bound) {
     );
 }
 
-fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) {
+/// Writes `<name>.svg` to [`bench_dir`] and returns its path.
+fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) -> std::path::PathBuf {
     let cols = 64usize;
     let rows = panels[0].1.len().div_ceil(cols);
     let cell = 8usize;
@@ -438,7 +439,9 @@ fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) {
     );
     let dir = bench_dir();
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join(format!("{name}.svg")), svg).unwrap();
+    let path = dir.join(format!("{name}.svg"));
+    std::fs::write(&path, svg).unwrap();
+    path
 }
 
 /// `bench/` in cargo's target directory: cargo builds benchmarks with
@@ -507,6 +510,7 @@ fn main() {
             slow.borrow_mut().push(what);
         }
     };
+    let mut svgs = Vec::new();
     println!("Conversion benchmark: zero-cost counted hypercalls; engine CPU time is the median of {runs} run(s).");
 
     // ---- W1 boot ----------------------------------------------------------
@@ -582,11 +586,11 @@ fn main() {
             ),
         );
         if plat == Plat::Tdx {
-            write_svg(
+            svgs.push(write_svg(
                 "w2",
                 &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
                 2,
-            );
+            ));
         }
     }
 
@@ -636,11 +640,11 @@ fn main() {
             );
         }
         if plat == Plat::Tdx {
-            write_svg(
+            svgs.push(write_svg(
                 "w3",
                 &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
                 4,
-            );
+            ));
         }
     }
 
@@ -731,12 +735,13 @@ fn main() {
         }
     }
 
-    let dir = bench_dir();
-    println!(
-        "\nSVGs of the direct map after W2 and W3 (ours beside the Linux strategy): {}, {}",
-        dir.join("w2.svg").display(),
-        dir.join("w3.svg").display()
-    );
+    if !svgs.is_empty() {
+        let paths: Vec<String> = svgs.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "\nSVGs of the direct map (ours beside the Linux strategy): {}",
+            paths.join(", ")
+        );
+    }
     let (failures, slow) = (failures.into_inner(), slow.into_inner());
     if !slow.is_empty() {
         println!("{} timing target(s) not met (not a failure):", slow.len());
