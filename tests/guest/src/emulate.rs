@@ -14,8 +14,8 @@ use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 
-use snp_ghcb::{GhcbMsr, PageSize, Pvalidate};
 use hvmock::{GuestMemory, MockSnp, MockTdx};
+use snp_ghcb::{GhcbMsr, PageSize, Pvalidate};
 use tdcall::{Registers, Tdcall};
 
 use crate::heap::EMULATING;
