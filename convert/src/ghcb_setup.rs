@@ -1,6 +1,6 @@
-//! Per-CPU GHCB pages, shared from the start (the seed-000 reviewers'
-//! request): the page is converted before the CPU has a GHCB, so the
-//! conversion goes through the MSR protocol, then registered.
+//! Per-CPU GHCB pages, shared from the start: the page is converted
+//! before the CPU has a GHCB, so the conversion goes through the MSR
+//! protocol, then registered.
 
 use core::ptr::NonNull;
 
