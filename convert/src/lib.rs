@@ -17,7 +17,9 @@
 //! What the embedding OS provides: [`PhysMem`] (reach page-table pages by
 //! physical address), [`FrameSource`] (table pages), [`TlbShootdown`], a
 //! [`StateTable`]'s storage, and for SNP a [`ScratchWindow`] per CPU.
-//! Nothing here allocates from a heap.
+//! The engine never allocates from a heap (table pages come from the
+//! [`FrameSource`]); only the `zeropad` feature, on by default, needs a
+//! global allocator, once, when `zeropad::init` builds the decoder's tables.
 //!
 //! # The contract
 //!
