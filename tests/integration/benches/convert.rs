@@ -444,10 +444,16 @@ fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) -> std::path::Pat
     path
 }
 
-/// `bench/` in cargo's target directory: cargo builds benchmarks with
-/// `CARGO_TARGET_TMPDIR` set to its `tmp/`, so this follows
-/// `CARGO_TARGET_DIR` and `build.target-dir` wherever the bench is run from.
+/// `bench/` in cargo's target directory: `BENCH_DIR` when set (by
+/// `scripts/bench-convert`, from the target directory cargo reports now),
+/// else beside the `tmp/` cargo named in `CARGO_TARGET_TMPDIR` when it
+/// built the bench. Either follows `CARGO_TARGET_DIR` and
+/// `build.target-dir` wherever the bench is run from; the first also
+/// survives a target directory moved or reached through another path.
 fn bench_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("BENCH_DIR") {
+        return dir.into();
+    }
     let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     tmp.parent().unwrap_or(tmp).join("bench")
 }
