@@ -41,32 +41,37 @@ fn mapped(t: &Tables, pa: u64, side: Visibility) -> bool {
     }
 }
 
-/// Scenario 3 (seed 000): a conversion that needs a 1 GiB and a 2 MiB
-/// split, with the heap off.
-pub fn seed_000<P: Platform>(e: &GuestEngine<P>, t: &Tables) {
+/// Scenario 1: a conversion that needs a 1 GiB and a 2 MiB split, with
+/// the heap off (the engine never allocates; its table pages come from the
+/// frame source).
+pub fn split_without_heap<P: Platform>(e: &GuestEngine<P>, t: &Tables) {
     let before = e.counters();
     let pa = 700 * MIB + 3 * 4096;
     NO_HEAP.store(true, Ordering::Release);
     let r = e.convert(Target::Physical { pa, len: 4096 }, Visibility::Shared);
     NO_HEAP.store(false, Ordering::Release);
-    check(r.is_ok(), "seed 000: conversion failed");
+    check(r.is_ok(), "split without heap: conversion failed");
     check(
         REFUSED.load(Ordering::Relaxed) == 0,
-        "seed 000: the engine asked for heap memory",
+        "split without heap: the engine asked for heap memory",
     );
     let c = e.counters().since(&before);
     check(
         c.splits_1g == 1 && c.splits_2m == 1,
-        "seed 000: expected a 1 GiB and a 2 MiB split",
+        "split without heap: expected a 1 GiB and a 2 MiB split",
     );
     check(
         mapped(t, pa, Visibility::Shared) && mapped(t, pa + 4096, Visibility::Private),
-        "seed 000: attributes",
+        "split without heap: attributes",
     );
-    show("3 seed 000 (no heap)", &c, format_args!("heap allocations refused: 0"));
+    show(
+        "1 split without heap (1 GiB + 2 MiB)",
+        &c,
+        format_args!("heap allocations refused: 0"),
+    );
 }
 
-/// Scenario 1: a 64 MiB swiotlb-like range to shared, then used.
+/// Scenario 2: a 64 MiB swiotlb-like range to shared, then used.
 pub fn boot<P: Platform>(e: &GuestEngine<P>, t: &Tables, before: CounterSnapshot) {
     let (pa, len) = (256 * MIB, 64 * MIB);
     check(
@@ -93,14 +98,14 @@ pub fn boot<P: Platform>(e: &GuestEngine<P>, t: &Tables, before: CounterSnapshot
         "boot: shared memory does not hold data",
     );
     show(
-        "1 boot",
+        "2 boot",
         &e.counters().since(&before),
         format_args!("64 MiB shared, {} frames shared", e.census().shared),
     );
 }
 
-/// Scenario 2 (seed 003): a vmalloc buffer of scattered frames to shared
-/// and back, its direct-map aliases with it.
+/// Scenario 3: a vmalloc buffer of scattered frames to shared and back,
+/// its frames' direct-map aliases with it.
 pub fn vmalloc<P: Platform>(e: &GuestEngine<P>, t: &mut Tables) {
     let before = e.counters();
     let mut frames = [0u64; 300];
@@ -140,7 +145,7 @@ pub fn vmalloc<P: Platform>(e: &GuestEngine<P>, t: &mut Tables) {
         );
     }
     show(
-        "2 seed 003 (vmalloc)",
+        "3 vmalloc (scattered frames, their direct-map aliases)",
         &e.counters().since(&before),
         format_args!("{} scattered frames there and back", frames.len()),
     );
@@ -171,7 +176,7 @@ pub fn collapse<P: Platform>(e: &GuestEngine<P>, t: &Tables, expected: [u64; 3])
             Visibility::Private,
         )
         .is_ok(),
-        "collapse: seed-000 page back failed",
+        "collapse: scenario 1's page back failed",
     );
     e.release_deferred_tables();
     let layout = direct_map_layout(t);
@@ -269,15 +274,15 @@ pub struct Hooks<'a> {
     pub lie: &'a dyn Fn(bool),
     /// The direct map's 1G/2M/4K leaves once everything is private again.
     pub expected_layout: [u64; 3],
-    /// Runs after seed 000 (SNP: the GHCB setup); returns the counters
-    /// scenario 1 reports from.
+    /// Runs after scenario 1 (SNP: the GHCB setup); returns the counters
+    /// scenario 2 reports from.
     pub before_boot: &'a dyn Fn() -> CounterSnapshot,
 }
 
-/// Scenarios 3, 1, 2, 4, 5 and 6, in that order (seed 000 first, while
+/// Scenarios 1 to 6, in that order (the split without heap first, while
 /// GiB 0 is still one 1 GiB leaf), with the emulators' verdict after each.
 pub fn run_all<P: Platform>(e: &GuestEngine<P>, tables: &mut Tables, hooks: &Hooks<'_>) {
-    seed_000(e, tables);
+    split_without_heap(e, tables);
     (hooks.clean)();
     let before = (hooks.before_boot)();
     (hooks.clean)();

@@ -1,7 +1,7 @@
 //! A model of an SEV-SNP hypervisor and of the RMP.
 //!
 //! As for the TDX model, the ABI constants and GHCB offsets are transcribed
-//! from the GHCB spec (#56421 v2) and the APM independently of the `ghcb`
+//! from the GHCB spec (#56421 v2) and the APM independently of the `snp-ghcb`
 //! crate, so the two check each other.
 
 use alloc::sync::Arc;

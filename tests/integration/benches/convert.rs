@@ -3,8 +3,15 @@
 //! the lower bound the ABIs allow, with zero-cost counted hypercalls.
 //!
 //! Run: `scripts/bench-convert` (`--quick`: smaller workloads, one run,
-//! count targets checked, for CI). Writes SVG pictures of the direct map to
-//! `target/bench/`.
+//! count targets only, for CI). Writes SVG pictures of the direct map to
+//! `bench/` in cargo's target directory (`target/bench/`, or
+//! `$CARGO_TARGET_DIR/bench/`), and prints their paths.
+//!
+//! Two kinds of target: count targets (hypercalls against the lower bound,
+//! splits, the layout afterwards) are exact and fail the run when missed;
+//! timing targets (engine CPU time, full runs only) are reported as met or
+//! not met with the figure, and never fail the run: they depend on the
+//! machine and its load.
 
 use std::time::Instant;
 
@@ -392,7 +399,8 @@ fn print_bound(plat: Plat, b: &Bound) {
     );
 }
 
-fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) {
+/// Writes `<name>.svg` to [`bench_dir`] and returns its path.
+fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) -> std::path::PathBuf {
     let cols = 64usize;
     let rows = panels[0].1.len().div_ceil(cols);
     let cell = 8usize;
@@ -431,8 +439,25 @@ fn write_svg(name: &str, panels: &[(&str, &[Cell])], gib: u64) {
     svg += &format!(
         "<text x='10' y='{y}'><tspan fill='#1b5e20'>&#9632; 1 GiB leaf</tspan>  <tspan fill='#66bb6a'>&#9632; 2 MiB leaf</tspan>  <tspan fill='#fb8c00'>&#9632; split to 4 KiB</tspan>  <tspan fill='#1565c0'>&#9632; shared pages (bar height)</tspan></text>\n</svg>\n"
     );
-    std::fs::create_dir_all("target/bench").unwrap();
-    std::fs::write(format!("target/bench/{name}.svg"), svg).unwrap();
+    let dir = bench_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}.svg"));
+    std::fs::write(&path, svg).unwrap();
+    path
+}
+
+/// `bench/` in cargo's target directory: `BENCH_DIR` when set (by
+/// `scripts/bench-convert`, from the target directory cargo reports now),
+/// else beside the `tmp/` cargo named in `CARGO_TARGET_TMPDIR` when it
+/// built the bench. Either follows `CARGO_TARGET_DIR` and
+/// `build.target-dir` wherever the bench is run from; the first also
+/// survives a target directory moved or reached through another path.
+fn bench_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("BENCH_DIR") {
+        return dir.into();
+    }
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    tmp.parent().unwrap_or(tmp).join("bench")
 }
 
 struct Chunks(std::sync::Mutex<Vec<u64>>);
@@ -470,13 +495,30 @@ fn main() {
         })
         .collect();
     let runs = if quick { 1 } else { 5 };
-    let mut failures = Vec::new();
-    let mut check = |ok: bool, what: String| {
+    // Count targets: exact, a miss fails the run.
+    let failures = std::cell::RefCell::new(Vec::new());
+    let check = |ok: bool, what: String| {
         println!("  target: {what}: {}", if ok { "met" } else { "NOT MET" });
         if !ok {
-            failures.push(what);
+            failures.borrow_mut().push(what);
         }
     };
+    // Timing targets: reported with the figure, never a failure.
+    let slow = std::cell::RefCell::new(Vec::new());
+    let check_time = |ok: bool, what: String| {
+        println!(
+            "  timing target: {what}: {}",
+            if ok {
+                "met"
+            } else {
+                "not met (timing: reported, not a failure)"
+            }
+        );
+        if !ok {
+            slow.borrow_mut().push(what);
+        }
+    };
+    let mut svgs = Vec::new();
     println!("Conversion benchmark: zero-cost counted hypercalls; engine CPU time is the median of {runs} run(s).");
 
     // ---- W1 boot ----------------------------------------------------------
@@ -504,7 +546,7 @@ fn main() {
                 ),
             );
             if len == GIB && !quick {
-                check(ns <= 10.0, format!("{name}, {plat:?}: {ns:.1} ns per 4 KiB page <= 10"));
+                check_time(ns <= 10.0, format!("{name}, {plat:?}: {ns:.1} ns per 4 KiB page <= 10"));
             }
         }
     }
@@ -552,11 +594,11 @@ fn main() {
             ),
         );
         if plat == Plat::Tdx {
-            write_svg(
+            svgs.push(write_svg(
                 "w2",
                 &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
                 2,
-            );
+            ));
         }
     }
 
@@ -600,17 +642,17 @@ fn main() {
             format!("W3 {plat:?}: original layout back ({before:?} -> {after:?})"),
         );
         if !quick {
-            check(
+            check_time(
                 ns <= 1000.0,
                 format!("W3 {plat:?}: {ns:.0} ns per single-frame conversion <= 1000"),
             );
         }
         if plat == Plat::Tdx {
-            write_svg(
+            svgs.push(write_svg(
                 "w3",
                 &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
                 4,
-            );
+            ));
         }
     }
 
@@ -701,9 +743,25 @@ fn main() {
         }
     }
 
-    println!("\nSVGs of the direct map after W2 and W3 (ours beside the Linux strategy): target/bench/w2.svg, target/bench/w3.svg");
+    if !svgs.is_empty() {
+        let paths: Vec<String> = svgs.iter().map(|p| p.display().to_string()).collect();
+        println!(
+            "\nSVGs of the direct map (ours beside the Linux strategy): {}",
+            paths.join(", ")
+        );
+    }
+    let (failures, slow) = (failures.into_inner(), slow.into_inner());
+    if !slow.is_empty() {
+        println!("{} timing target(s) not met (not a failure):", slow.len());
+        for what in &slow {
+            println!("  {what}");
+        }
+    }
     if !failures.is_empty() {
-        eprintln!("{} target(s) not met", failures.len());
+        eprintln!("{} count target(s) not met:", failures.len());
+        for what in &failures {
+            eprintln!("  {what}");
+        }
         std::process::exit(1);
     }
 }

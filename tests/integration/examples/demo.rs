@@ -1,8 +1,8 @@
 //! The engine at work: a 16 MiB vmalloc-style buffer of scattered 4 KiB
-//! frames (a hv_netvsc-like receive buffer, seed 003) converted to shared
-//! and back, on TDX and on SEV-SNP, against the hypercall models, on real
-//! x86-64 page tables in simulated memory. Prints the counters and the
-//! direct map's layout before, during and after.
+//! frames (a hv_netvsc-like receive buffer) converted to shared and back
+//! with the frames' direct-map aliases, on TDX and on SEV-SNP, against the
+//! hypercall models, on real x86-64 page tables in simulated memory. Prints
+//! the counters and the direct map's layout before, during and after.
 //!
 //! Run: `cargo run --release -p integration --example demo`
 

@@ -1,6 +1,7 @@
-//! Every alias of every frame goes not-present together (seed 003): a
-//! vmalloc-style buffer's direct-map aliases, registered aliases; and the
-//! models' check catches a mapping the engine was not told about.
+//! Every alias of every frame goes not-present together: a vmalloc
+//! buffer's scattered frames and their direct-map aliases, registered
+//! aliases; and the models' check catches a mapping the engine was not
+//! told about.
 
 use coco_convert::{Alias, PageState, Target, Visibility};
 use hvmock::{SnpConfig, TdxConfig};

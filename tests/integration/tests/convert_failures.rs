@@ -252,8 +252,8 @@ fn policy_can_terminate_through_the_platform() {
     assert_eq!(w.snp.terminated(), Some((0, 7)));
 }
 
-/// Seed 000: a conversion that needs a 1 GiB and a 2 MiB split, with only
-/// an early-boot frame source (a bump allocator, no heap: the engine never
+/// A conversion that needs a 1 GiB and a 2 MiB split, with only an
+/// early-boot frame source (a bump allocator, no heap: the engine never
 /// allocates from one) holding exactly the two table pages it needs.
 #[test]
 fn early_boot_split_with_exactly_the_frames_needed() {

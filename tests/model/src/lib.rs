@@ -1,4 +1,4 @@
-//! An exhaustive model of the conversion transaction (`convert`'s
+//! An exhaustive model of the conversion transaction (`coco_convert`'s
 //! `Engine::transaction`), checked with `stateright`: the page tables and
 //! every CPU's TLB and paging-structure cache, the host's view of each
 //! frame (TDX or SEV-SNP), a `load_unaligned_zeropad` reader, two threads
