@@ -19,7 +19,7 @@ mod explored {
     use coco_convert::{Alias, ConvertError, Level, PageState, Report, Target, Visibility};
     use hvmock::{SnpConfig, TdxConfig};
     use integration::invariants::assert_consistent_over;
-    use integration::sim::{set_cpu, ChunkStack, ALIAS_VA};
+    use integration::sim::{chunk_slots, set_cpu, ChunkStack, ALIAS_VA};
     use integration::world::{Machine, Shape, SnpEngine, SnpWorld, TdxEngine, TdxWorld, DIRECT_MAP_FLAGS};
     use integration::{GIB, MIB};
     use schedules::{explore, schedules};
@@ -403,7 +403,7 @@ mod explored {
             let e = w.engine();
             boot_ghcbs(&w, &e);
             let chunks: Vec<u64> = (0..3).map(|i| REGION + 2 * MIB + i * CHUNK).collect();
-            let pool = SharedPool::new(&e, ChunkStack::new(chunks.clone()), 0);
+            let pool = SharedPool::new(&e, ChunkStack::new(chunks.clone()), chunk_slots(3), 0);
             let live = Mutex::new(Vec::<(u64, u64)>::new());
             // Every buffer is live at once before any is freed.
             let allocated = shuttle::sync::Barrier::new(2);
