@@ -89,6 +89,16 @@ pub unsafe trait ChunkSource {
     fn free_chunk(&self, pa: u64);
 }
 
+// SAFETY: forwarding keeps the implementation's guarantees.
+unsafe impl<S: ChunkSource + ?Sized> ChunkSource for &S {
+    fn allocate_chunk(&self) -> Option<u64> {
+        (**self).allocate_chunk()
+    }
+    fn free_chunk(&self, pa: u64) {
+        (**self).free_chunk(pa)
+    }
+}
+
 /// A range of shared memory the pool handed out: physically contiguous, a
 /// plain description (`Copy`) that owns nothing. [`OwnedShared`] is the
 /// owning handle.

@@ -356,6 +356,11 @@ impl ChunkStack {
     pub fn new(chunks: Vec<u64>) -> Self {
         ChunkStack(Mutex::new(chunks))
     }
+
+    /// The chunks it holds now.
+    pub fn held(&self) -> Vec<u64> {
+        self.0.lock().unwrap().clone()
+    }
 }
 
 // SAFETY: the tests give it chunks of simulated memory nothing else uses,
