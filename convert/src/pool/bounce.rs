@@ -25,11 +25,11 @@ pub enum DmaDirection {
 }
 
 impl DmaDirection {
-    fn to_device(self) -> bool {
+    fn copies_to_device(self) -> bool {
         matches!(self, DmaDirection::ToDevice | DmaDirection::Bidirectional)
     }
 
-    fn from_device(self) -> bool {
+    fn copies_to_cpu(self) -> bool {
         matches!(self, DmaDirection::FromDevice | DmaDirection::Bidirectional)
     }
 }
@@ -162,7 +162,7 @@ impl<'p, A: FrameAccess> Bounce<'p, A> {
             });
         }
         let mut slot = self.pool.lend(buffer.len() as u64, &self.access)?;
-        let copied = if direction.to_device() {
+        let copied = if direction.copies_to_device() {
             slot.write(0, buffer)
         } else {
             slot.fill(0, buffer.len(), 0)
@@ -236,7 +236,7 @@ impl BounceMapping<'_, '_> {
     /// Hands the buffer to the device again after the CPU changed it:
     /// `ToDevice` and `Bidirectional` copy it into the slot.
     pub fn sync_for_device(&mut self) {
-        if self.direction.to_device() {
+        if self.direction.copies_to_device() {
             let copied = self.slot.write(0, self.buffer);
             debug_assert!(copied.is_ok());
         }
@@ -247,7 +247,7 @@ impl BounceMapping<'_, '_> {
     /// the buffer, each read once. What the device writes afterwards
     /// reaches the buffer only at the next sync or the unmap.
     pub fn sync_for_cpu(&mut self) {
-        if self.direction.from_device() {
+        if self.direction.copies_to_cpu() {
             let copied = self.slot.read(0, self.buffer);
             debug_assert!(copied.is_ok());
         }

@@ -9,7 +9,7 @@
 //! engine poisoned is lost.
 //!
 //! The OS gives the pool its bookkeeping storage, one [`ChunkSlot`] per
-//! chunk it may hold at once (about 200 bytes each): the capacity is the
+//! chunk it may hold at once (about 220 bytes each): the capacity is the
 //! OS's choice, and nothing is allocated from a heap.
 //!
 //! Three ways to use shared memory, all over the same engine:
@@ -24,6 +24,44 @@
 //! takes hypercalls and a shootdown that other CPUs must answer) nor a call
 //! into the chunk source. A chunk converting meanwhile holds its slot but
 //! serves no allocation. `no_std`, no heap.
+//!
+//! # Embedding
+//!
+//! A network driver receiving a packet through a bounce buffer (compiled,
+//! not run):
+//!
+//! ```no_run
+//! use coco_convert::pool::{Bounce, ChunkSlot, ChunkSource, Convert, DmaDirection, SharedPool};
+//! use coco_convert::{DirectMap, EncryptionBit};
+//!
+//! /// 2 MiB chunks from the kernel's page allocator (order 9).
+//! struct Order9;
+//! // SAFETY: the page allocator hands each chunk to the pool alone.
+//! unsafe impl ChunkSource for Order9 {
+//!     fn allocate_chunk(&self) -> Option<u64> { /* ... */ None }
+//!     fn free_chunk(&self, _pa: u64) { /* ... */ }
+//! }
+//!
+//! /// `engine`: the conversion engine; `slots`: from the boot allocator;
+//! /// `direct_map` and `encryption`: what the engine was built with.
+//! fn receive(
+//!     engine: &(impl Convert + Sync),
+//!     slots: &'static mut [ChunkSlot],
+//!     direct_map: DirectMap,
+//!     encryption: EncryptionBit,
+//! ) -> Result<(), coco_convert::pool::BounceError> {
+//!     // Up to `slots.len()` chunks of 2 MiB; one empty chunk kept shared.
+//!     let pool = SharedPool::new(engine, Order9, slots, 1);
+//!     let bounce = Bounce::new(&pool, direct_map, encryption);
+//!     let mut packet = [0u8; 1514];
+//!     let mapping = bounce.map(&mut packet, DmaDirection::FromDevice)?;
+//!     // Give the device `mapping.device_address()` and `mapping.len()`,
+//!     // wait for its completion, then:
+//!     mapping.unmap();
+//!     // `packet` holds what the device wrote, copied once: check it there.
+//!     Ok(())
+//! }
+//! ```
 
 mod access;
 mod bounce;
@@ -239,9 +277,10 @@ impl<'a, C: Convert, S: ChunkSource> SharedPool<'a, C, S> {
             if let Some((slot, page)) = inner.slots.fitting(pages) {
                 return inner.hand_out(slot, page, pages, owned);
             }
-            inner.slots.take_idle().ok_or(PoolError::AtCapacity {
-                slots: self.capacity,
-            })?
+            inner
+                .slots
+                .take_idle()
+                .ok_or(PoolError::AtCapacity { slots: self.capacity })?
         };
         let added = self.new_chunk();
         let mut inner = self.inner.lock();

@@ -31,7 +31,9 @@ fn device_write(mem: &GuestMemory, pa: u64, bytes: &[u8]) {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 #[test]
@@ -145,7 +147,11 @@ fn unmap_copies_out_exactly_the_mapped_length() {
         );
         device_write(&w.m.mem, slot, &pattern(7, slot_len as usize));
         m.unmap();
-        assert_eq!(&backing[offset..offset + len], &pattern(7, len)[..], "offset {offset} len {len}");
+        assert_eq!(
+            &backing[offset..offset + len],
+            &pattern(7, len)[..],
+            "offset {offset} len {len}"
+        );
         assert!(backing[..offset].iter().all(|&b| b == 0x5A), "before the buffer");
         assert!(
             backing[offset + len..].iter().all(|&b| b == 0x5A),
@@ -199,7 +205,10 @@ fn mapping_errors_are_typed() {
     let e = w.engine();
     let pool = SharedPool::new(&e, chunks(1), chunk_slots(2), 0);
     let bounce = Bounce::new(&pool, SimAccess(w.m.mem.clone()), e.encryption());
-    assert_eq!(bounce.map(&mut [], DmaDirection::ToDevice).unwrap_err(), BounceError::Empty);
+    assert_eq!(
+        bounce.map(&mut [], DmaDirection::ToDevice).unwrap_err(),
+        BounceError::Empty
+    );
     let mut huge = vec![0; CHUNK as usize + 1];
     assert_eq!(
         bounce.map(&mut huge, DmaDirection::FromDevice).unwrap_err(),
@@ -208,7 +217,9 @@ fn mapping_errors_are_typed() {
             max: CHUNK
         }
     );
-    let whole = bounce.map(&mut huge[..CHUNK as usize], DmaDirection::FromDevice).unwrap();
+    let whole = bounce
+        .map(&mut huge[..CHUNK as usize], DmaDirection::FromDevice)
+        .unwrap();
     let mut one = [0u8];
     let err = bounce.map(&mut one, DmaDirection::ToDevice).unwrap_err();
     assert_eq!(err, BounceError::NoRoom(PoolError::Exhausted));

@@ -142,7 +142,11 @@ fn an_owned_pool_buffer_is_shared_while_alive_and_goes_back_to_the_pool() {
     assert_eq!(pool.stats().frees, 0);
     drop(buf);
     let stats = pool.stats();
-    assert_eq!((stats.frees, stats.chunks_returned), (1, 1), "keep_empty 0: back to private");
+    assert_eq!(
+        (stats.frees, stats.chunks_returned),
+        (1, 1),
+        "keep_empty 0: back to private"
+    );
     assert_eq!(e.state(range.pa), Some(PageState::Private));
     assert_eq!(pool.free(range), Err(PoolError::NotAllocated(range)), "given back once");
     assert!(w.tdx.violations().is_empty());
@@ -159,7 +163,11 @@ fn byte_access_outside_the_buffer_is_refused() {
     let size = PAGE as usize;
     assert_eq!(
         buf.read(size - 1, &mut [0; 2]),
-        Err(OutOfBounds { offset: size - 1, len: 2, size })
+        Err(OutOfBounds {
+            offset: size - 1,
+            len: 2,
+            size
+        })
     );
     assert_eq!(
         buf.write(usize::MAX, &[1]),
@@ -277,7 +285,10 @@ fn a_direct_buffer_dropped_while_the_host_breaks_the_return_is_withheld_and_repo
     w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
     drop(buf);
     w.tdx.set_hostile(None);
-    assert!(reclaim.reclaimed.lock().unwrap().is_empty(), "withheld frames reclaimed");
+    assert!(
+        reclaim.reclaimed.lock().unwrap().is_empty(),
+        "withheld frames reclaimed"
+    );
     let lost = reclaim.lost.lock().unwrap().clone();
     assert_eq!(lost.len(), 1);
     let (pa, len, error) = lost[0];

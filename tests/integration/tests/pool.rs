@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use coco_convert::pool::{ChunkSource, Convert, PoolError, SharedRange, SharedPool, CHUNK};
+use coco_convert::pool::{ChunkSource, Convert, PoolError, SharedPool, SharedRange, CHUNK};
 use coco_convert::{ConvertError, PageState, PlatformError, Report, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
 use integration::sim::{chunk_slots, ChunkStack};
