@@ -37,6 +37,13 @@
 //!   other than the real encryption bit, for emulated platforms whose MMU
 //!   must ignore it.
 //!
+//! For drivers, [`pool`] converts memory in 2 MiB chunks and hands out
+//! shared buffers: bare ranges, [`pool::OwnedShared`] handles that go back
+//! when dropped (also made by converting the OS's own private memory,
+//! [`pool::DirectShare`]), and DMA bounce mappings ([`pool::Bounce`]). The
+//! OS adds the pool's slot storage, a [`pool::ChunkSource`], and a
+//! [`pool::FrameAccess`] (the engine's [`DirectMap`] is one).
+//!
 //! # The contract
 //!
 //! The full text, each promise with the test that holds it, is the

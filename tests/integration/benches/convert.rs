@@ -18,7 +18,7 @@ use std::time::Instant;
 use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::{SnpOptions, TdxOptions};
-use coco_convert::pool::{ChunkSource, SharedPool};
+use coco_convert::pool::{ChunkSlot, ChunkSource, SharedPool};
 use coco_convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, Visibility};
 use hvmock::GuestPageTables;
 use integration::null::{NullSnp, NullTdx};
@@ -461,7 +461,9 @@ fn bench_dir() -> std::path::PathBuf {
 }
 
 struct Chunks(std::sync::Mutex<Vec<u64>>);
-impl ChunkSource for Chunks {
+// SAFETY: the chunks are simulated memory the benchmark uses for nothing
+// else, each handed out once until it comes back.
+unsafe impl ChunkSource for Chunks {
     fn allocate_chunk(&self) -> Option<u64> {
         self.0.lock().unwrap().pop()
     }
@@ -688,7 +690,8 @@ fn main() {
                     let chunks = Chunks(std::sync::Mutex::new(
                         (0..48).map(|i| 512 * MIB + i * 2 * MIB).collect(),
                     ));
-                    let pool = SharedPool::new(ByClosure(conv), chunks, 1);
+                    let mut slots = [ChunkSlot::new(); 48];
+                    let pool = SharedPool::new(ByClosure(conv), chunks, &mut slots, 1);
                     let mut bufs = Vec::new();
                     while done < allocations {
                         if bufs.len() < 64 && (xorshift(&mut x) % 3 != 0 || bufs.is_empty()) {

@@ -356,13 +356,43 @@ impl ChunkStack {
     pub fn new(chunks: Vec<u64>) -> Self {
         ChunkStack(Mutex::new(chunks))
     }
+
+    /// The chunks it holds now.
+    pub fn held(&self) -> Vec<u64> {
+        self.0.lock().unwrap().clone()
+    }
 }
 
-impl coco_convert::pool::ChunkSource for ChunkStack {
+// SAFETY: the tests give it chunks of simulated memory nothing else uses,
+// and it hands each out once until it comes back.
+unsafe impl coco_convert::pool::ChunkSource for ChunkStack {
     fn allocate_chunk(&self) -> Option<u64> {
         self.0.lock().unwrap().pop()
     }
     fn free_chunk(&self, pa: u64) {
         self.0.lock().unwrap().push(pa);
+    }
+}
+
+/// `n` empty chunk slots for a pool, leaked: a test's pool lives as long
+/// as it likes.
+pub fn chunk_slots(n: usize) -> &'static mut [coco_convert::pool::ChunkSlot] {
+    Vec::leak(vec![coco_convert::pool::ChunkSlot::new(); n])
+}
+
+/// Shared frames' bytes in simulated memory: what the direct map is to a
+/// kernel. A test (the host, a device) reaches the same bytes through
+/// [`GuestMemory`] directly.
+#[derive(Debug, Clone)]
+pub struct SimAccess(pub Arc<GuestMemory>);
+
+// SAFETY: simulated memory is one contiguous allocation that outlives the
+// tests' buffers; `contains` bounds the range.
+unsafe impl coco_convert::pool::FrameAccess for SimAccess {
+    fn bytes(&self, pa: u64, len: u64) -> Option<std::ptr::NonNull<u8>> {
+        if !self.0.contains(pa, len) {
+            return None;
+        }
+        std::ptr::NonNull::new(self.0.ptr(pa))
     }
 }

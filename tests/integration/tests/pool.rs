@@ -2,10 +2,10 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use coco_convert::pool::{ChunkSource, Convert, PoolError, SharedBuffer, SharedPool, CHUNK};
+use coco_convert::pool::{ChunkSource, Convert, PoolError, SharedPool, SharedRange, CHUNK};
 use coco_convert::{ConvertError, PageState, PlatformError, Report, Target, Visibility};
 use hvmock::{TdxConfig, TdxHostile, TdxPageState};
-use integration::sim::ChunkStack;
+use integration::sim::{chunk_slots, ChunkStack};
 use integration::world::{Shape, TdxWorld};
 use integration::{GIB, MIB};
 
@@ -18,8 +18,8 @@ fn chunks(n: u64) -> ChunkStack {
 fn churn_costs_no_split_and_almost_no_hypercalls() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(8), 1);
-    let mut live: Vec<SharedBuffer> = Vec::new();
+    let pool = SharedPool::new(&e, chunks(8), chunk_slots(16), 1);
+    let mut live: Vec<SharedRange> = Vec::new();
     let mut x = 12345u64;
     for i in 0..5000 {
         x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -64,7 +64,7 @@ fn churn_costs_no_split_and_almost_no_hypercalls() {
 fn misuse_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(1), 0);
+    let pool = SharedPool::new(&e, chunks(1), chunk_slots(16), 0);
     assert_eq!(pool.alloc(0), Err(PoolError::BadSize(0)));
     assert_eq!(pool.alloc(CHUNK + 1), Err(PoolError::BadSize(CHUNK + 1)));
     let a = pool.alloc(CHUNK).unwrap();
@@ -73,7 +73,7 @@ fn misuse_is_refused() {
         Err(PoolError::Exhausted),
         "one chunk, full, no more to be had"
     );
-    let stranger = SharedBuffer { pa: 4096, len: 4096 };
+    let stranger = SharedRange { pa: 4096, len: 4096 };
     assert_eq!(pool.free(stranger), Err(PoolError::NotAllocated(stranger)));
     pool.free(a).unwrap();
     assert_eq!(pool.free(a), Err(PoolError::NotAllocated(a)), "double free");
@@ -87,7 +87,7 @@ fn misuse_is_refused() {
 fn a_poisoned_chunk_is_never_reused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
     assert!(matches!(pool.alloc(8192), Err(PoolError::Convert(_))));
     assert_eq!(pool.stats().chunks_lost, 1);
@@ -102,8 +102,8 @@ fn a_poisoned_chunk_is_never_reused() {
 fn concurrent_allocations_never_overlap() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(16), 2);
-    let all: Vec<Vec<SharedBuffer>> = std::thread::scope(|s| {
+    let pool = SharedPool::new(&e, chunks(16), chunk_slots(16), 2);
+    let all: Vec<Vec<SharedRange>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|t| {
                 let pool = &pool;
@@ -133,7 +133,7 @@ fn concurrent_allocations_never_overlap() {
 }
 
 /// Refuses `b` and checks that the refusal changed nothing the stats show.
-fn refused<C: Convert, S: ChunkSource>(pool: &SharedPool<C, S>, b: SharedBuffer) {
+fn refused<C: Convert, S: ChunkSource>(pool: &SharedPool<'_, C, S>, b: SharedRange) {
     let before = pool.stats();
     assert_eq!(pool.free(b), Err(PoolError::NotAllocated(b)), "{b:x?}");
     assert_eq!(pool.stats(), before, "a refused free of {b:x?} changed the pool");
@@ -142,7 +142,7 @@ fn refused<C: Convert, S: ChunkSource>(pool: &SharedPool<C, S>, b: SharedBuffer)
 /// After refusals: every live buffer is still allocated (a new allocation
 /// overlaps none of them, and each frees exactly once), and the pool still
 /// serves.
-fn still_works<C: Convert, S: ChunkSource>(pool: &SharedPool<C, S>, live: &[SharedBuffer]) {
+fn still_works<C: Convert, S: ChunkSource>(pool: &SharedPool<'_, C, S>, live: &[SharedRange]) {
     let fresh = pool.alloc(4096).unwrap();
     for b in live {
         assert!(
@@ -162,19 +162,19 @@ const PAGE: u64 = 4096;
 fn free_of_a_huge_length_or_a_pa_near_the_top_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
     // u64::MAX rounded down to a page.
     let top = !(PAGE - 1);
     for b in [
-        SharedBuffer { pa: a.pa, len: top },
-        SharedBuffer {
+        SharedRange { pa: a.pa, len: top },
+        SharedRange {
             pa: a.pa,
             len: CHUNK + PAGE,
         },
-        SharedBuffer { pa: top, len: PAGE },
-        SharedBuffer { pa: top, len: top },
-        SharedBuffer {
+        SharedRange { pa: top, len: PAGE },
+        SharedRange { pa: top, len: top },
+        SharedRange {
             pa: top - PAGE,
             len: 2 * PAGE,
         },
@@ -189,14 +189,14 @@ fn free_of_a_huge_length_or_a_pa_near_the_top_is_refused() {
 fn free_of_an_unaligned_length_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(PAGE).unwrap();
     let b = pool.alloc(2 * PAGE).unwrap();
     for len in [100, PAGE - 1, PAGE + 1] {
-        refused(&pool, SharedBuffer { pa: a.pa, len });
+        refused(&pool, SharedRange { pa: a.pa, len });
     }
     for len in [100, PAGE + 1, 2 * PAGE - 1, 2 * PAGE + 1] {
-        refused(&pool, SharedBuffer { pa: b.pa, len });
+        refused(&pool, SharedRange { pa: b.pa, len });
     }
     still_works(&pool, &[a, b]);
 }
@@ -205,11 +205,11 @@ fn free_of_an_unaligned_length_is_refused() {
 fn free_of_an_unaligned_pa_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
     for pa in [a.pa + 1, a.pa + 100, a.pa + PAGE - 1, a.pa - 1] {
-        refused(&pool, SharedBuffer { pa, len: a.len });
-        refused(&pool, SharedBuffer { pa, len: PAGE });
+        refused(&pool, SharedRange { pa, len: a.len });
+        refused(&pool, SharedRange { pa, len: PAGE });
     }
     still_works(&pool, &[a]);
 }
@@ -218,10 +218,10 @@ fn free_of_an_unaligned_pa_is_refused() {
 fn free_of_a_sub_range_of_a_live_buffer_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(4 * PAGE).unwrap();
     for (offset, len) in [(PAGE, PAGE), (PAGE, 3 * PAGE), (3 * PAGE, PAGE), (PAGE, 2 * PAGE)] {
-        refused(&pool, SharedBuffer { pa: a.pa + offset, len });
+        refused(&pool, SharedRange { pa: a.pa + offset, len });
     }
     still_works(&pool, &[a]);
 }
@@ -230,7 +230,7 @@ fn free_of_a_sub_range_of_a_live_buffer_is_refused() {
 fn free_of_a_range_spanning_two_live_buffers_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(2 * PAGE).unwrap();
     let b = pool.alloc(2 * PAGE).unwrap();
     assert_eq!(b.pa, a.pa + a.len, "adjacent");
@@ -240,7 +240,7 @@ fn free_of_a_range_spanning_two_live_buffers_is_refused() {
         (a.pa, 3 * PAGE),
         (a.pa + PAGE, 3 * PAGE),
     ] {
-        refused(&pool, SharedBuffer { pa, len });
+        refused(&pool, SharedRange { pa, len });
     }
     still_works(&pool, &[a, b]);
 }
@@ -249,10 +249,10 @@ fn free_of_a_range_spanning_two_live_buffers_is_refused() {
 fn partial_free_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(4 * PAGE).unwrap();
     for len in [PAGE, 2 * PAGE, 3 * PAGE] {
-        refused(&pool, SharedBuffer { pa: a.pa, len });
+        refused(&pool, SharedRange { pa: a.pa, len });
     }
     still_works(&pool, &[a]);
 }
@@ -263,7 +263,7 @@ fn partial_free_is_refused() {
 fn double_free_after_reuse_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 1);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 1);
     let a = pool.alloc(4 * PAGE).unwrap();
     pool.free(a).unwrap();
     // Over A's first pages, and the rest of A by another allocation.
@@ -336,7 +336,7 @@ fn a_chunk_that_could_not_go_private_is_kept_and_reused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
     let flaky = Flaky::new(&e);
-    let pool = SharedPool::new(&flaky, chunks(2), 0);
+    let pool = SharedPool::new(&flaky, chunks(2), chunk_slots(16), 0);
     let a = pool.alloc(2 * PAGE).unwrap();
     flaky.fail_next(Visibility::Private, 1);
     assert_eq!(
@@ -370,7 +370,7 @@ fn a_kept_surplus_chunk_is_returned_on_a_later_free() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
     let flaky = Flaky::new(&e);
-    let pool = SharedPool::new(&flaky, chunks(2), 0);
+    let pool = SharedPool::new(&flaky, chunks(2), chunk_slots(16), 0);
     let x = pool.alloc(CHUNK).unwrap();
     let y1 = pool.alloc(PAGE).unwrap();
     let y2 = pool.alloc(PAGE).unwrap();
@@ -407,7 +407,7 @@ fn a_new_chunk_that_could_not_go_shared_goes_back_to_the_source() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
     let flaky = Flaky::new(&e);
-    let pool = SharedPool::new(&flaky, chunks(1), 0);
+    let pool = SharedPool::new(&flaky, chunks(1), chunk_slots(16), 0);
     flaky.fail_next(Visibility::Shared, 1);
     assert_eq!(pool.alloc(PAGE), Err(PoolError::Convert(UNCHANGED)));
     assert_eq!(pool.stats().chunks_lost, 0);
@@ -422,7 +422,7 @@ fn a_new_chunk_that_could_not_go_shared_goes_back_to_the_source() {
 fn a_chunk_poisoned_going_private_is_lost() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    let pool = SharedPool::new(&e, chunks(2), 0);
+    let pool = SharedPool::new(&e, chunks(2), chunk_slots(16), 0);
     let a = pool.alloc(PAGE).unwrap();
     w.tdx.set_hostile(Some(TdxHostile::NoProgressForever));
     assert_eq!(pool.free(a), Ok(()));

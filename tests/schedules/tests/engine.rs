@@ -1,8 +1,8 @@
 //! The engine's real code under shuttle: conversions of overlapping and
 //! adjacent ranges, of a vmalloc-style buffer against its frames' direct
 //! map, racing alias registration and removal, racing
-//! `release_deferred_tables`, and a shared pool whose chunks go back to
-//! private. Every schedule ends with the engine contract's invariants.
+//! `release_deferred_tables`, a shared pool whose chunks go back to
+//! private, and DMA bounce mappings over it. Every schedule ends with the engine contract's invariants.
 
 #[cfg(not(shuttle))]
 #[test]
@@ -15,11 +15,11 @@ mod explored {
     use std::sync::Mutex;
 
     use coco_convert::bits::PRESENT;
-    use coco_convert::pool::{SharedPool, CHUNK};
+    use coco_convert::pool::{Bounce, DmaDirection, SharedPool, CHUNK};
     use coco_convert::{Alias, ConvertError, Level, PageState, Report, Target, Visibility};
     use hvmock::{SnpConfig, TdxConfig};
     use integration::invariants::assert_consistent_over;
-    use integration::sim::{set_cpu, ChunkStack, ALIAS_VA};
+    use integration::sim::{chunk_slots, set_cpu, ChunkStack, SimAccess, ALIAS_VA};
     use integration::world::{Machine, Shape, SnpEngine, SnpWorld, TdxEngine, TdxWorld, DIRECT_MAP_FLAGS};
     use integration::{GIB, MIB};
     use schedules::{explore, schedules};
@@ -403,7 +403,7 @@ mod explored {
             let e = w.engine();
             boot_ghcbs(&w, &e);
             let chunks: Vec<u64> = (0..3).map(|i| REGION + 2 * MIB + i * CHUNK).collect();
-            let pool = SharedPool::new(&e, ChunkStack::new(chunks.clone()), 0);
+            let pool = SharedPool::new(&e, ChunkStack::new(chunks.clone()), chunk_slots(3), 0);
             let live = Mutex::new(Vec::<(u64, u64)>::new());
             // Every buffer is live at once before any is freed.
             let allocated = shuttle::sync::Barrier::new(2);
@@ -445,6 +445,55 @@ mod explored {
             e.release_deferred_tables();
             checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
             assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
+        });
+    }
+
+    /// Two CPUs map buffers for a device, play the device (read the slot
+    /// at the device address, answer into it) and unmap, twice each, over
+    /// a pool of two slots that keeps no empty chunk: slots are handed out,
+    /// chunks converted and returned while the other CPU maps. No two live
+    /// slots overlap (each device reads its own buffer's bytes), every
+    /// unmap brings back its own device's answer, and every chunk ends
+    /// private.
+    #[test]
+    fn bounce_maps_and_unmaps_on_two_cpus_tdx() {
+        explore(schedules(SCHEDULES), || {
+            let w = tdx_world();
+            let e = w.engine();
+            let chunks: Vec<u64> = (0..2).map(|i| REGION + 2 * MIB + i * CHUNK).collect();
+            let pool = SharedPool::new(&e, ChunkStack::new(chunks.clone()), chunk_slots(2), 0);
+            let bounce = Bounce::new(&pool, SimAccess(w.m.mem.clone()), e.encryption());
+            let shared_bit = w.tdx.shared_mask();
+            thread::scope(|s| {
+                for cpu in 0..2u8 {
+                    let (bounce, mem) = (&bounce, &w.m.mem);
+                    s.spawn(move || {
+                        set_cpu(cpu as usize);
+                        for round in 0..2u8 {
+                            let len = (cpu as usize + 1) * PAGE as usize + 100;
+                            let mark = cpu * 16 + round;
+                            let mut buf = vec![mark; len];
+                            let m = bounce.map(&mut buf, DmaDirection::Bidirectional).unwrap();
+                            let slot = m.device_address() & !shared_bit;
+                            assert_eq!(m.device_address() & shared_bit, shared_bit);
+                            assert!(mem.is_filled(slot, len as u64, mark), "cpu {cpu}: another's bytes");
+                            thread::yield_now();
+                            mem.fill(slot, len as u64, !mark);
+                            m.unmap();
+                            assert!(buf.iter().all(|&b| b == !mark), "cpu {cpu}: another's answer");
+                        }
+                    });
+                }
+            });
+            let stats = pool.stats();
+            assert_eq!((stats.chunks_held, stats.chunks_lost), (0, 0), "{stats:?}");
+            assert_eq!(stats.allocations, stats.frees, "{stats:?}");
+            for &chunk in &chunks {
+                assert_eq!(e.state(chunk), Some(PageState::Private), "chunk {chunk:#x}");
+            }
+            e.release_deferred_tables();
+            checked(&w.m, |pa| e.state(pa), |pa| w.host_side(pa));
+            assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
         });
     }
 }
