@@ -201,3 +201,39 @@ fn snp_new_and_negotiate_agree_on_which_c_bits_a_pte_can_hold() {
         SetupError::InvalidCBit(52)
     );
 }
+
+// ---------------------------------------------------------------------
+// Promise: `setup_ghcb`'s rustdoc (convert/src/ghcb_setup.rs): "If
+// registration fails the page stays shared: the error says so, and the
+// caller must not reuse the page as private memory without converting it
+// back."
+//
+// Why it fails: nothing in the error says so. The variant's doc is "The
+// hypervisor did not register it." and its message is "registering the
+// GHCB failed: GHCB registration of GFN .. answered with GFN ..": neither
+// mentions that the page was made shared and left so (compare
+// `ConvertError::Platform`, whose message names the poisoned frames, which
+// `a_platform_failure_explains_itself_down_to_the_host_answer` checks).
+// A caller logging the error and freeing the page back to its allocator
+// hands out a shared page as private memory. (Minor: the behaviour is as
+// documented, the report is not.)
+// ---------------------------------------------------------------------
+#[test]
+fn a_failed_ghcb_registration_says_the_page_was_left_shared() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    // SAFETY: negotiation has no memory effect.
+    unsafe { snp_ghcb::protocol::negotiate(&w.snp) }.unwrap();
+    w.snp.set_hostile(Some(hvmock::SnpHostile::MsrWrongGfn));
+    let pa = 1536 * MIB;
+    let ptr = NonNull::new(w.m.mem.ptr(pa).cast()).unwrap();
+    // SAFETY: the page is used by nothing else.
+    let err = unsafe { setup_ghcb(&e, pa, ptr) }.unwrap_err();
+    assert!(matches!(err, GhcbSetupError::Register(_)), "fixture: {err:?}");
+    assert_eq!(e.state(pa), Some(PageState::Shared), "fixture: the page stays shared");
+    let text = err.to_string();
+    assert!(
+        text.contains("shared"),
+        "the error does not say the page stays shared: {text:?}"
+    );
+}
