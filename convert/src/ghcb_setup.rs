@@ -22,7 +22,8 @@ pub enum GhcbSetupError {
     NoSlot,
     /// Making the page shared failed.
     Convert(ConvertError),
-    /// The hypervisor did not register it.
+    /// The hypervisor did not register it. The page stays shared: convert
+    /// it back before using it as private memory.
     Register(snp_ghcb::protocol::ProtocolError),
 }
 
@@ -31,7 +32,7 @@ impl core::fmt::Display for GhcbSetupError {
         match self {
             GhcbSetupError::NoSlot => f.write_str("no GHCB slot for this CPU"),
             GhcbSetupError::Convert(e) => write!(f, "making the GHCB shared failed: {e}"),
-            GhcbSetupError::Register(e) => write!(f, "registering the GHCB failed: {e}"),
+            GhcbSetupError::Register(e) => write!(f, "registering the GHCB failed, the page stays shared: {e}"),
         }
     }
 }
@@ -60,7 +61,8 @@ impl core::error::Error for GhcbSetupError {
 ///
 /// `ptr` must point to the page at `pa` through a mapping the engine
 /// converts (the direct map), valid as long as the GHCB is used; nothing
-/// else may use the page.
+/// else may use the page. The caller stays on one CPU for the whole call
+/// (registration is per CPU).
 pub unsafe fn setup_ghcb<M, F, T, H, P, G>(
     engine: &Engine<'_, M, F, T, Snp<H, P, G>>,
     pa: u64,
@@ -74,9 +76,8 @@ where
     P: Pvalidate,
     G: GhcbProvider,
 {
-    if !engine.platform().ghcbs().can_install() {
-        return Err(GhcbSetupError::NoSlot);
-    }
+    // The slot is chosen once, before anything changes.
+    let slot = engine.platform().ghcbs().slot().ok_or(GhcbSetupError::NoSlot)?;
     engine
         .convert(Target::Physical { pa, len: 4096 }, Visibility::Shared)
         .map_err(GhcbSetupError::Convert)?;
@@ -84,10 +85,6 @@ where
     unsafe { snp_ghcb::protocol::register_ghcb(engine.platform().hypervisor(), pa) }
         .map_err(GhcbSetupError::Register)?;
     // SAFETY: the caller guarantees `ptr` maps the (now shared) page.
-    let page = unsafe { GhcbPage::new(ptr, pa) };
-    engine
-        .platform()
-        .ghcbs()
-        .install(page)
-        .map_err(|_| GhcbSetupError::NoSlot)
+    slot.fill(unsafe { GhcbPage::new(ptr, pa) });
+    Ok(())
 }

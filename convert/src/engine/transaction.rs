@@ -377,7 +377,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 if frames.clone().any(|f| self.states.code(f) != code) {
                     for f in frames {
                         if self.states.code(f) != Some(Code::Poisoned) {
-                            self.states.settle(f, Code::Poisoned);
+                            // Keeping its hole marks: this loop reads them
+                            // for the frames it meets later.
+                            self.states.poison(f);
                             poisoned += 1;
                         }
                     }

@@ -65,13 +65,13 @@ impl core::error::Error for PlatformError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SetupError {
-    /// TDX: the shared-bit mask is not a single bit a page-table entry can
-    /// hold (bits 32 to 58).
+    /// TDX: the shared-bit mask is not bit 47 or 51 (GPA width 48 or 52,
+    /// the only widths TDX defines).
     InvalidSharedMask(u64),
     /// TDX: TDG.VP.INFO failed or reported a GPA width TDX does not define.
     VpInfo(tdcall::InfoError),
-    /// SNP: the C-bit position is not one a page-table entry can hold
-    /// (32 to 58).
+    /// SNP: the C-bit position is not a physical-address bit a page-table
+    /// entry holds (32 to 51).
     InvalidCBit(u8),
     /// SNP: the GHCB MSR protocol negotiation failed or the hypervisor
     /// lacks SEV-SNP support.
@@ -82,10 +82,10 @@ impl core::fmt::Display for SetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             SetupError::InvalidSharedMask(mask) => {
-                write!(f, "shared-bit mask {mask:#x} is not a single bit from 32 to 58")
+                write!(f, "shared-bit mask {mask:#x} is not bit 47 or 51")
             }
             SetupError::VpInfo(e) => e.fmt(f),
-            SetupError::InvalidCBit(bit) => write!(f, "C-bit position {bit} is not from 32 to 58"),
+            SetupError::InvalidCBit(bit) => write!(f, "C-bit position {bit} is outside 32..=51"),
             SetupError::Negotiation(e) => write!(f, "GHCB MSR protocol negotiation failed: {e}"),
         }
     }

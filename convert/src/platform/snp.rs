@@ -23,16 +23,11 @@ pub trait GhcbProvider {
     /// backend then uses the MSR protocol).
     fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R;
 
-    /// Whether the calling CPU has a slot [`install`](Self::install) can
-    /// fill.
-    fn can_install(&self) -> bool {
-        false
-    }
-
-    /// Makes `page` the calling CPU's GHCB; gives it back if this CPU has
-    /// no slot.
-    fn install(&self, page: GhcbPage) -> Result<(), GhcbPage> {
-        Err(page)
+    /// The calling CPU's slot, which [`setup_ghcb`](crate::setup_ghcb)
+    /// fills; `None` if this provider keeps no GHCBs or this CPU has no
+    /// slot.
+    fn slot(&self) -> Option<&GhcbSlot> {
+        None
     }
 }
 
@@ -63,6 +58,16 @@ impl GhcbSlot {
     pub const fn new() -> Self {
         GhcbSlot(Mutex::new(None))
     }
+
+    /// Makes `page` the slot's GHCB.
+    pub(crate) fn fill(&self, page: GhcbPage) {
+        *self.0.lock() = Some(page);
+    }
+
+    /// Whether the slot holds a GHCB.
+    pub fn is_filled(&self) -> bool {
+        self.0.lock().is_some()
+    }
 }
 
 /// One GHCB slot per CPU, filled as each CPU sets its GHCB up (see
@@ -89,18 +94,8 @@ impl GhcbProvider for PerCpuGhcbs<'_> {
         }
     }
 
-    fn can_install(&self) -> bool {
-        self.slots.get((self.cpu)()).is_some()
-    }
-
-    fn install(&self, page: GhcbPage) -> Result<(), GhcbPage> {
-        match self.slots.get((self.cpu)()) {
-            Some(slot) => {
-                *slot.0.lock() = Some(page);
-                Ok(())
-            }
-            None => Err(page),
-        }
+    fn slot(&self) -> Option<&GhcbSlot> {
+        self.slots.get((self.cpu)())
     }
 }
 
@@ -117,9 +112,12 @@ pub struct Snp<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> {
 
 impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
     /// A backend for C-bit position `c_bit` (CPUID 0x8000001F EBX\[5:0\],
-    /// or what [`negotiate`](Self::negotiate) finds).
+    /// or what [`negotiate`](Self::negotiate) finds): 32 to 51, a bit of
+    /// the physical address a page-table entry holds.
     pub fn new(hv: H, pvalidate: P, ghcbs: G, c_bit: u8) -> Result<Self, SetupError> {
-        let encryption = EncryptionBit::snp(c_bit).ok_or(SetupError::InvalidCBit(c_bit))?;
+        let encryption = EncryptionBit::snp(c_bit)
+            .filter(|_| (32..=51).contains(&c_bit))
+            .ok_or(SetupError::InvalidCBit(c_bit))?;
         Ok(Snp {
             hv,
             pvalidate,

@@ -21,8 +21,11 @@ pub struct Tdx<T: Tdcall> {
 impl<T: Tdcall> Tdx<T> {
     /// A backend whose shared bit is `shared_mask` (TDG.VP.INFO's GPA width
     /// less one: [`TdInfo::shared_mask`](tdcall::TdInfo::shared_mask)).
+    /// TDX defines GPA widths 48 and 52 only, so the mask is bit 47 or 51.
     pub fn new(tdcall: T, shared_mask: u64) -> Result<Self, SetupError> {
-        EncryptionBit::tdx(shared_mask).ok_or(SetupError::InvalidSharedMask(shared_mask))?;
+        EncryptionBit::tdx(shared_mask)
+            .filter(|_| shared_mask == 1 << 47 || shared_mask == 1 << 51)
+            .ok_or(SetupError::InvalidSharedMask(shared_mask))?;
         Ok(Tdx {
             tdcall,
             shared_mask,

@@ -107,6 +107,7 @@ impl core::error::Error for ShareError {
 /// shared and whole (the OS may convert them itself later); otherwise the
 /// engine poisoned them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReleaseError {
     /// Start of the buffer.
     pub pa: u64,
@@ -133,6 +134,7 @@ impl core::error::Error for ReleaseError {
 }
 
 /// A byte access outside a shared buffer.
+// Not `non_exhaustive`: an access is fully described by these three.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OutOfBounds {
     /// Offset asked for.
