@@ -65,8 +65,8 @@ impl core::error::Error for PlatformError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SetupError {
-    /// TDX: the shared-bit mask is not bit 47 or 51 (GPA width 48 or 52,
-    /// the only widths TDX defines).
+    /// TDX: the shared-bit mask is not a single physical-address bit a
+    /// page-table entry holds (32 to 51).
     InvalidSharedMask(u64),
     /// TDX: TDG.VP.INFO failed or reported a GPA width TDX does not define.
     VpInfo(tdcall::InfoError),
@@ -82,7 +82,7 @@ impl core::fmt::Display for SetupError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
             SetupError::InvalidSharedMask(mask) => {
-                write!(f, "shared-bit mask {mask:#x} is not bit 47 or 51")
+                write!(f, "shared-bit mask {mask:#x} is not a single bit from 32 to 51")
             }
             SetupError::VpInfo(e) => e.fmt(f),
             SetupError::InvalidCBit(bit) => write!(f, "C-bit position {bit} is outside 32..=51"),

@@ -21,10 +21,11 @@ pub struct Tdx<T: Tdcall> {
 impl<T: Tdcall> Tdx<T> {
     /// A backend whose shared bit is `shared_mask` (TDG.VP.INFO's GPA width
     /// less one: [`TdInfo::shared_mask`](tdcall::TdInfo::shared_mask)).
-    /// TDX defines GPA widths 48 and 52 only, so the mask is bit 47 or 51.
+    /// The mask is one physical-address bit a page-table entry holds, 32 to
+    /// 51 (TDX itself reports 47 or 51).
     pub fn new(tdcall: T, shared_mask: u64) -> Result<Self, SetupError> {
         EncryptionBit::tdx(shared_mask)
-            .filter(|_| shared_mask == 1 << 47 || shared_mask == 1 << 51)
+            .filter(|_| (1 << 32..=1 << 51).contains(&shared_mask))
             .ok_or(SetupError::InvalidSharedMask(shared_mask))?;
         Ok(Tdx {
             tdcall,

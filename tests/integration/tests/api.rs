@@ -48,7 +48,7 @@ fn tdx_setup_refuses_a_gpa_width_or_mask_tdx_does_not_define() {
         Tdx::from_vp_info(&model).unwrap_err(),
         SetupError::VpInfo(InfoError::UnsupportedGpaw(50))
     );
-    for mask in [0, 3 << 47, 1 << 12, 1 << 63] {
+    for mask in [0, 3 << 47, 1 << 12, 1 << 52, 1 << 63] {
         assert_eq!(Tdx::new(&model, mask).unwrap_err(), SetupError::InvalidSharedMask(mask));
     }
 }
