@@ -17,18 +17,13 @@ use crate::pte::{EncryptionBit, Visibility};
 use crate::sync::Mutex;
 use crate::Platform;
 
-/// Gives the backend the calling CPU's GHCB, if it has one.
+/// Gives the backend the calling CPU's GHCB slot.
 pub trait GhcbProvider {
-    /// Runs `f` with this CPU's GHCB, or `None` before one exists (the
-    /// backend then uses the MSR protocol).
-    fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R;
-
     /// The calling CPU's slot, which [`setup_ghcb`](crate::setup_ghcb)
-    /// fills; `None` if this provider keeps no GHCBs or this CPU has no
-    /// slot.
-    fn slot(&self) -> Option<&GhcbSlot> {
-        None
-    }
+    /// fills and the backend's page state changes use; `None` if this
+    /// provider keeps no GHCBs or this CPU has no slot. Without a filled
+    /// slot the backend uses the MSR protocol.
+    fn slot(&self) -> Option<&GhcbSlot>;
 }
 
 /// No GHCB (early boot): every page state change goes through the MSR
@@ -37,8 +32,8 @@ pub trait GhcbProvider {
 pub struct NoGhcb;
 
 impl GhcbProvider for NoGhcb {
-    fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R {
-        f(None)
+    fn slot(&self) -> Option<&GhcbSlot> {
+        None
     }
 }
 
@@ -87,13 +82,6 @@ impl<'a> PerCpuGhcbs<'a> {
 }
 
 impl GhcbProvider for PerCpuGhcbs<'_> {
-    fn with_ghcb<R>(&self, f: impl FnOnce(Option<&mut GhcbPage>) -> R) -> R {
-        match self.slots.get((self.cpu)()) {
-            Some(slot) => f(slot.0.lock().as_mut()),
-            None => f(None),
-        }
-    }
-
     fn slot(&self) -> Option<&GhcbSlot> {
         self.slots.get((self.cpu)())
     }
@@ -187,7 +175,9 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
     ///
     /// As for [`Platform::convert`].
     unsafe fn page_state_change(&self, runs: Runs<'_>, op: PscOp, counters: &Counters) -> Result<(), PlatformError> {
-        self.ghcbs.with_ghcb(|ghcb| match ghcb {
+        // Held across the exits: the GHCB is this CPU's alone.
+        let mut slot = self.ghcbs.slot().map(|slot| slot.0.lock());
+        match slot.as_mut().and_then(|page| (**page).as_mut()) {
             Some(ghcb) => {
                 let mut desc = PscDescriptor::default();
                 let entries = runs.iter().flat_map(|(pa, len)| {
@@ -215,7 +205,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
                 }
                 Ok(())
             }
-        })
+        }
     }
 
     /// # Safety
