@@ -25,6 +25,7 @@ pub struct Counters {
     pub(crate) pte_writes: AtomicU64,
     pub(crate) conversions: AtomicU64,
     pub(crate) failures: AtomicU64,
+    pub(crate) units_accepted: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -64,8 +65,11 @@ pub struct CounterSnapshot {
     pub pte_writes: u64,
     /// Conversions completed.
     pub conversions: u64,
-    /// Conversions that failed after the point of no return.
+    /// Conversions and acceptances that failed after the point of no
+    /// return.
     pub failures: u64,
+    /// Units of unaccepted memory accepted.
+    pub units_accepted: u64,
 }
 
 impl CounterSnapshot {
@@ -99,6 +103,7 @@ impl CounterSnapshot {
             pte_writes: self.pte_writes - earlier.pte_writes,
             conversions: self.conversions - earlier.conversions,
             failures: self.failures - earlier.failures,
+            units_accepted: self.units_accepted - earlier.units_accepted,
         }
     }
 }
@@ -152,6 +157,7 @@ impl Counters {
             pte_writes: r(&self.pte_writes),
             conversions: r(&self.conversions),
             failures: r(&self.failures),
+            units_accepted: r(&self.units_accepted),
         }
     }
 }

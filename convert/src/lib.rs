@@ -150,13 +150,14 @@ pub mod sync;
 mod tables;
 #[cfg(test)]
 mod testmem;
+mod unaccepted;
 mod window;
 #[cfg(feature = "zeropad")]
 pub mod zeropad;
 
 pub use aliases::{Alias, AliasError, DirectMap, MAX_ALIASES};
 pub use counters::{CounterSnapshot, Counters};
-pub use engine::{Config, ConvertError, Engine, Report, Target};
+pub use engine::{AcceptMemoryError, AcceptReport, Config, ConvertError, Engine, Report, Target};
 pub use ghcb_setup::{setup_ghcb, GhcbSetupError};
 pub use platform::{Platform, PlatformError, Runs};
 pub use policy::{FailureAction, FailurePolicy, ReportOnly};
@@ -165,6 +166,7 @@ pub use reserve::FrameSource;
 pub use shootdown::{TlbShootdown, VaRange};
 pub use state::{Census, PageState, RecordError, StateTable};
 pub use tables::{EntryLoc, PhysMem, Walk};
+pub use unaccepted::{BitmapError, UnacceptedBitmap};
 pub use window::{PerCpuWindows, ScratchWindow, WindowSlot};
 
 /// Leaf and table-pointer bits, for OSes and tests that build page tables.

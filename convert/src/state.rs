@@ -35,6 +35,10 @@ pub enum PageState {
     /// Private memory the engine holds as a page-table page (taken from
     /// the OS's frame source): never converted.
     PageTable,
+    /// Handed over by the firmware unaccepted (or being accepted now):
+    /// not usable, and never converted, until
+    /// [`Engine::accept`](crate::Engine::accept) has accepted it.
+    Unaccepted,
 }
 
 impl PageState {
@@ -67,6 +71,10 @@ pub(crate) enum Code {
     RestoredOld = 7,
     /// A page-table page of the engine's.
     Table = 8,
+    /// In an acceptance unit the firmware handed over unaccepted.
+    Unaccepted = 9,
+    /// The first frame of a unit a CPU is accepting now: the unit's lock.
+    Accepting = 10,
 }
 
 const CODE_MASK: u8 = 0x0F;
@@ -98,6 +106,8 @@ impl Code {
             6 => Code::RestoredNew,
             7 => Code::RestoredOld,
             8 => Code::Table,
+            9 => Code::Unaccepted,
+            10 => Code::Accepting,
             _ => return None,
         })
     }
@@ -108,6 +118,7 @@ impl Code {
             Code::Shared => PageState::Shared,
             Code::Poisoned => PageState::Poisoned,
             Code::Table => PageState::PageTable,
+            Code::Unaccepted | Code::Accepting => PageState::Unaccepted,
             Code::Claimed | Code::Unmapped | Code::Sent | Code::RestoredNew | Code::RestoredOld => {
                 PageState::Converting
             }
@@ -253,7 +264,7 @@ impl<'a> StateTable<'a> {
         self.code(pa) == Some(Code::Table)
     }
 
-    fn claim_code(&self, pa: u64, from: Code, to: Code) -> Result<(), Option<PageState>> {
+    pub(crate) fn claim_code(&self, pa: u64, from: Code, to: Code) -> Result<(), Option<PageState>> {
         let slot = self.slot(pa).ok_or(None)?;
         slot.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .map(|_| ())
@@ -297,6 +308,7 @@ impl<'a> StateTable<'a> {
                 Some(PageState::PageTable) => &mut census.page_tables,
                 Some(PageState::Shared) => &mut census.shared,
                 Some(PageState::Converting) => &mut census.converting,
+                Some(PageState::Unaccepted) => &mut census.unaccepted,
                 Some(PageState::Poisoned) | None => &mut census.poisoned,
             };
             *count += 1;
@@ -320,6 +332,8 @@ pub struct Census {
     pub poisoned: u64,
     /// Private, held by the engine as page-table pages.
     pub page_tables: u64,
+    /// Not accepted yet (or being accepted now).
+    pub unaccepted: u64,
 }
 
 /// Why [`StateTable::record_shared`] recorded nothing.

@@ -60,6 +60,35 @@ pub unsafe trait Pvalidate {
     /// private memory; rescinding makes every private access to it fault.
     /// The caller must ensure both are acceptable to the code using it.
     unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> RawPvalidate;
+
+    /// Whether the CPU guarantees cache coherency across a page's change
+    /// to private, so no eviction is needed after validating: CPUID
+    /// Fn8000_001F EBX\[31\], COHERENCY_SFW_NO
+    /// ([`coherency_sfw_no`](crate::pvalidate::coherency_sfw_no)). `false`
+    /// unless the implementation knows better: evicting is always safe.
+    fn coherency_sfw_no(&self) -> bool {
+        false
+    }
+
+    /// Evicts the cache lines of the `pages` 4 KiB pages at `va`, just
+    /// validated: a read of the first and the last byte of each page through
+    /// the private mapping flushes every line the page has, on CPUs without
+    /// COHERENCY_SFW_NO.
+    ///
+    /// # Safety
+    ///
+    /// `va` maps the pages private, readable, for `pages * 4096` bytes.
+    unsafe fn evict_cache_lines(&self, va: u64, pages: u64) {
+        for page in 0..pages {
+            let first = (va + page * 4096) as *const u8;
+            // SAFETY: the caller guarantees a readable private mapping; the
+            // reads are volatile so they happen, and nothing uses the values.
+            unsafe {
+                core::ptr::read_volatile(first);
+                core::ptr::read_volatile(first.add(4095));
+            }
+        }
+    }
 }
 
 // SAFETY: forwarding keeps the implementation's guarantees.
@@ -67,5 +96,14 @@ unsafe impl<T: Pvalidate + ?Sized> Pvalidate for &T {
     unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> RawPvalidate {
         // SAFETY: the caller upholds the contract.
         unsafe { (**self).pvalidate(va, size, validate) }
+    }
+
+    fn coherency_sfw_no(&self) -> bool {
+        (**self).coherency_sfw_no()
+    }
+
+    unsafe fn evict_cache_lines(&self, va: u64, pages: u64) {
+        // SAFETY: the caller upholds the contract.
+        unsafe { (**self).evict_cache_lines(va, pages) }
     }
 }

@@ -56,7 +56,7 @@ unsafe impl GhcbMsr for GhcbMsrInstruction {
 /// The real PVALIDATE instruction (`F2 0F 01 FF`).
 #[derive(Debug)]
 pub struct PvalidateInstruction {
-    _private: (),
+    coherency_sfw_no: bool,
 }
 
 impl PvalidateInstruction {
@@ -67,7 +67,19 @@ impl PvalidateInstruction {
     /// The code must run as an SEV-SNP guest at CPL 0 (at VMPL 0 to change
     /// the Validated bit).
     pub const unsafe fn new() -> Self {
-        Self { _private: () }
+        Self {
+            coherency_sfw_no: false,
+        }
+    }
+
+    /// The same instruction on a CPU whose CPUID Fn8000_001F EBX is `ebx`:
+    /// when it reports COHERENCY_SFW_NO, pages just validated need no cache
+    /// eviction. (Inside an SEV-SNP guest CPUID is the OS's to answer, from
+    /// the SNP CPUID table or its #VC handler, so the OS passes the value.)
+    pub const fn with_cpuid_8000_001f_ebx(self, ebx: u32) -> Self {
+        Self {
+            coherency_sfw_no: crate::pvalidate::coherency_sfw_no(ebx),
+        }
     }
 }
 
@@ -100,5 +112,9 @@ unsafe impl Pvalidate for PvalidateInstruction {
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn pvalidate(&self, _va: u64, _size: PageSize, _validate: bool) -> RawPvalidate {
         unreachable!("PvalidateInstruction::new requires an x86-64 SNP guest")
+    }
+
+    fn coherency_sfw_no(&self) -> bool {
+        self.coherency_sfw_no
     }
 }

@@ -27,6 +27,17 @@ pub const FAIL_INPUT: u32 = 1;
 /// the one requested.
 pub const FAIL_SIZEMISMATCH: u32 = 6;
 
+/// CPUID Fn8000_001F EBX bit 31, COHERENCY_SFW_NO: the CPU keeps caches
+/// coherent when a page becomes private, so software need not evict the
+/// page's cache lines after validating it (AMD's mitigation for stale
+/// lines, which Linux applies since 2025 on CPUs without the bit).
+pub const COHERENCY_SFW_NO: u32 = 1 << 31;
+
+/// Whether CPUID Fn8000_001F EBX `ebx` reports COHERENCY_SFW_NO.
+pub const fn coherency_sfw_no(ebx: u32) -> bool {
+    ebx & COHERENCY_SFW_NO != 0
+}
+
 /// A PVALIDATE that did not change the page as asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -139,7 +150,9 @@ pub unsafe fn pvalidate<P: Pvalidate + ?Sized>(
 /// (In)validates `[va, va + len)`: 2 MiB pages where `allow_2m`, the
 /// address is 2 MiB aligned and the range covers the whole page; on a size
 /// mismatch (the RMP holds 4 KiB entries there) that 2 MiB is done as 512
-/// 4 KiB pages. Stops at the first failure.
+/// 4 KiB pages. Stops at the first failure. After validating, evicts each
+/// page's cache lines unless the CPU reports COHERENCY_SFW_NO
+/// ([`Pvalidate::evict_cache_lines`]); rescinding needs no eviction.
 ///
 /// # Safety
 ///
@@ -166,6 +179,8 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
             match unsafe { pvalidate(p, page, PageSize::Size2M, validate) } {
                 Ok(()) => {
                     calls.pages_2m += 1;
+                    // SAFETY: `page` maps the 2 MiB just validated.
+                    unsafe { evict_if_needed(p, page, 512, validate) };
                     page += huge;
                     continue;
                 }
@@ -211,5 +226,17 @@ unsafe fn pvalidate_4k<P: Pvalidate + ?Sized>(
         error,
     })?;
     calls.pages_4k += 1;
+    // SAFETY: `va` maps the page just validated.
+    unsafe { evict_if_needed(p, va, 1, validate) };
     Ok(())
+}
+
+/// # Safety
+///
+/// `va` maps `pages` pages private and readable.
+unsafe fn evict_if_needed<P: Pvalidate + ?Sized>(p: &P, va: u64, pages: u64, validated: bool) {
+    if validated && !p.coherency_sfw_no() {
+        // SAFETY: forwarded.
+        unsafe { p.evict_cache_lines(va, pages) };
+    }
 }

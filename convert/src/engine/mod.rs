@@ -10,6 +10,7 @@
 //! shootdown, or a call into the OS's frame source, so concurrent
 //! conversions overlap their expensive parts.
 
+mod accept;
 mod error;
 mod frames;
 mod retire;
@@ -31,6 +32,7 @@ use crate::tables::{PhysMem, Tables};
 use crate::window::ScratchWindow;
 use crate::{Alias, AliasError, DirectMap};
 
+pub use accept::{AcceptMemoryError, AcceptReport};
 pub use error::{ConvertError, Report};
 use frames::Frames;
 
@@ -86,6 +88,7 @@ pub struct Engine<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> 
     config: Config,
     enc: EncryptionBit,
     states: StateTable<'a>,
+    unaccepted: Option<crate::unaccepted::UnacceptedBitmap<'a>>,
     window: Option<&'a (dyn ScratchWindow + Sync)>,
     policy: &'a (dyn FailurePolicy + Sync),
     aliases: AliasRegistry,
@@ -117,6 +120,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             platform,
             config,
             states,
+            unaccepted: None,
             window: None,
             policy: &ReportOnly,
             aliases: AliasRegistry::new(),

@@ -61,6 +61,16 @@ impl core::error::Error for PlatformError {
     }
 }
 
+/// A failed [`Platform::accept`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptFailure {
+    /// What failed.
+    pub error: PlatformError,
+    /// Every byte from the range's start up to here is accepted; from here
+    /// on the state of the memory is unknown.
+    pub accepted_below: u64,
+}
+
 /// Why a platform backend could not be built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -140,6 +150,24 @@ pub trait Platform {
         window: Option<&mut dyn PrivateMap>,
         counters: &Counters,
     ) -> Result<(), PlatformError>;
+
+    /// Accepts `[pa, pa + len)`, memory the firmware handed over unaccepted,
+    /// and does what must follow before the guest may use it: TDX ACCEPT,
+    /// largest pages first; SEV-SNP page state change to private, then
+    /// PVALIDATE. The range is 4 KiB aligned.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may access the frames until this returns (an access to
+    /// unaccepted memory is fatal for the guest). Their mappings may be
+    /// present: nothing the guest relies on is in them.
+    unsafe fn accept(
+        &self,
+        pa: u64,
+        len: u64,
+        window: Option<&mut dyn PrivateMap>,
+        counters: &Counters,
+    ) -> Result<(), AcceptFailure>;
 
     /// Asks the host to end the guest (failure policy). May return if the
     /// host ignores it; the caller must then stop on its own.

@@ -11,7 +11,7 @@ use snp_ghcb::pvalidate::pvalidate_range;
 use snp_ghcb::{GhcbMsr, GhcbPage, Pvalidate};
 
 use super::knobs::SnpOptions;
-use super::{PlatformError, PrivateMap, Runs, SetupError};
+use super::{AcceptFailure, PlatformError, PrivateMap, Runs, SetupError};
 use crate::counters::Counters;
 use crate::pte::{EncryptionBit, Visibility};
 use crate::sync::Mutex;
@@ -311,6 +311,26 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
                 unsafe { self.pvalidate(runs, true, window, counters) }
             }
         }
+    }
+
+    unsafe fn accept(
+        &self,
+        pa: u64,
+        len: u64,
+        window: Option<&mut dyn PrivateMap>,
+        counters: &Counters,
+    ) -> Result<(), AcceptFailure> {
+        let runs = Runs::One { pa, len };
+        // Which pages PVALIDATE reached before a failure is not reported,
+        // so a failure leaves the whole range in doubt.
+        let failed = |error| AcceptFailure {
+            error,
+            accepted_below: pa,
+        };
+        // SAFETY: forwarded from the caller: nothing uses the frames.
+        unsafe { self.page_state_change(runs, PscOp::Private, counters) }.map_err(failed)?;
+        // SAFETY: as above.
+        unsafe { self.pvalidate(runs, true, window, counters) }.map_err(failed)
     }
 
     fn terminate(&self, reason: u8) {

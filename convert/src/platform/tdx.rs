@@ -1,10 +1,10 @@
 //! The TDX backend: MapGPA per contiguous physical run; to private, then
 //! ACCEPT largest aligned size first.
 
-use tdcall::{accept_range, map_gpa, report_fatal_error, Tdcall};
+use tdcall::{accept_range, map_gpa, report_fatal_error, AcceptError, Tdcall};
 
 use super::knobs::TdxOptions;
-use super::{PlatformError, PrivateMap, Runs, SetupError};
+use super::{AcceptFailure, PlatformError, PrivateMap, Runs, SetupError};
 use crate::counters::Counters;
 use crate::pte::{EncryptionBit, Visibility};
 use crate::Platform;
@@ -111,6 +111,37 @@ impl<T: Tdcall> Platform for Tdx<T> {
             })?;
         }
         Ok(())
+    }
+
+    unsafe fn accept(
+        &self,
+        pa: u64,
+        len: u64,
+        _window: Option<&mut dyn PrivateMap>,
+        counters: &Counters,
+    ) -> Result<(), AcceptFailure> {
+        // SAFETY: forwarded from the caller: nothing uses the frames.
+        match unsafe { accept_range(&self.tdcall, pa, len) } {
+            Ok(calls) => {
+                Counters::add(&counters.accept, calls.calls);
+                Ok(())
+            }
+            Err(error) => {
+                Counters::add(&counters.accept, 1);
+                // ACCEPT goes up from the start, so everything below the
+                // page it failed on was accepted.
+                let failed_at = match error {
+                    AcceptError::AlreadyAccepted { gpa, .. }
+                    | AcceptError::Busy { gpa }
+                    | AcceptError::Tdx { gpa, .. } => gpa,
+                    _ => pa,
+                };
+                Err(AcceptFailure {
+                    error: PlatformError::Accept(error),
+                    accepted_below: failed_at.clamp(pa, pa + len),
+                })
+            }
+        }
     }
 
     fn terminate(&self, reason: u8) {

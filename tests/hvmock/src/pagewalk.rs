@@ -146,15 +146,42 @@ pub(crate) struct AliasCheck {
     /// A virtual range whose mappings are not aliases: the emulator's own
     /// view of guest memory, in a test guest.
     pub ignore: Option<(u64, u64)>,
+    /// Per page: handed over unaccepted by the firmware and not accepted
+    /// or converted since. Accepting such memory with its mappings present
+    /// is what every guest does (nothing in it is relied on yet), so calls
+    /// that concern only such pages are not checked.
+    unaccepted: Vec<bool>,
 }
 
 impl AliasCheck {
+    /// Marks `[pa, pa + len)` as handed over unaccepted (`true`) or as
+    /// ordinary memory again.
+    pub fn set_unaccepted(&mut self, pa: u64, len: u64, unaccepted: bool) {
+        let (first, last) = ((pa / 4096) as usize, (pa + len).div_ceil(4096) as usize);
+        if unaccepted && self.unaccepted.len() < last {
+            self.unaccepted.resize(last, false);
+        }
+        for page in self.unaccepted.iter_mut().take(last).skip(first) {
+            *page = unaccepted;
+        }
+    }
+
+    fn only_unaccepted(&self, pa: u64, len: u64) -> bool {
+        let (first, last) = ((pa / 4096) as usize, (pa + len).div_ceil(4096) as usize);
+        self.unaccepted
+            .get(first..last)
+            .is_some_and(|pages| pages.iter().all(|&p| p))
+    }
+
     /// Records every present mapping of `[pa, pa + len)` except the one at
     /// `allowed_va` (PVALIDATE's own address).
     pub fn check(&mut self, mem: &GuestMemory, call: &'static str, pa: u64, len: u64, allowed_va: Option<u64>) {
         let Some(tables) = self.tables.filter(|_| !self.disabled) else {
             return;
         };
+        if self.only_unaccepted(pa, len) {
+            return;
+        }
         let violations = &mut self.violations;
         let ignore = self.ignore;
         tables.for_each_mapping(mem, &mut |mapping| {

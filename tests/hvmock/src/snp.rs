@@ -4,6 +4,7 @@
 //! from the GHCB spec (#56421 v2) and the APM independently of the `snp-ghcb`
 //! crate, so the two check each other.
 
+use alloc::collections::BTreeSet;
 use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -113,6 +114,13 @@ pub struct SnpConfig {
     /// 4 KiB pages processed per PSC exit before returning with the work
     /// half done (`None`: all).
     pub psc_pages_per_exit: Option<u64>,
+    /// The hypervisor backs every page with 4 KiB RMP entries, even for a
+    /// 2 MiB page state change (as after a live migration): a 2 MiB
+    /// PVALIDATE then fails with FAIL_SIZEMISMATCH.
+    pub rmp_4k_only: bool,
+    /// The CPU reports COHERENCY_SFW_NO (CPUID Fn8000_001F EBX\[31\]):
+    /// pages just validated need no cache eviction.
+    pub coherency_sfw_no: bool,
 }
 
 impl Default for SnpConfig {
@@ -123,6 +131,8 @@ impl Default for SnpConfig {
             max_version: 2,
             features: 1,
             psc_pages_per_exit: None,
+            rmp_4k_only: false,
+            coherency_sfw_no: false,
         }
     }
 }
@@ -138,6 +148,8 @@ pub struct SnpStats {
     pub psc_entries: u64,
     /// PVALIDATE executions.
     pub pvalidates: u64,
+    /// 4 KiB pages whose cache lines the guest evicted.
+    pub evictions: u64,
     /// Requests that broke the protocol (unregistered GHCB, bad valid
     /// bitmap, wrong version): an honest guest makes none.
     pub protocol_violations: u64,
@@ -152,6 +164,8 @@ struct Model {
     terminated: Option<(u8, u8)>,
     stats: SnpStats,
     aliases: AliasCheck,
+    /// Pages validated private whose cache lines were not evicted since.
+    unevicted: BTreeSet<u64>,
 }
 
 /// The hypervisor + RMP model. Implements [`GhcbMsr`] and [`Pvalidate`]
@@ -193,8 +207,28 @@ impl MockSnp {
                 terminated: None,
                 stats: SnpStats::default(),
                 aliases: AliasCheck::default(),
+                unevicted: BTreeSet::new(),
             }),
         }
+    }
+
+    /// Sets the RMP entries of `[gpa, gpa + len)` as launch left them. An
+    /// entry that is not validated is memory the guest receives unaccepted
+    /// (assigned: made private for the guest but not validated; not
+    /// assigned: never given to the guest at all). A validated one the
+    /// guest never validated itself is a lie a hostile launch can tell.
+    pub fn set_rmp(&self, gpa: u64, len: u64, entry: RmpEntry) {
+        let mut m = self.model.lock();
+        for gfn in gpa / PAGE_SIZE..(gpa + len).div_ceil(PAGE_SIZE) {
+            m.rmp[gfn as usize] = entry;
+        }
+        m.aliases.set_unaccepted(gpa, len, !entry.validated);
+    }
+
+    /// Pages validated private whose cache lines the guest has not evicted
+    /// (on a CPU without COHERENCY_SFW_NO), by GPA.
+    pub fn unevicted(&self) -> Vec<u64> {
+        self.model.lock().unevicted.iter().map(|gfn| gfn * PAGE_SIZE).collect()
     }
 
     /// The guest memory the model works on.
@@ -335,8 +369,12 @@ impl Model {
             *e = RmpEntry {
                 assigned: private,
                 validated: false,
-                huge: huge && private,
+                huge: huge && private && !self.config.rmp_4k_only,
             };
+            self.unevicted.remove(&g);
+            if !private {
+                self.aliases.set_unaccepted(g * PAGE_SIZE, PAGE_SIZE, false);
+            }
         }
     }
 
@@ -482,6 +520,17 @@ impl Model {
         for e in entries.iter_mut() {
             e.validated = validate;
         }
+        let gfns = gpa / PAGE_SIZE..gpa / PAGE_SIZE + pages;
+        if validate {
+            self.aliases.set_unaccepted(gpa, size.bytes(), false);
+            if !self.config.coherency_sfw_no {
+                self.unevicted.extend(gfns);
+            }
+        } else {
+            gfns.for_each(|g| {
+                self.unevicted.remove(&g);
+            });
+        }
         RawPvalidate { eax: 0, carry: false }
     }
 }
@@ -519,5 +568,24 @@ unsafe impl Pvalidate for MockSnp {
     unsafe fn pvalidate(&self, va: u64, size: PageSize, validate: bool) -> RawPvalidate {
         self.exits.here();
         self.model.lock().pvalidate(&self.memory, va, size, validate)
+    }
+
+    fn coherency_sfw_no(&self) -> bool {
+        self.model.lock().config.coherency_sfw_no
+    }
+
+    unsafe fn evict_cache_lines(&self, va: u64, pages: u64) {
+        let mut m = self.model.lock();
+        for page in 0..pages {
+            let at = va + page * PAGE_SIZE;
+            let gpa = match m.aliases.tables {
+                Some(tables) => tables.translate(&self.memory, at).map(|t| t.pa),
+                None => self.memory.gpa_of(at),
+            };
+            if let Some(gpa) = gpa {
+                m.unevicted.remove(&(gpa / PAGE_SIZE));
+                m.stats.evictions += 1;
+            }
+        }
     }
 }

@@ -233,6 +233,20 @@ impl MockTdx {
         &self.memory
     }
 
+    /// Sets the pages of `[gpa, gpa + len)` as the TD starts with them.
+    /// Pending pages are memory the firmware hands over unaccepted, mapped
+    /// in the Secure EPT at `page.level` (4 KiB entries under a 2 MiB
+    /// request, as after a live migration, make a 2 MiB ACCEPT fail with a
+    /// size mismatch). Accepted pages the guest's memory map calls
+    /// unaccepted are a lie a hostile firmware or loader can tell.
+    pub fn set_pages(&self, gpa: u64, len: u64, page: TdxPage) {
+        let mut m = self.model.lock();
+        for gfn in gpa / PAGE_SIZE..(gpa + len).div_ceil(PAGE_SIZE) {
+            m.pages[gfn as usize] = page;
+        }
+        m.aliases.set_unaccepted(gpa, len, page.state == TdxPageState::Pending);
+    }
+
     /// The shared bit of this TD.
     pub fn shared_mask(&self) -> u64 {
         1 << (self.model.lock().config.gpaw - 1)
@@ -393,6 +407,7 @@ impl Model {
         for p in block.iter_mut() {
             p.state = TdxPageState::Accepted;
         }
+        self.aliases.set_unaccepted(gpa, pages * PAGE_SIZE, false);
         memory.fill(gpa, pages * PAGE_SIZE, 0);
         TDX_SUCCESS
     }
@@ -533,6 +548,7 @@ impl Model {
                         state: TdxPageState::Shared,
                         level: 0,
                     };
+                    self.aliases.set_unaccepted(gfn * PAGE_SIZE, PAGE_SIZE, false);
                     memory.fill(gfn * PAGE_SIZE, PAGE_SIZE, SCRIBBLE);
                 }
             }

@@ -61,4 +61,8 @@ unsafe impl Pvalidate for NullSnp {
     unsafe fn pvalidate(&self, _va: u64, _size: PageSize, _validate: bool) -> RawPvalidate {
         RawPvalidate { eax: 0, carry: false }
     }
+
+    /// The reads cost the CPU, not the engine, and the window's addresses
+    /// are simulated: nothing to read here.
+    unsafe fn evict_cache_lines(&self, _va: u64, _pages: u64) {}
 }

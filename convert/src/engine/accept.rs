@@ -1,0 +1,550 @@
+//! Accepting memory the firmware handed over unaccepted: lazily, as the
+//! OS's allocator reaches it, or eagerly at boot on every CPU the OS
+//! offers.
+//!
+//! Each unit's state lives in the state bytes of its frames (every frame
+//! of an unaccepted unit is `Unaccepted`) and its bit in the bitmap. The
+//! unit's first frame is its lock: a CPU claims the unit by moving that
+//! byte to `Accepting`, accepts, makes every frame private (the first
+//! last), and only then clears the bit. A CPU that finds a unit being
+//! accepted waits for it, but only after it has finished the units it
+//! claimed itself, so no two CPUs ever wait for each other; and no lock is
+//! held across the hypercalls.
+
+use core::ops::Range;
+
+use super::{ConvertError, Engine, PAGE};
+use crate::counters::Counters;
+use crate::platform::{AcceptFailure, Platform, PlatformError, PrivateMap};
+use crate::policy::FailureAction;
+use crate::reserve::FrameSource;
+use crate::shootdown::TlbShootdown;
+use crate::state::{Code, PageState};
+use crate::tables::PhysMem;
+use crate::unaccepted::{guarded_end, UnacceptedBitmap};
+use crate::window::WindowMap;
+
+/// The most one platform call accepts: a 1 GiB ACCEPT on TDX, two and a
+/// bit page-state-change exits of 2 MiB entries on SEV-SNP. It also bounds
+/// what one failure can poison.
+const MAX_CALL: u64 = 1 << 30;
+
+/// What an acceptance did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AcceptReport {
+    /// Units this call accepted (units other CPUs accepted meanwhile, or
+    /// that were accepted already, are not counted).
+    pub units: u64,
+}
+
+/// Why memory was not accepted, or not all of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AcceptMemoryError {
+    /// Empty, unaligned (recording needs 4 KiB alignment) or wrapping.
+    InvalidRange {
+        /// Start.
+        pa: u64,
+        /// Length.
+        len: u64,
+    },
+    /// Recording needs a bitmap ([`Engine::with_unaccepted`]).
+    NoBitmap,
+    /// The state table does not cover this frame of an unaccepted unit.
+    Uncovered {
+        /// The frame.
+        pa: u64,
+    },
+    /// Recording: this frame is in use (not private), so it cannot be
+    /// unaccepted memory.
+    NotPrivate {
+        /// The frame.
+        pa: u64,
+        /// Its state.
+        state: Option<PageState>,
+    },
+    /// SEV-SNP validates through the private scratch window and the engine
+    /// has none on this CPU. Nothing changed.
+    NoScratchWindow,
+    /// An earlier acceptance of the unit at `pa` failed: it is poisoned and
+    /// never usable.
+    Poisoned {
+        /// The unit.
+        pa: u64,
+    },
+    /// The firmware or host failed. The units of the failed call from the
+    /// unit at `pa` on are poisoned (their frames are
+    /// [`PageState::Poisoned`], their bits stay set); the units before it
+    /// were accepted.
+    Platform {
+        /// What failed.
+        error: PlatformError,
+        /// The first poisoned unit, or frame for a range recorded with
+        /// [`Engine::record_unaccepted`].
+        pa: u64,
+        /// Frames poisoned.
+        poisoned: u64,
+        /// Units this call accepted before and besides the failure.
+        accepted: u64,
+    },
+}
+
+impl core::fmt::Display for AcceptMemoryError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            AcceptMemoryError::InvalidRange { pa, len } => write!(f, "invalid range {pa:#x}+{len:#x}"),
+            AcceptMemoryError::NoBitmap => f.write_str("no unaccepted-memory bitmap was given"),
+            AcceptMemoryError::Uncovered { pa } => {
+                write!(f, "frame {pa:#x} of an unaccepted unit is outside the state table")
+            }
+            AcceptMemoryError::NotPrivate { pa, state } => {
+                write!(f, "frame {pa:#x} is in use ({state:?}), not unaccepted memory")
+            }
+            AcceptMemoryError::NoScratchWindow => f.write_str("no private scratch window for PVALIDATE"),
+            AcceptMemoryError::Poisoned { pa } => write!(f, "the unit at {pa:#x} failed to accept earlier"),
+            AcceptMemoryError::Platform {
+                error,
+                pa,
+                poisoned,
+                accepted,
+            } => write!(
+                f,
+                "accepting memory failed at {pa:#x} ({poisoned} frames poisoned, {accepted} units accepted): {error}"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for AcceptMemoryError {
+    fn source(&self) -> Option<&(dyn core::error::Error + 'static)> {
+        match self {
+            AcceptMemoryError::Platform { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// A unit as the state bytes tell it, while its bit is set.
+enum Unit {
+    /// Nobody is accepting it.
+    Unaccepted,
+    /// Another CPU is accepting it now.
+    Busy,
+    /// Accepted (its bit is about to clear).
+    Accepted,
+    Poisoned,
+    Uncovered,
+}
+
+impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M, F, T, P> {
+    /// Gives the engine the bitmap of unaccepted memory. Units already set
+    /// in it (a bitmap the firmware or a previous kernel filled) become
+    /// [`PageState::Unaccepted`] in the state table, which must cover them
+    /// and hold their frames private; otherwise nothing changes and the
+    /// error names the first frame in the way.
+    pub fn with_unaccepted(mut self, bitmap: UnacceptedBitmap<'a>) -> Result<Self, AcceptMemoryError> {
+        let set = (0..bitmap.units()).filter(|&u| bitmap.is_unaccepted(u));
+        let unit = bitmap.unit_size();
+        for (done, u) in set.clone().enumerate() {
+            if let Err(e) = self.mark_unit_unaccepted(bitmap.unit_pa(u), unit) {
+                for undo in set.take(done) {
+                    self.unmark_unit(bitmap.unit_pa(undo), unit);
+                }
+                return Err(e);
+            }
+        }
+        self.unaccepted = Some(bitmap);
+        Ok(self)
+    }
+
+    /// The unaccepted-memory bitmap, if the engine has one (to hand on to
+    /// the next kernel).
+    pub fn unaccepted(&self) -> Option<&UnacceptedBitmap<'a>> {
+        self.unaccepted.as_ref()
+    }
+
+    /// Records `[pa, pa + len)` as unaccepted, from the firmware's memory
+    /// map (UEFI type 15, `EfiUnacceptedMemoryType`; on TDX the TD HOB's
+    /// unaccepted resources; on SEV-SNP the ranges not validated at launch).
+    /// Whole units inside the range are marked in the bitmap and become
+    /// [`PageState::Unaccepted`]; the parts at either end that do not fill
+    /// a unit are accepted now, as the bitmap cannot describe them.
+    ///
+    /// The frames must be private (the state table's initial state) and
+    /// untouched. On an error before the platform was called nothing
+    /// changed.
+    pub fn record_unaccepted(&self, pa: u64, len: u64) -> Result<(), AcceptMemoryError> {
+        let end = pa
+            .checked_add(len)
+            .filter(|_| len > 0 && (pa | len) % PAGE == 0)
+            .ok_or(AcceptMemoryError::InvalidRange { pa, len })?;
+        let bitmap = self.unaccepted.as_ref().ok_or(AcceptMemoryError::NoBitmap)?;
+        if let Some(pa) = self.states.first_uncovered(pa, len) {
+            return Err(AcceptMemoryError::Uncovered { pa });
+        }
+        let whole = bitmap.units_inside(pa, end);
+        let unit = bitmap.unit_size();
+        let (head_end, tail_start) = if whole.is_empty() {
+            (end, end)
+        } else {
+            (bitmap.unit_pa(whole.start), bitmap.unit_pa(whole.end))
+        };
+        let edges = [pa..head_end, tail_start..end];
+        if edges.iter().any(|e| !e.is_empty()) {
+            self.check_window()?;
+        }
+        // Claim the edges first: they are accepted below, and a conversion
+        // must not take them meanwhile.
+        for (i, edge) in edges.iter().enumerate() {
+            if let Err(e) = self.claim_frames(edge.clone()) {
+                edges[..i]
+                    .iter()
+                    .for_each(|done| self.settle_frames(done.clone(), Code::Private));
+                return Err(e);
+            }
+        }
+        for (done, u) in whole.clone().enumerate() {
+            if let Err(e) = self.mark_unit_unaccepted(bitmap.unit_pa(u), unit) {
+                whole
+                    .clone()
+                    .take(done)
+                    .for_each(|undo| self.unmark_unit(bitmap.unit_pa(undo), unit));
+                edges
+                    .iter()
+                    .for_each(|edge| self.settle_frames(edge.clone(), Code::Private));
+                return Err(e);
+            }
+        }
+        whole.for_each(|u| bitmap.set(u));
+        let mut result = Ok(());
+        for edge in edges.into_iter().filter(|e| !e.is_empty()) {
+            let accepted = self.accept_edge(edge);
+            result = result.and(accepted);
+        }
+        result
+    }
+
+    /// Makes sure every unit `[pa, pa + len)` touches is accepted, and the
+    /// unit after it when the range ends on a unit boundary (a
+    /// word-at-a-time load past the range's end reaches into it, and a
+    /// load from unaccepted memory cannot be fixed up: it ends the guest).
+    /// Each unit is accepted exactly once, whatever the number of CPUs
+    /// asking at once: one accepts it, the others wait until it is done.
+    /// Call it from the page allocator before handing out memory. Units
+    /// outside the bitmap, or with no bitmap at all, count as accepted.
+    ///
+    /// On an error, units accepted before it stay accepted.
+    pub fn accept(&self, pa: u64, len: u64) -> Result<AcceptReport, AcceptMemoryError> {
+        let end = pa
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or(AcceptMemoryError::InvalidRange { pa, len })?;
+        let Some(bitmap) = self.unaccepted.as_ref() else {
+            return Ok(AcceptReport::default());
+        };
+        let units = bitmap.units_touching(pa, guarded_end(end, bitmap.unit_size()));
+        if !units.clone().any(|u| bitmap.is_unaccepted(u)) {
+            return Ok(AcceptReport::default());
+        }
+        self.check_window()?;
+        let mut report = AcceptReport::default();
+        let mut run: Option<Range<u64>> = None;
+        for u in units {
+            loop {
+                match self.unit_state(bitmap, u) {
+                    None | Some(Unit::Accepted) => break,
+                    Some(Unit::Unaccepted) => {
+                        if self
+                            .states
+                            .claim_code(bitmap.unit_pa(u), Code::Unaccepted, Code::Accepting)
+                            .is_ok()
+                        {
+                            run = self.extend_run(bitmap, run, u, &mut report)?;
+                            break;
+                        }
+                    }
+                    Some(Unit::Busy) => {
+                        // Wait holding no claim of our own.
+                        self.flush_run(bitmap, run.take(), &mut report)?;
+                        crate::sync::spin_loop();
+                    }
+                    Some(Unit::Poisoned) => {
+                        self.flush_run(bitmap, run.take(), &mut report)?;
+                        return Err(AcceptMemoryError::Poisoned { pa: bitmap.unit_pa(u) });
+                    }
+                    Some(Unit::Uncovered) => {
+                        self.flush_run(bitmap, run.take(), &mut report)?;
+                        return Err(AcceptMemoryError::Uncovered { pa: bitmap.unit_pa(u) });
+                    }
+                }
+            }
+        }
+        self.flush_run(bitmap, run, &mut report)?;
+        Ok(report)
+    }
+
+    /// Accepts every unaccepted unit, for an OS that accepts all memory at
+    /// boot. Call it on each of `cpus` CPUs at once, with `cpu` from 0 to
+    /// `cpus - 1`: each starts at its own share of the bitmap and goes on
+    /// to whatever is left, skipping units another CPU holds, so the work
+    /// spreads over the CPUs without any unit accepted twice. Everything is
+    /// accepted once every CPU has returned.
+    ///
+    /// A failed unit does not stop the others: the first failure is
+    /// returned at the end, with `accepted` counting every unit this CPU
+    /// accepted.
+    pub fn accept_all(&self, cpu: usize, cpus: usize) -> Result<AcceptReport, AcceptMemoryError> {
+        let Some(bitmap) = self.unaccepted.as_ref() else {
+            return Ok(AcceptReport::default());
+        };
+        if bitmap.count() == 0 {
+            return Ok(AcceptReport::default());
+        }
+        self.check_window()?;
+        let n = bitmap.units();
+        let (lo, hi) = bitmap.unaccepted_span();
+        let share = (hi - lo) / cpus.max(1) as u64;
+        let mut start = lo + share * cpu.min(cpus) as u64;
+        // Shares at least a call long start on call boundaries, so 1 GiB
+        // pieces stay whole.
+        if share >= MAX_CALL / bitmap.unit_size() {
+            while start > lo && bitmap.unit_pa(start) % MAX_CALL != 0 {
+                start -= 1;
+            }
+        }
+        let mut report = AcceptReport::default();
+        let mut first_error = None;
+        let mut run: Option<Range<u64>> = None;
+        let mut keep =
+            |result: Result<Option<Range<u64>>, AcceptMemoryError>, run: &mut Option<Range<u64>>| match result {
+                Ok(r) => *run = r,
+                Err(e) => {
+                    *run = None;
+                    first_error.get_or_insert(e);
+                }
+            };
+        for u in (start..n).chain(0..start) {
+            if u == 0 {
+                // The wrap: units on either side are not contiguous.
+                keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+            }
+            let claimed = matches!(self.unit_state(bitmap, u), Some(Unit::Unaccepted))
+                && self
+                    .states
+                    .claim_code(bitmap.unit_pa(u), Code::Unaccepted, Code::Accepting)
+                    .is_ok();
+            let next = if claimed {
+                self.extend_run(bitmap, run.take(), u, &mut report)
+            } else {
+                self.flush_run(bitmap, run.take(), &mut report).map(|()| None)
+            };
+            keep(next, &mut run);
+        }
+        keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+        match first_error {
+            Some(AcceptMemoryError::Platform {
+                error, pa, poisoned, ..
+            }) => Err(AcceptMemoryError::Platform {
+                error,
+                pa,
+                poisoned,
+                accepted: report.units,
+            }),
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
+    }
+
+    /// Adds claimed unit `u` to `run`, or sends `run` to the platform and
+    /// starts a new one: runs are contiguous and stay within one
+    /// [`MAX_CALL`]-aligned piece.
+    fn extend_run(
+        &self,
+        bitmap: &UnacceptedBitmap<'_>,
+        run: Option<Range<u64>>,
+        u: u64,
+        report: &mut AcceptReport,
+    ) -> Result<Option<Range<u64>>, AcceptMemoryError> {
+        match run {
+            Some(r) if r.end == u && bitmap.unit_pa(u) % MAX_CALL != 0 => Ok(Some(r.start..u + 1)),
+            other => {
+                if let Err(e) = self.flush_run(bitmap, other, report) {
+                    self.states
+                        .claim_code(bitmap.unit_pa(u), Code::Accepting, Code::Unaccepted)
+                        .ok();
+                    return Err(e);
+                }
+                Ok(Some(u..u + 1))
+            }
+        }
+    }
+
+    /// Accepts the claimed units of `run` in one platform call and settles
+    /// them: accepted, or poisoned from the point of failure on.
+    fn flush_run(
+        &self,
+        bitmap: &UnacceptedBitmap<'_>,
+        run: Option<Range<u64>>,
+        report: &mut AcceptReport,
+    ) -> Result<(), AcceptMemoryError> {
+        let Some(run) = run.filter(|r| !r.is_empty()) else {
+            return Ok(());
+        };
+        let (start, end) = (bitmap.unit_pa(run.start), bitmap.unit_pa(run.end));
+        // SAFETY: the units are claimed: nothing else accepts or converts
+        // their frames, and the OS does not touch unaccepted memory.
+        let result = unsafe { self.platform_accept(start, end - start) };
+        let accepted_below = match result {
+            Ok(()) => end,
+            Err(AcceptFailure { accepted_below, .. }) => bitmap.unit_pa(
+                bitmap
+                    .units_touching(accepted_below, accepted_below)
+                    .start
+                    .max(run.start),
+            ),
+        };
+        let unit = bitmap.unit_size();
+        let accepted = bitmap.units_touching(start, accepted_below);
+        for u in accepted.clone() {
+            let first = bitmap.unit_pa(u);
+            self.settle_frames(first + PAGE..first + unit, Code::Private);
+            self.states.settle(first, Code::Private);
+            bitmap.clear(u);
+        }
+        let units = accepted.end - accepted.start;
+        report.units += units;
+        Counters::add(&self.counters.units_accepted, units);
+        let Err(failure) = result else { return Ok(()) };
+        // The bits stay set: the units are not accepted, and a next kernel
+        // must not take them for usable memory.
+        self.settle_frames(accepted_below + PAGE..end, Code::Poisoned);
+        self.states.settle(accepted_below, Code::Poisoned);
+        let error = AcceptMemoryError::Platform {
+            error: failure.error,
+            pa: accepted_below,
+            poisoned: (end - accepted_below) / PAGE,
+            accepted: report.units,
+        };
+        self.failed(ConvertError::Platform {
+            error: failure.error,
+            pa: accepted_below,
+            poisoned: (end - accepted_below) / PAGE,
+            converted: 0,
+        });
+        Err(error)
+    }
+
+    /// Accepts an edge of a recorded range that fills no unit: claimed
+    /// private frames.
+    fn accept_edge(&self, edge: Range<u64>) -> Result<(), AcceptMemoryError> {
+        // SAFETY: the frames are claimed, and the OS does not touch memory
+        // it is recording as unaccepted.
+        match unsafe { self.platform_accept(edge.start, edge.end - edge.start) } {
+            Ok(()) => {
+                self.settle_frames(edge, Code::Private);
+                Ok(())
+            }
+            Err(failure) => {
+                let bad = failure.accepted_below.clamp(edge.start, edge.end) & !(PAGE - 1);
+                self.settle_frames(edge.start..bad, Code::Private);
+                self.settle_frames(bad..edge.end, Code::Poisoned);
+                let poisoned = (edge.end - bad) / PAGE;
+                self.failed(ConvertError::Platform {
+                    error: failure.error,
+                    pa: bad,
+                    poisoned,
+                    converted: 0,
+                });
+                Err(AcceptMemoryError::Platform {
+                    error: failure.error,
+                    pa: bad,
+                    poisoned,
+                    accepted: 0,
+                })
+            }
+        }
+    }
+
+    /// Counts a failure and applies the failure policy.
+    fn failed(&self, err: ConvertError) {
+        Counters::add(&self.counters.failures, 1);
+        log::error!("accepting memory failed, frames poisoned: {err:?}");
+        if let FailureAction::Terminate { reason } = self.policy.on_failure(&err) {
+            self.platform.terminate(reason);
+        }
+    }
+
+    fn unit_state(&self, bitmap: &UnacceptedBitmap<'_>, u: u64) -> Option<Unit> {
+        if !bitmap.is_unaccepted(u) {
+            return None;
+        }
+        let first = bitmap.unit_pa(u);
+        if self.states.first_uncovered(first, bitmap.unit_size()).is_some() {
+            return Some(Unit::Uncovered);
+        }
+        Some(match self.states.code(first) {
+            Some(Code::Unaccepted) => Unit::Unaccepted,
+            Some(Code::Accepting) => Unit::Busy,
+            Some(Code::Poisoned) | None => Unit::Poisoned,
+            Some(_) => Unit::Accepted,
+        })
+    }
+
+    fn check_window(&self) -> Result<(), AcceptMemoryError> {
+        let tables = self.tables();
+        if self.platform.needs_private_map() && self.window.and_then(|w| WindowMap::new(&tables, w)).is_none() {
+            return Err(AcceptMemoryError::NoScratchWindow);
+        }
+        Ok(())
+    }
+
+    /// [`Platform::accept`] with this CPU's scratch window.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Platform::accept`].
+    unsafe fn platform_accept(&self, pa: u64, len: u64) -> Result<(), AcceptFailure> {
+        let tables = self.tables();
+        let mut window = self.window.and_then(|w| WindowMap::new(&tables, w));
+        let window = window.as_mut().map(|w| w as &mut dyn PrivateMap);
+        // SAFETY: forwarded to the caller.
+        unsafe { self.platform.accept(pa, len, window, &self.counters) }
+    }
+
+    /// Marks every frame of the unit at `pa` unaccepted: all private, or
+    /// none changes.
+    fn mark_unit_unaccepted(&self, pa: u64, unit: u64) -> Result<(), AcceptMemoryError> {
+        if let Some(pa) = self.states.first_uncovered(pa, unit) {
+            return Err(AcceptMemoryError::Uncovered { pa });
+        }
+        for frame in (pa..pa + unit).step_by(PAGE as usize) {
+            if let Err(state) = self.states.claim_code(frame, Code::Private, Code::Unaccepted) {
+                self.settle_frames(pa..frame, Code::Private);
+                return Err(AcceptMemoryError::NotPrivate { pa: frame, state });
+            }
+        }
+        Ok(())
+    }
+
+    fn unmark_unit(&self, pa: u64, unit: u64) {
+        self.settle_frames(pa..pa + unit, Code::Private);
+    }
+
+    /// Claims private frames for an edge acceptance: all, or none.
+    fn claim_frames(&self, frames: Range<u64>) -> Result<(), AcceptMemoryError> {
+        for frame in frames.clone().step_by(PAGE as usize) {
+            if let Err(state) = self.states.claim_code(frame, Code::Private, Code::Claimed) {
+                self.settle_frames(frames.start..frame, Code::Private);
+                return Err(AcceptMemoryError::NotPrivate { pa: frame, state });
+            }
+        }
+        Ok(())
+    }
+
+    fn settle_frames(&self, frames: Range<u64>, to: Code) {
+        for frame in frames.step_by(PAGE as usize) {
+            self.states.settle(frame, to);
+        }
+    }
+}
