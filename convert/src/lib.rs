@@ -157,7 +157,7 @@ pub mod zeropad;
 
 pub use aliases::{Alias, AliasError, DirectMap, MAX_ALIASES};
 pub use counters::{CounterSnapshot, Counters};
-pub use engine::{AcceptMemoryError, AcceptReport, Config, ConvertError, Engine, Report, Target};
+pub use engine::{AcceptMemoryError, AcceptReport, Config, ConvertError, Engine, Report, Target, UnshareReport};
 pub use ghcb_setup::{setup_ghcb, GhcbSetupError};
 pub use platform::{Platform, PlatformError, Runs};
 pub use policy::{FailureAction, FailurePolicy, ReportOnly};

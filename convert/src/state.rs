@@ -112,7 +112,7 @@ impl Code {
         })
     }
 
-    fn public(self) -> PageState {
+    pub(crate) fn public(self) -> PageState {
         match self {
             Code::Private => PageState::Private,
             Code::Shared => PageState::Shared,
@@ -297,6 +297,17 @@ impl<'a> StateTable<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The first maximal run of frames at or after `from` whose code
+    /// satisfies `wanted`, as `(pa, len)`.
+    pub(crate) fn next_run(&self, from: u64, wanted: impl Fn(Option<Code>) -> bool) -> Option<(u64, u64)> {
+        let skip = usize::try_from(from.saturating_sub(self.base) / 4096).ok()?;
+        let code = |s: &AtomicU8| Code::from_bits(s.load(Ordering::Acquire));
+        let rest = self.states.get(skip..)?;
+        let start = rest.iter().position(|s| wanted(code(s)))?;
+        let len = rest[start..].iter().take_while(|s| wanted(code(s))).count();
+        Some((self.base + (skip + start) as u64 * 4096, len as u64 * 4096))
     }
 
     /// Counts the frames in each state.

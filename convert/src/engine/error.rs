@@ -63,6 +63,9 @@ pub enum ConvertError {
     /// The platform must map frames privately while they convert (SNP
     /// PVALIDATE) and the engine has no usable scratch window on this CPU.
     NoScratchWindow,
+    /// Conversions are stopped for good:
+    /// [`Engine::unshare_all`](crate::Engine::unshare_all) has begun.
+    Stopped,
     /// The firmware or host failed. The frames it was asked about are
     /// poisoned: their mappings stay not present and they are never handed
     /// back. Frames converted before the failure are converted and mapped
@@ -102,6 +105,7 @@ impl core::fmt::Display for ConvertError {
                 write!(f, "the frame source handed out {pa:#x}, which is not private")
             }
             ConvertError::NoScratchWindow => f.write_str("no usable scratch window on this CPU"),
+            ConvertError::Stopped => f.write_str("conversions are stopped: everything is being made private"),
             ConvertError::Platform {
                 error,
                 pa,

@@ -16,6 +16,7 @@ mod frames;
 mod retire;
 mod tidy;
 mod transaction;
+mod unshare;
 
 use crate::sync::{AtomicU64, Mutex};
 
@@ -35,6 +36,7 @@ use crate::{Alias, AliasError, DirectMap};
 pub use accept::{AcceptMemoryError, AcceptReport};
 pub use error::{ConvertError, Report};
 use frames::Frames;
+pub use unshare::UnshareReport;
 
 const PAGE: u64 = 4096;
 
@@ -97,6 +99,13 @@ pub struct Engine<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> 
     /// (a collapse, an OS change through `with_table_lock`): a conversion
     /// planned before a bump plans again.
     merges: AtomicU64,
+    /// Conversions in flight, and [`unshare::STOPPED`] once
+    /// [`unshare_all`](Engine::unshare_all) has begun.
+    gate: AtomicU64,
+    /// Frames shared now, by the engine's own count: every conversion adds
+    /// or takes away what it converted, to be checked against the state
+    /// table when everything is made private again.
+    shared_frames: AtomicU64,
     counters: Counters,
 }
 
@@ -113,6 +122,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// An engine over the page tables at `config.root`.
     pub fn new(config: Config, mem: M, frames: F, tlb: T, platform: P, states: StateTable<'a>) -> Self {
         Engine {
+            shared_frames: AtomicU64::new(states.census().shared),
+            gate: AtomicU64::new(0),
             enc: platform.encryption(),
             mem,
             frames,
@@ -253,6 +264,16 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         to: Visibility,
         scratch: &mut [u64],
     ) -> Result<Report, ConvertError> {
+        if !self.enter_conversion() {
+            return Err(ConvertError::Stopped);
+        }
+        let result = self.convert_ungated(target, to, scratch);
+        self.leave_conversion();
+        result
+    }
+
+    /// A conversion, whether or not conversions are stopped.
+    fn convert_ungated(&self, target: Target, to: Visibility, scratch: &mut [u64]) -> Result<Report, ConvertError> {
         let (addr, len) = match target {
             Target::Physical { pa, len } => (pa, len),
             Target::Virtual { va, len } => (va, len),

@@ -126,6 +126,11 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         lock = self.collapse_all(&tx, scratch, lock);
         self.settle_all(&tx, sent.is_ok());
         drop(lock);
+        let poisoned = match &sent {
+            Ok(()) => 0,
+            Err(failure) => failure.frames + extra_poisoned,
+        };
+        self.count_shared(to, converted, poisoned);
         match sent {
             Ok(()) => Ok(Report { frames: converted }),
             Err(failure) => {

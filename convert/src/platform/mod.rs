@@ -151,6 +151,19 @@ pub trait Platform {
         counters: &Counters,
     ) -> Result<(), PlatformError>;
 
+    /// Calls `f` with each frame the backend itself keeps shared (SEV-SNP:
+    /// every CPU's GHCB), which
+    /// [`Engine::unshare_all`](crate::Engine::unshare_all) makes private
+    /// last.
+    fn for_each_own_shared(&self, f: &mut dyn FnMut(u64)) {
+        let _ = f;
+    }
+
+    /// Stops using the frames [`for_each_own_shared`](Self::for_each_own_shared)
+    /// names (SEV-SNP: every GHCB slot is emptied, so page state changes go
+    /// through the MSR protocol from then on).
+    fn retire_own_shared(&self) {}
+
     /// Accepts `[pa, pa + len)`, memory the firmware handed over unaccepted,
     /// and does what must follow before the guest may use it: TDX ACCEPT,
     /// largest pages first; SEV-SNP page state change to private, then

@@ -24,6 +24,14 @@ pub trait GhcbProvider {
     /// provider keeps no GHCBs or this CPU has no slot. Without a filled
     /// slot the backend uses the MSR protocol.
     fn slot(&self) -> Option<&GhcbSlot>;
+
+    /// Every CPU's slot, for taking all GHCBs out of service when
+    /// everything is made private again
+    /// ([`Engine::unshare_all`](crate::Engine::unshare_all)). By default
+    /// the calling CPU's.
+    fn slots(&self) -> &[GhcbSlot] {
+        self.slot().map(core::slice::from_ref).unwrap_or(&[])
+    }
 }
 
 /// No GHCB (early boot): every page state change goes through the MSR
@@ -63,6 +71,16 @@ impl GhcbSlot {
     pub fn is_filled(&self) -> bool {
         self.0.lock().is_some()
     }
+
+    /// The GPA of the slot's GHCB.
+    pub fn gpa(&self) -> Option<u64> {
+        self.0.lock().as_ref().map(GhcbPage::gpa)
+    }
+
+    /// Empties the slot: the CPU uses the MSR protocol from now on.
+    pub(crate) fn take(&self) -> Option<GhcbPage> {
+        self.0.lock().take()
+    }
 }
 
 /// One GHCB slot per CPU, filled as each CPU sets its GHCB up (see
@@ -84,6 +102,10 @@ impl<'a> PerCpuGhcbs<'a> {
 impl GhcbProvider for PerCpuGhcbs<'_> {
     fn slot(&self) -> Option<&GhcbSlot> {
         self.slots.get((self.cpu)())
+    }
+
+    fn slots(&self) -> &[GhcbSlot] {
+        self.slots
     }
 }
 
@@ -286,6 +308,16 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
 
     fn needs_private_map(&self) -> bool {
         true
+    }
+
+    fn for_each_own_shared(&self, f: &mut dyn FnMut(u64)) {
+        self.ghcbs.slots().iter().filter_map(GhcbSlot::gpa).for_each(f);
+    }
+
+    fn retire_own_shared(&self) {
+        for slot in self.ghcbs.slots() {
+            slot.take();
+        }
     }
 
     unsafe fn convert(

@@ -1,0 +1,284 @@
+//! Everything private again before a kexec or kdump kernel: conversions
+//! stop, a mix of shared memory goes back in runs, the GHCBs last through
+//! the MSR protocol, and the count is checked against the state table.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use coco_convert::{Alias, ConvertError, PageState, Target, Visibility};
+use hvmock::{GuestMemory, GuestPageTables, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
+use integration::sim::{set_cpu, ALIAS_VA};
+use integration::world::{Machine, Shape, SnpWorld, TdxWorld};
+use integration::MIB;
+
+const GHCB_PA: u64 = 1536 * MIB;
+
+/// Every present mapping of RAM maps it private (the encryption bit says
+/// private on both platforms' terms).
+fn every_mapping_private(mem: &GuestMemory, tables: GuestPageTables, private_is_set: bool, ram: u64) {
+    let mut shared = Vec::new();
+    tables.for_each_mapping(mem, &mut |m| {
+        if m.pa < ram && m.enc_set != private_is_set {
+            shared.push(m);
+        }
+    });
+    assert!(
+        shared.is_empty(),
+        "mappings left shared: {:x?}",
+        &shared[..shared.len().min(4)]
+    );
+}
+
+/// Shares a mix through `e`: a 2 MiB chunk as a pool takes it, a direct
+/// range, a registered alias's range, and a vmalloc-style buffer of
+/// scattered frames, returned as the target to name.
+fn share_a_mix<P: coco_convert::Platform>(
+    m: &Machine,
+    e: &coco_convert::Engine<
+        '_,
+        &integration::sim::SimPhys,
+        &integration::sim::SimFrames,
+        &integration::sim::SimTlb,
+        P,
+    >,
+) -> (Target, u64) {
+    e.convert(
+        Target::Physical {
+            pa: 256 * MIB,
+            len: 2 * MIB,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    e.convert(
+        Target::Physical {
+            pa: 300 * MIB + 4096,
+            len: 40960,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    let alias = e
+        .register_alias(Alias {
+            va: ALIAS_VA,
+            pa: 1200 * MIB,
+            len: 4 * MIB,
+        })
+        .unwrap();
+    let _ = alias;
+    e.convert(
+        Target::Virtual {
+            va: ALIAS_VA + MIB,
+            len: 8192,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    let frames = [1100 * MIB, 1100 * MIB + 3 * 4096, 700 * MIB, 1300 * MIB + 8192];
+    let va = m.vmalloc(&frames);
+    let buffer = Target::Virtual {
+        va,
+        len: frames.len() as u64 * 4096,
+    };
+    e.convert(buffer, Visibility::Shared).unwrap();
+    (buffer, 512 + 10 + 2 + 4)
+}
+
+#[test]
+fn tdx_every_shared_frame_goes_private_in_one_mapgpa_per_run() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let (buffer, frames) = share_a_mix(&w.m, &e);
+    assert_eq!(e.census().shared, frames);
+    let before = e.counters();
+    let report = e.unshare_all(&[buffer]);
+    assert!(report.complete() && report.accounting_matches(), "{report:?}");
+    assert_eq!(report.made_private, frames);
+    assert_eq!((report.expected_shared, report.found_shared), (frames, frames));
+    assert_eq!(e.census().shared, 0);
+    let c = e.counters().since(&before);
+    // The buffer's 4 frames make 4 runs, then the chunk, the direct range
+    // and the alias's range: 7 runs, one MapGPA each.
+    assert_eq!(c.map_gpa, 7, "{c:?}");
+    assert!((0..w.m.size())
+        .step_by(4096)
+        .all(|pa| w.host_side(pa) == Some(Visibility::Private)));
+    every_mapping_private(&w.m.mem, w.m.page_tables(), false, w.m.size());
+    assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
+}
+
+#[test]
+fn after_unshare_all_conversions_are_refused_and_change_nothing() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    e.convert(
+        Target::Physical {
+            pa: 64 * MIB,
+            len: 4096,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    assert!(e.unshare_all(&[]).complete());
+    let before = w.m.snapshot();
+    let err = e
+        .convert(
+            Target::Physical {
+                pa: 64 * MIB,
+                len: 4096,
+            },
+            Visibility::Shared,
+        )
+        .unwrap_err();
+    assert_eq!(err, ConvertError::Stopped);
+    assert!(err.changed_nothing());
+    assert_eq!(w.m.snapshot(), before);
+}
+
+#[test]
+fn conversions_in_flight_finish_and_later_ones_are_stopped() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Small);
+    let e = w.engine();
+    let started = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2u64)
+            .map(|cpu| {
+                let (e, started) = (&e, &started);
+                s.spawn(move || {
+                    set_cpu(cpu as usize + 1);
+                    let mut stopped = 0;
+                    for i in 0..400u64 {
+                        let pa = 1024 * MIB + (cpu * 400 + i) * 8192;
+                        let r = e.convert(Target::Physical { pa, len: 4096 }, Visibility::Shared);
+                        started.store(true, Ordering::Release);
+                        match r {
+                            Ok(_) => {}
+                            Err(ConvertError::Stopped) => stopped += 1,
+                            Err(other) => panic!("{other:?}"),
+                        }
+                    }
+                    stopped
+                })
+            })
+            .collect();
+        while !started.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let report = e.unshare_all(&[]);
+        let stopped: u64 = workers.into_iter().map(|h| h.join().unwrap()).sum();
+        assert!(
+            stopped > 0,
+            "unshare_all ran after both threads finished: no overlap tested"
+        );
+        report
+    });
+    assert!(report.complete() && report.accounting_matches(), "{report:?}");
+    assert_eq!(e.census().shared, 0, "nothing shared after unshare_all returned");
+    assert_eq!(e.census().converting, 0);
+    every_mapping_private(&w.m.mem, w.m.page_tables(), false, w.m.size());
+}
+
+#[test]
+fn a_failing_host_leaves_poisoned_frames_listed_for_the_next_kernel() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    e.convert(
+        Target::Physical {
+            pa: 64 * MIB,
+            len: 8192,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    e.convert(
+        Target::Physical {
+            pa: 96 * MIB,
+            len: 4096,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    // The first run's MapGPA is answered honestly, then the VMM lies.
+    w.tdx.set_hostile_after(1, TdxHostile::GarbageStatus(0xDEAD));
+    let report = e.unshare_all(&[]);
+    assert_eq!((report.made_private, report.failed), (2, 1), "{report:?}");
+    assert!(!report.complete());
+    assert_eq!(report.poisoned, 1);
+    assert_eq!(e.runs(PageState::Poisoned).collect::<Vec<_>>(), vec![(96 * MIB, 4096)]);
+    assert_eq!(e.census().shared, 0);
+}
+
+#[test]
+fn a_frame_shared_behind_the_engines_back_breaks_the_count() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    e.convert(
+        Target::Physical {
+            pa: 64 * MIB,
+            len: 4096,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    // The OS writes a state byte itself: "shared" (1).
+    w.m.states[(80 * MIB / 4096) as usize].store(1, Ordering::Release);
+    let report = e.unshare_all(&[]);
+    assert_eq!((report.expected_shared, report.found_shared), (1, 2));
+    assert!(!report.accounting_matches());
+}
+
+#[test]
+fn snp_the_ghcbs_go_private_last_through_the_msr_protocol() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    w.boot_ghcb(&e, GHCB_PA);
+    set_cpu(1);
+    w.boot_ghcb(&e, GHCB_PA + 4096 * 3);
+    set_cpu(0);
+    let (buffer, frames) = share_a_mix(&w.m, &e);
+    let msr_before = w.snp.stats().msr_requests;
+    let psc_msr_before = e.counters().psc_msr;
+    let report = e.unshare_all(&[buffer]);
+    assert!(report.complete() && report.accounting_matches(), "{report:?}");
+    assert_eq!(report.made_private, frames + 2, "the mix and two GHCBs");
+    assert!(w.ghcbs.iter().all(|slot| !slot.is_filled()), "every slot emptied");
+    assert_eq!(
+        e.counters().psc_msr - psc_msr_before,
+        2,
+        "only the GHCBs used the MSR protocol"
+    );
+    assert!(w.snp.stats().msr_requests > msr_before);
+    for pa in [GHCB_PA, GHCB_PA + 3 * 4096] {
+        assert_eq!(w.host_side(pa), Some(Visibility::Private));
+        assert_eq!(e.state(pa), Some(PageState::Private));
+    }
+    assert!((0..w.m.size())
+        .step_by(4096)
+        .all(|pa| w.host_side(pa) == Some(Visibility::Private)));
+    every_mapping_private(&w.m.mem, w.m.page_tables(), true, w.m.size());
+    assert!(w.snp.unevicted().is_empty(), "validated pages evicted");
+    assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
+}
+
+#[test]
+fn snp_a_ghcb_the_host_fails_to_take_back_is_poisoned_and_reported() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    w.boot_ghcb(&e, GHCB_PA);
+    e.convert(
+        Target::Physical {
+            pa: 64 * MIB,
+            len: 4096,
+        },
+        Visibility::Shared,
+    )
+    .unwrap();
+    w.snp.set_hostile(Some(SnpHostile::MsrPscError));
+    let report = e.unshare_all(&[]);
+    assert_eq!((report.made_private, report.failed), (1, 1), "{report:?}");
+    assert_eq!(e.runs(PageState::Poisoned).collect::<Vec<_>>(), vec![(GHCB_PA, 4096)]);
+    assert_eq!(
+        e.state(64 * MIB),
+        Some(PageState::Private),
+        "went through the GHCB before it"
+    );
+}
