@@ -24,11 +24,6 @@ use crate::tables::PhysMem;
 use crate::unaccepted::{guarded_end, UnacceptedBitmap};
 use crate::window::WindowMap;
 
-/// The most one platform call accepts: a 1 GiB ACCEPT on TDX, two and a
-/// bit page-state-change exits of 2 MiB entries on SEV-SNP. It also bounds
-/// what one failure can poison.
-const MAX_CALL: u64 = 1 << 30;
-
 /// What an acceptance did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -308,8 +303,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let mut start = lo + share * cpu.min(cpus) as u64;
         // Shares at least a call long start on call boundaries, so 1 GiB
         // pieces stay whole.
-        if share >= MAX_CALL / bitmap.unit_size() {
-            while start > lo && bitmap.unit_pa(start) % MAX_CALL != 0 {
+        let call = self.platform.accept_call_bytes().max(bitmap.unit_size());
+        if share >= call / bitmap.unit_size() {
+            while start > lo && bitmap.unit_pa(start) % call != 0 {
                 start -= 1;
             }
         }
@@ -357,8 +353,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     }
 
     /// Adds claimed unit `u` to `run`, or sends `run` to the platform and
-    /// starts a new one: runs are contiguous and stay within one
-    /// [`MAX_CALL`]-aligned piece.
+    /// starts a new one: runs are contiguous and stay within one of the
+    /// platform's calls ([`Platform::accept_call_bytes`]).
     fn extend_run(
         &self,
         bitmap: &UnacceptedBitmap<'_>,
@@ -367,7 +363,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         report: &mut AcceptReport,
     ) -> Result<Option<Range<u64>>, AcceptMemoryError> {
         match run {
-            Some(r) if r.end == u && bitmap.unit_pa(u) % MAX_CALL != 0 => Ok(Some(r.start..u + 1)),
+            Some(r) if r.end == u && bitmap.unit_pa(u) % self.platform.accept_call_bytes().max(1) != 0 => {
+                Ok(Some(r.start..u + 1))
+            }
             other => {
                 if let Err(e) = self.flush_run(bitmap, other, report) {
                     self.states

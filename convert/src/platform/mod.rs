@@ -151,6 +151,14 @@ pub trait Platform {
         counters: &Counters,
     ) -> Result<(), PlatformError>;
 
+    /// The most one [`accept`](Self::accept) call should take, in bytes (a
+    /// multiple of 2 MiB): as much as the platform's biggest single request
+    /// covers. Calls start on multiples of it. It also bounds what one
+    /// failure can poison.
+    fn accept_call_bytes(&self) -> u64 {
+        1 << 30
+    }
+
     /// Calls `f` with each frame the backend itself keeps shared (SEV-SNP:
     /// every CPU's GHCB), which
     /// [`Engine::unshare_all`](crate::Engine::unshare_all) makes private

@@ -310,6 +310,11 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
         true
     }
 
+    /// One page state change exit's worth of 2 MiB entries.
+    fn accept_call_bytes(&self) -> u64 {
+        self.options.psc_entries_per_exit as u64 * (2 << 20)
+    }
+
     fn for_each_own_shared(&self, f: &mut dyn FnMut(u64)) {
         self.ghcbs.slots().iter().filter_map(GhcbSlot::gpa).for_each(f);
     }

@@ -691,3 +691,23 @@ fn snp_without_a_scratch_window_nothing_is_claimed() {
         "still unaccepted, not poisoned"
     );
 }
+
+#[test]
+fn snp_eager_acceptance_fills_every_page_state_change_exit() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    unvalidated(&w, 0, GIB);
+    let storage = bits();
+    let e = w
+        .engine()
+        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+        .unwrap();
+    e.record_unaccepted(0, GIB).unwrap();
+    // The GHCB lives above the unaccepted gibibyte.
+    w.boot_ghcb(&e, GHCB_PA);
+    let before = e.counters();
+    assert_eq!(e.accept_all(0, 1).unwrap().units, 512);
+    let c = e.counters().since(&before);
+    assert_eq!(c.psc_exits, 512u64.div_ceil(253), "253 2 MiB entries per exit: {c:?}");
+    assert_eq!((c.psc_entries, c.pvalidate), (512, 512));
+    assert!((0..GIB).step_by(4096).all(|p| w.snp.rmp(p).validated));
+}
