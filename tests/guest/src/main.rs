@@ -11,6 +11,7 @@ mod boot;
 mod emulate;
 mod heap;
 mod io;
+mod lifecycle;
 mod memory;
 mod race;
 mod rt;
@@ -123,7 +124,9 @@ fn tdx() {
         platform,
         StateTable::new(0, &scenarios::STATES),
     )
-    .with_window(WINDOWS_TDX.init(&tables));
+    .with_window(WINDOWS_TDX.init(&tables))
+    .with_unaccepted(lifecycle::bitmap())
+    .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
     println!(
         "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
         info.gpaw,
@@ -142,6 +145,22 @@ fn tdx() {
             before_boot: &|| e.counters(),
         },
     );
+    let page = |pa: u64| model.page(pa).state;
+    let lifecycle = lifecycle::Model {
+        hand_over_unaccepted: &|pa, len| {
+            let page = hvmock::TdxPage {
+                state: hvmock::TdxPageState::Pending,
+                level: 1,
+            };
+            model.set_pages(pa, len, page)
+        },
+        usable: &|pa| page(pa) == hvmock::TdxPageState::Accepted,
+        unaccepted: &|pa| page(pa) == hvmock::TdxPageState::Pending,
+    };
+    lifecycle::unaccepted(&e, &lifecycle);
+    aliases_absent(&model.violations());
+    lifecycle::unshare_all(&e, &mut tables, &lifecycle, &|| {});
+    aliases_absent(&model.violations());
 }
 
 static GHCB_SLOTS: [GhcbSlot; smp::CPUS] = [const { GhcbSlot::new() }; smp::CPUS];
@@ -181,7 +200,9 @@ fn snp() {
         platform,
         StateTable::new(0, &scenarios::STATES),
     )
-    .with_window(WINDOWS_SNP.init(&tables));
+    .with_window(WINDOWS_SNP.init(&tables))
+    .with_unaccepted(lifecycle::bitmap())
+    .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
     println!(
         "  SEV info: protocol {}..{}, C-bit {}",
         info.min_version, info.max_version, info.c_bit
@@ -210,6 +231,28 @@ fn snp() {
             before_boot: &setup_ghcb,
         },
     );
+    let launch_left = hvmock::RmpEntry {
+        assigned: true,
+        validated: false,
+        huge: false,
+    };
+    let lifecycle = lifecycle::Model {
+        hand_over_unaccepted: &|pa, len| model.set_rmp(pa, len, launch_left),
+        usable: &|pa| {
+            let r = model.rmp(pa);
+            r.assigned && r.validated
+        },
+        unaccepted: &|pa| model.rmp(pa) == launch_left,
+    };
+    lifecycle::unaccepted(&e, &lifecycle);
+    aliases_absent(&model.violations());
+    lifecycle::unshare_all(&e, &mut tables, &lifecycle, &|| {
+        scenarios::check(
+            GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
+            "unshare: a GHCB slot still filled",
+        )
+    });
+    aliases_absent(&model.violations());
 }
 
 /// The scratch windows of one platform's tables, kept for the engine's

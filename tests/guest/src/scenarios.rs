@@ -22,7 +22,7 @@ pub fn check(ok: bool, what: &str) {
     }
 }
 
-fn show(name: &str, c: &CounterSnapshot, extra: core::fmt::Arguments<'_>) {
+pub fn show(name: &str, c: &CounterSnapshot, extra: core::fmt::Arguments<'_>) {
     println!(
         "  {name}: MapGPA {} ACCEPT {} PSC exits {} (MSR {}) PVALIDATE {} | shootdowns {} | splits 1G {} 2M {} | collapses 2M {} 1G {} | {extra}",
         c.map_gpa, c.accept, c.psc_exits, c.psc_msr, c.pvalidate, c.shootdowns, c.splits_1g, c.splits_2m, c.collapses_2m, c.collapses_1g

@@ -1,0 +1,238 @@
+//! Scenarios 7 and 8, the rest of a page's life: memory the firmware
+//! hands over unaccepted, and everything private again before a kexec.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use coco_convert::{AcceptMemoryError, ConvertError, PageState, Platform, Target, UnacceptedBitmap, Visibility};
+
+use crate::memory::{Tables, DIRECT_MAP, HOST_VIEW, RAM, WINDOWS};
+use crate::scenarios::{check, show, GuestEngine};
+use crate::{fail, println};
+
+const MIB: u64 = 1 << 20;
+const UNIT: u64 = 2 * MIB;
+
+/// One bit per 2 MiB unit of the guest's RAM.
+static BITS: [AtomicU64; (RAM / UNIT / 64) as usize] = [const { AtomicU64::new(0) }; (RAM / UNIT / 64) as usize];
+
+/// Handed over unaccepted, then accepted lazily and eagerly.
+const ACCEPTED_LATER: (u64, u64) = (1280 * MIB, 32 * MIB);
+/// Handed over unaccepted and left so, for the next kernel.
+const LEFT_FOR_NEXT_KERNEL: (u64, u64) = (1344 * MIB, 4 * MIB);
+
+/// The bitmap of unaccepted memory, empty (everything accepted).
+pub fn bitmap() -> UnacceptedBitmap<'static> {
+    for word in &BITS {
+        word.store(0, Ordering::Relaxed);
+    }
+    UnacceptedBitmap::new(0, UNIT, &BITS).unwrap_or_else(|_| fail("bitmap"))
+}
+
+/// What the platform model tells about a frame.
+pub struct Model<'a> {
+    /// Makes `[pa, pa + len)` memory launch left unaccepted.
+    pub hand_over_unaccepted: &'a dyn Fn(u64, u64),
+    /// The frame is private and accepted (TDX) or validated (SNP).
+    pub usable: &'a dyn Fn(u64) -> bool,
+    /// The frame is still as launch left unaccepted memory.
+    pub unaccepted: &'a dyn Fn(u64) -> bool,
+}
+
+/// An 8-byte load from `va`, whatever its alignment: the word a kernel's
+/// `load_unaligned_zeropad` reads at the end of a string.
+fn load_word(va: u64) -> u64 {
+    let word: u64;
+    // SAFETY: the caller's `va..va + 8` is mapped and readable.
+    unsafe { core::arch::asm!("mov {0}, qword ptr [{1}]", out(reg) word, in(reg) va, options(nostack, readonly)) };
+    word
+}
+
+/// Scenario 7: unaccepted memory, recorded from the memory map, accepted
+/// lazily unit by unit (with the guard unit a word load past the range's
+/// end reaches), refused for conversion until accepted, then eagerly.
+pub fn unaccepted<P: Platform>(e: &GuestEngine<P>, model: &Model<'_>) {
+    let before = e.counters();
+    let (base, len) = ACCEPTED_LATER;
+    (model.hand_over_unaccepted)(base, len);
+    check(e.record_unaccepted(base, len).is_ok(), "unaccepted: recording failed");
+    let bitmap = e.unaccepted().unwrap_or_else(|| fail("no bitmap"));
+    check(bitmap.count() == len / UNIT, "unaccepted: units recorded");
+
+    let lazy = e.accept(base + 5 * MIB, 4096);
+    check(
+        matches!(lazy, Ok(r) if r.units == 1),
+        "unaccepted: a page inside a unit accepts one unit",
+    );
+    check(
+        (model.usable)(base + 4 * MIB) && (model.unaccepted)(base + 6 * MIB),
+        "unaccepted: the unit, and only it",
+    );
+
+    // A range ending on a unit boundary, and a real 8-byte load that runs
+    // 5 bytes past its end into the next unit: accepted with it.
+    let (pa, end) = (base + 8 * MIB, base + 10 * MIB);
+    check(
+        matches!(e.accept(pa, end - pa), Ok(r) if r.units == 2),
+        "unaccepted: the guard unit was not accepted",
+    );
+    check(
+        (model.usable)(end),
+        "unaccepted: the page after the range is not accepted",
+    );
+    check(
+        (model.unaccepted)(end + UNIT),
+        "unaccepted: more than the guard was accepted",
+    );
+    let (last_word, guard_word) = (0x1122_3344_5566_7788u64, 0x99AA_BBCC_DDEE_FF00u64);
+    let (last, guard) = ((DIRECT_MAP + end - 8) as *mut u64, (DIRECT_MAP + end) as *mut u64);
+    // SAFETY: both words lie in accepted memory the direct map maps, which
+    // no one else uses.
+    unsafe {
+        last.write_volatile(last_word);
+        guard.write_volatile(guard_word);
+    }
+    check(
+        load_word(DIRECT_MAP + end - 3) == last_word >> 40 | guard_word << 24,
+        "unaccepted: the crossing load did not read the guard unit",
+    );
+
+    let refused = e.convert(
+        Target::Physical {
+            pa: base + 20 * MIB,
+            len: 4096,
+        },
+        Visibility::Shared,
+    );
+    check(
+        matches!(
+            refused,
+            Err(ConvertError::Refused {
+                state: PageState::Unaccepted,
+                ..
+            })
+        ),
+        "unaccepted: converting unaccepted memory was not refused",
+    );
+
+    // The rest eagerly, as at boot; then one more range is handed over and
+    // left for the next kernel.
+    let eager = e.accept_all(0, 1);
+    check(eager.is_ok(), "unaccepted: eager acceptance failed");
+    check(bitmap.count() == 0, "unaccepted: units left after eager acceptance");
+    check(
+        (base..base + len).step_by(4096).all(|pa| (model.usable)(pa)),
+        "unaccepted: a page the model does not hold accepted",
+    );
+    let (kept, kept_len) = LEFT_FOR_NEXT_KERNEL;
+    (model.hand_over_unaccepted)(kept, kept_len);
+    check(
+        e.record_unaccepted(kept, kept_len).is_ok(),
+        "unaccepted: recording failed",
+    );
+    check(
+        e.accept(kept + kept_len + 4096, 4096).is_ok() && bitmap.count() == kept_len / UNIT,
+        "unaccepted: memory outside the units was affected",
+    );
+    check(
+        matches!(
+            e.record_unaccepted(kept, kept_len),
+            Err(AcceptMemoryError::NotPrivate { .. })
+        ),
+        "unaccepted: recorded twice",
+    );
+    show(
+        "7 unaccepted memory",
+        &e.counters().since(&before),
+        format_args!(
+            "units accepted {} (lazy 1, guard 1+1, eager {}), {} left for the next kernel",
+            e.counters().since(&before).units_accepted,
+            eager.map_or(0, |r| r.units),
+            bitmap.count()
+        ),
+    );
+}
+
+/// Scenario 8 (last: conversions stop for good): a mix shared (the
+/// swiotlb-like range of scenario 2 if still shared, a vmalloc-style
+/// buffer, a direct range, and on SNP the GHCB), then everything made
+/// private again; through the model, every frame is private and accepted
+/// or still unaccepted as handed over, and every mapping of RAM private.
+pub fn unshare_all<P: Platform>(e: &GuestEngine<P>, t: &mut Tables, model: &Model<'_>, after: &dyn Fn()) {
+    let before = e.counters();
+    let mut frames = [0u64; 24];
+    for (i, f) in frames.iter_mut().enumerate() {
+        *f = (1 << 30) + 200 * MIB + i as u64 * 5 * 4096;
+    }
+    let va = t.vmalloc(&frames);
+    let buffer = Target::Virtual {
+        va,
+        len: frames.len() as u64 * 4096,
+    };
+    check(e.convert(buffer, Visibility::Shared).is_ok(), "unshare: buffer");
+    check(
+        e.convert(
+            Target::Physical {
+                pa: 1400 * MIB + 4096,
+                len: 40960,
+            },
+            Visibility::Shared,
+        )
+        .is_ok(),
+        "unshare: direct range",
+    );
+    let shared = e.census().shared;
+    let report = e.unshare_all(&[buffer]);
+    if !report.complete() || !report.accounting_matches() {
+        println!("  {report:?}");
+        fail("unshare: not everything made private, or the count is off");
+    }
+    check(
+        report.made_private == shared && e.census().shared == 0,
+        "unshare: frames left shared",
+    );
+    check(
+        (0..RAM)
+            .step_by(4096)
+            .all(|pa| (model.usable)(pa) || (model.unaccepted)(pa)),
+        "unshare: a frame the model holds neither private nor unaccepted",
+    );
+    let bitmap = e.unaccepted().unwrap_or_else(|| fail("no bitmap"));
+    check(
+        (LEFT_FOR_NEXT_KERNEL.0..LEFT_FOR_NEXT_KERNEL.0 + LEFT_FOR_NEXT_KERNEL.1)
+            .step_by(UNIT as usize)
+            .all(|pa| bitmap.is_unaccepted(pa / UNIT) && (model.unaccepted)(pa)),
+        "unshare: the units left for the next kernel",
+    );
+    let tables = hvmock::GuestPageTables {
+        cr3: t.root,
+        enc_mask: t.enc.mask(),
+    };
+    let mut shared_mappings = 0;
+    tables.for_each_mapping(crate::emulate::host_memory(), &mut |m| {
+        let own_view = m.va >= HOST_VIEW && m.va < HOST_VIEW + RAM || m.va >= WINDOWS && m.va < WINDOWS + (64 << 20);
+        let side = t.enc.side_of(if m.enc_set { t.enc.mask() } else { 0 });
+        if m.pa < RAM && !own_view && m.va >= DIRECT_MAP && side != Visibility::Private {
+            shared_mappings += 1;
+        }
+    });
+    check(shared_mappings == 0, "unshare: a mapping of RAM is still shared");
+    check(
+        e.convert(
+            Target::Physical {
+                pa: 64 * MIB,
+                len: 4096,
+            },
+            Visibility::Shared,
+        ) == Err(ConvertError::Stopped),
+        "unshare: a conversion after unshare_all was not stopped",
+    );
+    after();
+    show(
+        "8 unshare all",
+        &e.counters().since(&before),
+        format_args!(
+            "{} frames private again, count {} = state table {}, poisoned {}",
+            report.made_private, report.expected_shared, report.found_shared, report.poisoned
+        ),
+    );
+}
