@@ -312,7 +312,12 @@ fn many_cpus_asking_for_the_same_units_accept_each_once() {
                 // Overlapping requests, in different orders.
                 for i in 0..16u64 {
                     let unit = (i * (cpu + 1) * 7) % 15;
-                    e.accept(BASE + unit * UNIT + 4096, UNIT).expect("honest TD");
+                    let (pa, len) = (BASE + unit * UNIT + 4096, UNIT);
+                    e.accept(pa, len).expect("honest TD");
+                    // Returned: every unit it needs is accepted, even one
+                    // another CPU was accepting.
+                    assert!(!e.unaccepted().unwrap().range_needs_accept(pa, len));
+                    assert_eq!(e.state(pa + UNIT - 4096), Some(PageState::Private));
                 }
             });
         }
