@@ -304,7 +304,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         // Shares at least a call long start on call boundaries, so 1 GiB
         // pieces stay whole.
         let call = self.platform.accept_call_bytes().max(bitmap.unit_size());
-        if share >= call / bitmap.unit_size() {
+        if call.is_power_of_two() && share >= call / bitmap.unit_size() {
             while start > lo && bitmap.unit_pa(start) % call != 0 {
                 start -= 1;
             }
@@ -362,8 +362,13 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         u: u64,
         report: &mut AcceptReport,
     ) -> Result<Option<Range<u64>>, AcceptMemoryError> {
+        let call = self.platform.accept_call_bytes().max(bitmap.unit_size());
+        // A power-of-two call size is the platform's largest page (1 GiB on
+        // TDX): runs break where one begins, so it stays whole. Otherwise
+        // only the length counts (SEV-SNP: entries per exit).
+        let boundary = |u: u64| call.is_power_of_two() && bitmap.unit_pa(u) % call == 0;
         match run {
-            Some(r) if r.end == u && bitmap.unit_pa(u) % self.platform.accept_call_bytes().max(1) != 0 => {
+            Some(r) if r.end == u && bitmap.unit_pa(u) - bitmap.unit_pa(r.start) < call && !boundary(u) => {
                 Ok(Some(r.start..u + 1))
             }
             other => {

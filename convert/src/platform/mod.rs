@@ -153,8 +153,9 @@ pub trait Platform {
 
     /// The most one [`accept`](Self::accept) call should take, in bytes (a
     /// multiple of 2 MiB): as much as the platform's biggest single request
-    /// covers. Calls start on multiples of it. It also bounds what one
-    /// failure can poison.
+    /// covers. A power of two is taken for the largest page size, and calls
+    /// then start on multiples of it. It also bounds what one failure can
+    /// poison.
     fn accept_call_bytes(&self) -> u64 {
         1 << 30
     }
