@@ -22,7 +22,7 @@ use coco_convert::pool::{ChunkSlot, ChunkSource, SharedPool};
 use coco_convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, Visibility};
 use hvmock::GuestPageTables;
 use integration::null::{NullSnp, NullTdx};
-use integration::sim::{SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
+use integration::sim::{current_cpu, set_cpu, SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
 use integration::world::Machine;
 use integration::{GIB, MIB};
 
@@ -186,14 +186,16 @@ fn tdx_engine(m: &Machine, strategy: Strategy) -> SimEngine<'_, Tdx<NullTdx>> {
 
 type SnpEngine<'m> = SimEngine<'m, Snp<&'m NullSnp, &'m NullSnp, PerCpuGhcbs<'static>>>;
 
-fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEngine<'m> {
+/// The SNP engine with a GHCB for each of `cpus` simulated CPUs (a thread
+/// is CPU `i` after `set_cpu(i)`; the main thread is CPU 0).
+fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy, cpus: usize) -> SnpEngine<'m> {
     let options = if strategy == Strategy::Ours {
         SnpOptions::MINIMAL
     } else {
         SnpOptions::LINUX
     };
-    let slots = Box::leak(Box::new([GhcbSlot::new()]));
-    let platform = Snp::new(hv, hv, PerCpuGhcbs::new(slots, || 0), 51)
+    let slots = Box::leak((0..cpus).map(|_| GhcbSlot::new()).collect::<Box<[_]>>());
+    let platform = Snp::new(hv, hv, PerCpuGhcbs::new(slots, current_cpu), 51)
         .unwrap()
         .with_options(options);
     let config = coco_convert::Config {
@@ -209,23 +211,20 @@ fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy) -> SnpEng
         StateTable::new(0, &m.states),
     )
     .with_window(&m.windows);
-    // The GHCB, shared from the start, just below the table-page region.
-    let pa = m.size() - 64 * MIB - PAGE;
-    let ptr = std::ptr::NonNull::new(m.mem.ptr(pa).cast()).unwrap();
-    // SAFETY: the page is in simulated memory and used by nothing else.
-    unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
+    // The GHCBs, shared from the start, just below the table-page region,
+    // each set up on its CPU.
+    for cpu in (0..cpus).rev() {
+        set_cpu(cpu);
+        let pa = m.size() - 64 * MIB - (cpu as u64 + 1) * PAGE;
+        let ptr = std::ptr::NonNull::new(m.mem.ptr(pa).cast()).unwrap();
+        // SAFETY: the page is in simulated memory and used by nothing else.
+        unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.expect("GHCB");
+    }
     e
 }
 
-/// Builds a machine, runs `work` with the engine of `plat`/`strategy`,
-/// timing only the conversions.
-fn measure(
-    plat: Plat,
-    strategy: Strategy,
-    levels: &[Level],
-    setup: &dyn Fn(&Machine) -> Vec<u64>,
-    work: &Workload<'_>,
-) -> Outcome {
+/// A machine of `levels.len()` GiB for `plat`, its table frames resident.
+fn machine(plat: Plat, levels: &[Level]) -> Machine {
     let enc = match plat {
         Plat::Tdx => coco_convert::EncryptionBit::tdx(1 << 47).unwrap(),
         Plat::Snp => coco_convert::EncryptionBit::snp(51).unwrap(),
@@ -240,6 +239,19 @@ fn measure(
     for page in (m.size() - 64 * MIB..m.size()).step_by(PAGE as usize) {
         m.mem.write_u64(page, m.mem.read_u64(page));
     }
+    m
+}
+
+/// Builds a machine, runs `work` with the engine of `plat`/`strategy`,
+/// timing only the conversions.
+fn measure(
+    plat: Plat,
+    strategy: Strategy,
+    levels: &[Level],
+    setup: &dyn Fn(&Machine) -> Vec<u64>,
+    work: &Workload<'_>,
+) -> Outcome {
+    let m = machine(plat, levels);
     let data = setup(&m);
     fn go<P: Platform>(e: &SimEngine<'_, P>, m: &Machine, data: &[u64], work: &Workload) -> Outcome {
         let (layout_before, _) = layout(m);
@@ -265,7 +277,7 @@ fn measure(
         Plat::Tdx => go(&tdx_engine(&m, strategy), &m, &data, work),
         Plat::Snp => {
             let hv = NullSnp::new(m.mem.clone());
-            go(&snp_engine(&m, &hv, strategy), &m, &data, work)
+            go(&snp_engine(&m, &hv, strategy, 1), &m, &data, work)
         }
     }
 }
