@@ -1,6 +1,9 @@
-//! The conversion benchmark (issue 6): workloads W1-W4 on TDX and SEV-SNP,
-//! our engine beside a Linux-strategy configuration of the same engine and
-//! the lower bound the ABIs allow, with zero-cost counted hypercalls.
+//! The conversion benchmark (issue 6): workloads W1-W5 on TDX and SEV-SNP
+//! with zero-cost counted hypercalls. W1-W4 convert memory: our engine
+//! beside a Linux-strategy configuration of the same engine and the lower
+//! bound the ABIs allow. W5 accepts 2 GiB handed over unaccepted, lazily
+//! (an allocator's 10,000 random 4 KiB pages) or eagerly at boot (one CPU,
+//! and two), against the lower bound computed from the page list.
 //!
 //! Run: `scripts/bench-convert` (`--quick`: smaller workloads, one run,
 //! count targets only, for CI). Writes SVG pictures of the direct map to
@@ -8,10 +11,11 @@
 //! `$CARGO_TARGET_DIR/bench/`), and prints their paths.
 //!
 //! Two kinds of target: count targets (hypercalls against the lower bound,
-//! splits, the layout afterwards) are exact and fail the run when missed;
-//! timing targets (engine CPU time, full runs only) are reported as met or
-//! not met with the figure, and never fail the run: they depend on the
-//! machine and its load.
+//! splits, the layout afterwards; for W5 also the units accepted, each
+//! once, and per call the units it needed) are exact and fail the run when
+//! missed; timing targets (engine CPU time, full runs only) are reported
+//! as met or not met with the figure, and never fail the run: they depend
+//! on the machine and its load.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Barrier;
