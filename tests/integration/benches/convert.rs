@@ -601,11 +601,7 @@ fn measure_accept(plat: Plat, how: Acceptance<'_>) -> Accepted {
 /// with any unit to accept needs one PSC exit (two 2 MiB entries fit one
 /// exit of 253; no exit serves two calls) and one 2 MiB PVALIDATE per
 /// unit (PVALIDATE's largest page). So the minimum is: TDX, the units
-/// accepted; SNP, the calls that accept anything plus the units. (The
-/// engine cuts an SNP run where a 253-unit call would begin, at multiples
-/// of 506 MiB, so a call whose guard unit lies across such a boundary
-/// would cost it one exit over this bound; no call in W5's page lists
-/// does.)
+/// accepted; SNP, the calls that accept anything plus the units.
 fn lazy_bound(pages: &[u64]) -> (Bound, Vec<u64>) {
     let region = W5_BASE / UNIT..(W5_BASE + W5_LEN) / UNIT;
     let mut accepted = std::collections::HashSet::new();
