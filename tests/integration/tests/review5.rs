@@ -304,3 +304,53 @@ fn unshare_all_reports_a_listed_buffer_it_could_not_convert() {
         left.len()
     );
 }
+
+// ---------------------------------------------------------------------
+// Promise: `PageState::Poisoned` (convert/src/state.rs): "the frame's
+// state is unknown, its mappings stay not-present, and it is never used
+// again"; `AcceptMemoryError::Platform`: the failed units "are poisoned
+// (their frames are `PageState::Poisoned` ...)"; the contract as the
+// change states it: a page whose conversion *or acceptance* failed is
+// never handed back as usable, never present.
+//
+// Why it fails: unaccepted memory is mapped present in the direct map
+// (as the OS maps all RAM, and as the tests' machine does), and
+// `flush_run` / `accept_edge` only rewrite the state bytes of a failed
+// unit: its direct-map leaf stays present. A poisoned unit's pages may
+// still be pending (TDX) or unvalidated (SNP), so any access through that
+// leaf — a `load_unaligned_zeropad` from the last word of the accepted
+// unit before it, a kdump or hibernation walk of the direct map — is an
+// access to unaccepted memory, which the guest cannot recover from (TDX:
+// the VMM can only end the TD; SNP: a #VC the guest must treat as fatal).
+// A not-present leaf would have turned it into an ordinary #PF, which the
+// zeropad fix-up handles, exactly as for a frame a failed conversion
+// poisoned.
+// ---------------------------------------------------------------------
+#[test]
+fn a_unit_whose_acceptance_failed_is_not_left_mapped() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let base = GIB;
+    pending(&w, base, 4 * UNIT, 1);
+    let storage = bits();
+    let e = w
+        .engine()
+        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+        .unwrap();
+    e.record_unaccepted(base, 4 * UNIT).unwrap();
+    // The TD module stays busy: the unit is never accepted (still pending).
+    w.tdx.set_busy_answers(u32::MAX);
+    let err = e.accept(base + UNIT, PAGE).unwrap_err();
+    assert!(
+        matches!(err, AcceptMemoryError::Platform { pa, poisoned: 512, .. } if pa == base + UNIT),
+        "{err:?}"
+    );
+    w.tdx.set_busy_answers(0);
+    assert_eq!(e.state(base + UNIT), Some(PageState::Poisoned));
+    assert_eq!(w.tdx.page(base + UNIT).state, TdxPageState::Pending, "never accepted");
+    let va = integration::sim::DIRECT_MAP_VA + base + UNIT;
+    assert_eq!(
+        e.translate(va),
+        None,
+        "a poisoned, still pending page is mapped present in the direct map"
+    );
+}
