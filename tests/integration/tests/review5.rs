@@ -293,8 +293,14 @@ fn unshare_all_reports_a_listed_buffer_it_could_not_convert() {
     let buffer = Target::Virtual { va, len };
     e.convert(buffer, Visibility::Shared).unwrap();
     // The driver gives the second page back through the buffer.
-    e.convert(Target::Virtual { va: va + PAGE, len: PAGE }, Visibility::Private)
-        .unwrap();
+    e.convert(
+        Target::Virtual {
+            va: va + PAGE,
+            len: PAGE,
+        },
+        Visibility::Private,
+    )
+    .unwrap();
     let report = e.unshare_all(&[buffer]);
     assert_eq!(e.census().shared, 0);
     let left = shared_mappings_in(&w, va, len);
