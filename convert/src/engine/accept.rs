@@ -5,8 +5,8 @@
 //! Each unit's state lives in the state bytes of its frames (every frame
 //! of an unaccepted unit is `Unaccepted`) and its bit in the bitmap. The
 //! unit's first frame is its lock: a CPU claims the unit by moving that
-//! byte to `Accepting`, accepts, makes every frame private (the first
-//! last), and only then clears the bit. A CPU that finds a unit being
+//! byte to `Accepting`, accepts, makes the other frames private, clears
+//! the bit, and last releases the lock. A CPU that finds a unit being
 //! accepted waits for it, but only after it has finished the units it
 //! claimed itself, so no two CPUs ever wait for each other; and no lock is
 //! held across the hypercalls.
@@ -255,7 +255,12 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                             .claim_code(bitmap.unit_pa(u), Code::Unaccepted, Code::Accepting)
                             .is_ok()
                         {
-                            run = self.extend_run(bitmap, run, u, &mut report)?;
+                            let (next, flushed) = self.extend_run(bitmap, run.take(), u, &mut report);
+                            if let Err(e) = flushed {
+                                self.release_run(bitmap, next);
+                                return Err(e);
+                            }
+                            run = Some(next);
                             break;
                         }
                     }
@@ -330,12 +335,13 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                     .states
                     .claim_code(bitmap.unit_pa(u), Code::Unaccepted, Code::Accepting)
                     .is_ok();
-            let next = if claimed {
-                self.extend_run(bitmap, run.take(), u, &mut report)
+            if claimed {
+                let (next, flushed) = self.extend_run(bitmap, run.take(), u, &mut report);
+                keep(flushed.map(|()| None), &mut run);
+                run = Some(next);
             } else {
-                self.flush_run(bitmap, run.take(), &mut report).map(|()| None)
-            };
-            keep(next, &mut run);
+                keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+            }
         }
         keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
         match first_error {
@@ -361,7 +367,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         run: Option<Range<u64>>,
         u: u64,
         report: &mut AcceptReport,
-    ) -> Result<Option<Range<u64>>, AcceptMemoryError> {
+    ) -> (Range<u64>, Result<(), AcceptMemoryError>) {
         let call = self.platform.accept_call_bytes().max(bitmap.unit_size());
         // A power-of-two call size is the platform's largest page (1 GiB on
         // TDX): runs break where one begins, so it stays whole. Otherwise
@@ -369,17 +375,11 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let boundary = |u: u64| call.is_power_of_two() && bitmap.unit_pa(u) % call == 0;
         match run {
             Some(r) if r.end == u && bitmap.unit_pa(u) - bitmap.unit_pa(r.start) < call && !boundary(u) => {
-                Ok(Some(r.start..u + 1))
+                (r.start..u + 1, Ok(()))
             }
-            other => {
-                if let Err(e) = self.flush_run(bitmap, other, report) {
-                    self.states
-                        .claim_code(bitmap.unit_pa(u), Code::Accepting, Code::Unaccepted)
-                        .ok();
-                    return Err(e);
-                }
-                Ok(Some(u..u + 1))
-            }
+            // The new run holds `u` whatever became of the old one: its
+            // claim is the caller's to accept or give back.
+            other => (u..u + 1, self.flush_run(bitmap, other, report)),
         }
     }
 
@@ -400,11 +400,12 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let result = unsafe { self.platform_accept(start, end - start) };
         let accepted_below = match result {
             Ok(()) => end,
+            // Never beyond this run's own units.
             Err(AcceptFailure { accepted_below, .. }) => bitmap.unit_pa(
                 bitmap
                     .units_touching(accepted_below, accepted_below)
                     .start
-                    .max(run.start),
+                    .clamp(run.start, run.end),
             ),
         };
         let unit = bitmap.unit_size();
@@ -412,8 +413,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         for u in accepted.clone() {
             let first = bitmap.unit_pa(u);
             self.settle_frames(first + PAGE..first + unit, Code::Private);
-            self.states.settle(first, Code::Private);
+            // The bit before the lock: a CPU waiting on the lock finds the
+            // bit clear once it may go on.
             bitmap.clear(u);
+            self.states.settle(first, Code::Private);
         }
         let units = accepted.end - accepted.start;
         report.units += units;
@@ -421,8 +424,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         let Err(failure) = result else { return Ok(()) };
         // The bits stay set: the units are not accepted, and a next kernel
         // must not take them for usable memory.
-        self.settle_frames(accepted_below + PAGE..end, Code::Poisoned);
-        self.states.settle(accepted_below, Code::Poisoned);
+        if accepted_below < end {
+            self.settle_frames(accepted_below + PAGE..end, Code::Poisoned);
+            self.states.settle(accepted_below, Code::Poisoned);
+        }
         let error = AcceptMemoryError::Platform {
             error: failure.error,
             pa: accepted_below,
@@ -528,6 +533,15 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             }
         }
         Ok(())
+    }
+
+    /// Gives back the claims of a run that was never sent.
+    fn release_run(&self, bitmap: &UnacceptedBitmap<'_>, run: Range<u64>) {
+        for u in run {
+            self.states
+                .claim_code(bitmap.unit_pa(u), Code::Accepting, Code::Unaccepted)
+                .ok();
+        }
     }
 
     fn unmark_unit(&self, pa: u64, unit: u64) {

@@ -36,6 +36,10 @@ pub struct UnshareReport {
     /// Frames still shared afterwards: ones a conversion could not claim
     /// (none, unless the OS wrote state bytes itself).
     pub still_shared: u64,
+    /// Pages of the named buffers that could not be converted through the
+    /// buffer (not mapped, say): their frames went private through the
+    /// direct map, and the buffer may still map them shared.
+    pub mapped_left: u64,
     /// Every poisoned frame (this call's and earlier ones): not to be used
     /// by the next kernel ([`Engine::runs`] lists them).
     pub poisoned: u64,
@@ -56,7 +60,7 @@ impl UnshareReport {
 
     /// Whether every shared frame is private now.
     pub fn complete(&self) -> bool {
-        self.failed == 0 && self.still_shared == 0
+        self.failed == 0 && self.still_shared == 0 && self.mapped_left == 0
     }
 }
 
@@ -99,7 +103,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             );
         }
         for &target in mapped {
-            self.unshare(target, &mut report);
+            if let Err(refused) = self.unshare(target, &mut report) {
+                self.unshare_page_by_page(target, refused, &mut report);
+            }
         }
         // The platform's own pages are held back from the scan: claimed,
         // they are no longer "shared" to it.
@@ -109,7 +115,8 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         self.platform.for_each_own_shared(&mut held);
         let mut next = 0;
         while let Some((pa, len)) = self.next_run(next, Code::Shared) {
-            self.unshare(Target::Physical { pa, len }, &mut report);
+            // A refusal is logged; the frames stay shared and are counted.
+            let _ = self.unshare(Target::Physical { pa, len }, &mut report);
             next = pa + len;
         }
         let mut release = |pa: u64| {
@@ -123,7 +130,8 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         // MSR protocol now.
         let mut next = 0;
         while let Some((pa, len)) = self.next_run(next, Code::Shared) {
-            self.unshare(Target::Physical { pa, len }, &mut report);
+            // A refusal is logged; the frames stay shared and are counted.
+            let _ = self.unshare(Target::Physical { pa, len }, &mut report);
             next = pa + len;
         }
         let census = self.states.census();
@@ -144,7 +152,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         })
     }
 
-    fn unshare(&self, target: Target, report: &mut UnshareReport) {
+    /// Converts `target` to private; an error that changed nothing is
+    /// handed back.
+    fn unshare(&self, target: Target, report: &mut UnshareReport) -> Result<(), ConvertError> {
         let mut scratch = [0u64; 256];
         match self.convert_ungated(target, Visibility::Private, &mut scratch) {
             Ok(done) => report.made_private += done.frames,
@@ -154,7 +164,36 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 report.made_private += converted;
                 report.failed += poisoned;
             }
-            Err(e) => log::warn!("unshare_all: {target:?} not converted: {e}"),
+            Err(e) => {
+                log::warn!("unshare_all: {target:?} not converted: {e}");
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A named buffer refused as a whole (some of its pages were given back
+    /// already, say): each page that is still shared goes through the
+    /// buffer on its own; those that cannot are counted.
+    fn unshare_page_by_page(&self, target: Target, refused: ConvertError, report: &mut UnshareReport) {
+        let Target::Virtual { va, len } = target else {
+            report.mapped_left += 1;
+            return;
+        };
+        if matches!(refused, ConvertError::InvalidRange { .. }) {
+            report.mapped_left += len.div_ceil(4096);
+            return;
+        }
+        for page in (va..va.saturating_add(len)).step_by(4096) {
+            let one = Target::Virtual { va: page, len: 4096 };
+            match self.unshare(one, report) {
+                Ok(())
+                | Err(ConvertError::Refused {
+                    state: PageState::Private,
+                    ..
+                }) => {}
+                Err(_) => report.mapped_left += 1,
+            }
         }
     }
 

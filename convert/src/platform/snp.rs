@@ -27,11 +27,9 @@ pub trait GhcbProvider {
 
     /// Every CPU's slot, for taking all GHCBs out of service when
     /// everything is made private again
-    /// ([`Engine::unshare_all`](crate::Engine::unshare_all)). By default
-    /// the calling CPU's.
-    fn slots(&self) -> &[GhcbSlot] {
-        self.slot().map(core::slice::from_ref).unwrap_or(&[])
-    }
+    /// ([`Engine::unshare_all`](crate::Engine::unshare_all)): a GHCB left
+    /// out would be made private while its CPU still uses it.
+    fn slots(&self) -> &[GhcbSlot];
 }
 
 /// No GHCB (early boot): every page state change goes through the MSR
@@ -42,6 +40,10 @@ pub struct NoGhcb;
 impl GhcbProvider for NoGhcb {
     fn slot(&self) -> Option<&GhcbSlot> {
         None
+    }
+
+    fn slots(&self) -> &[GhcbSlot] {
+        &[]
     }
 }
 
