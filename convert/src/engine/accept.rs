@@ -428,19 +428,12 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             self.settle_frames(accepted_below + PAGE..end, Code::Poisoned);
             self.states.settle(accepted_below, Code::Poisoned);
         }
-        let error = AcceptMemoryError::Platform {
-            error: failure.error,
-            pa: accepted_below,
-            poisoned: (end - accepted_below) / PAGE,
-            accepted: report.units,
-        };
-        self.failed(ConvertError::Platform {
-            error: failure.error,
-            pa: accepted_below,
-            poisoned: (end - accepted_below) / PAGE,
-            converted: 0,
-        });
-        Err(error)
+        Err(self.failed(
+            failure.error,
+            accepted_below,
+            (end - accepted_below) / PAGE,
+            report.units,
+        ))
     }
 
     /// Accepts an edge of a recorded range that fills no unit: claimed
@@ -457,29 +450,31 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 let bad = failure.accepted_below.clamp(edge.start, edge.end) & !(PAGE - 1);
                 self.settle_frames(edge.start..bad, Code::Private);
                 self.settle_frames(bad..edge.end, Code::Poisoned);
-                let poisoned = (edge.end - bad) / PAGE;
-                self.failed(ConvertError::Platform {
-                    error: failure.error,
-                    pa: bad,
-                    poisoned,
-                    converted: 0,
-                });
-                Err(AcceptMemoryError::Platform {
-                    error: failure.error,
-                    pa: bad,
-                    poisoned,
-                    accepted: 0,
-                })
+                Err(self.failed(failure.error, bad, (edge.end - bad) / PAGE, 0))
             }
         }
     }
 
-    /// Counts a failure and applies the failure policy.
-    fn failed(&self, err: ConvertError) {
+    /// Counts a failure whose frames are poisoned already, applies the
+    /// failure policy (which knows conversions' errors: it sees one), and
+    /// returns the error for the caller.
+    fn failed(&self, error: PlatformError, pa: u64, poisoned: u64, accepted: u64) -> AcceptMemoryError {
         Counters::add(&self.counters.failures, 1);
-        log::error!("accepting memory failed, frames poisoned: {err:?}");
-        if let FailureAction::Terminate { reason } = self.policy.on_failure(&err) {
+        let as_conversion = ConvertError::Platform {
+            error,
+            pa,
+            poisoned,
+            converted: 0,
+        };
+        log::error!("accepting memory failed, frames poisoned: {as_conversion:?}");
+        if let FailureAction::Terminate { reason } = self.policy.on_failure(&as_conversion) {
             self.platform.terminate(reason);
+        }
+        AcceptMemoryError::Platform {
+            error,
+            pa,
+            poisoned,
+            accepted,
         }
     }
 

@@ -113,12 +113,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             self.states.claim(pa, Code::Shared).ok();
         };
         self.platform.for_each_own_shared(&mut held);
-        let mut next = 0;
-        while let Some((pa, len)) = self.next_run(next, Code::Shared) {
-            // A refusal is logged; the frames stay shared and are counted.
-            let _ = self.unshare(Target::Physical { pa, len }, &mut report);
-            next = pa + len;
-        }
+        self.unshare_shared_runs(&mut report);
         let mut release = |pa: u64| {
             if self.states.code(pa) == Some(Code::Claimed) {
                 self.states.settle(pa, Code::Shared);
@@ -128,12 +123,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         self.platform.retire_own_shared();
         // Only the platform's own pages are left, and they go through the
         // MSR protocol now.
-        let mut next = 0;
-        while let Some((pa, len)) = self.next_run(next, Code::Shared) {
-            // A refusal is logged; the frames stay shared and are counted.
-            let _ = self.unshare(Target::Physical { pa, len }, &mut report);
-            next = pa + len;
-        }
+        self.unshare_shared_runs(&mut report);
         let census = self.states.census();
         report.still_shared = census.shared;
         report.poisoned = census.poisoned;
@@ -150,6 +140,16 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             next = pa + len;
             Some((pa, len))
         })
+    }
+
+    /// Converts every run of shared frames, one transaction each. A
+    /// refusal is logged; its frames stay shared and are counted.
+    fn unshare_shared_runs(&self, report: &mut UnshareReport) {
+        let mut next = 0;
+        while let Some((pa, len)) = self.next_run(next, Code::Shared) {
+            let _ = self.unshare(Target::Physical { pa, len }, report);
+            next = pa + len;
+        }
     }
 
     /// Converts `target` to private; an error that changed nothing is

@@ -40,9 +40,13 @@ pub struct Model<'a> {
 
 /// An 8-byte load from `va`, whatever its alignment: the word a kernel's
 /// `load_unaligned_zeropad` reads at the end of a string.
-fn load_word(va: u64) -> u64 {
+///
+/// # Safety
+///
+/// `va..va + 8` is mapped and readable.
+unsafe fn load_word(va: u64) -> u64 {
     let word: u64;
-    // SAFETY: the caller's `va..va + 8` is mapped and readable.
+    // SAFETY: the caller guarantees the eight bytes are mapped.
     unsafe { core::arch::asm!("mov {0}, qword ptr [{1}]", out(reg) word, in(reg) va, options(nostack, readonly)) };
     word
 }
@@ -91,8 +95,10 @@ pub fn unaccepted<P: Platform>(e: &GuestEngine<P>, model: &Model<'_>) {
         last.write_volatile(last_word);
         guard.write_volatile(guard_word);
     }
+    // SAFETY: the word straddles the two pages just written.
+    let crossing = unsafe { load_word(DIRECT_MAP + end - 3) };
     check(
-        load_word(DIRECT_MAP + end - 3) == last_word >> 40 | guard_word << 24,
+        crossing == last_word >> 40 | guard_word << 24,
         "unaccepted: the crossing load did not read the guard unit",
     );
 

@@ -22,6 +22,12 @@ pub const MIB: u64 = 1 << 20;
 /// GiB.
 pub const GIB: u64 = 1 << 30;
 
+/// Zeroed storage for an unaccepted-memory bitmap: 4096 units, 8 GiB of
+/// 2 MiB units.
+pub fn bitmap_storage() -> Vec<std::sync::atomic::AtomicU64> {
+    (0..64).map(|_| std::sync::atomic::AtomicU64::new(0)).collect()
+}
+
 /// A TD of `size` bytes with the given model configuration.
 pub fn tdx(size: u64, config: TdxConfig) -> MockTdx {
     MockTdx::new(Arc::new(GuestMemory::new(size)), config)

@@ -355,6 +355,16 @@ impl TdxWorld {
         self.m.engine(Tdx::new(&self.tdx, self.tdx.shared_mask()).unwrap())
     }
 
+    /// Makes `[pa, pa + len)` memory the firmware hands over unaccepted:
+    /// pending in the TD, mapped in the Secure EPT at `level`.
+    pub fn hand_over_unaccepted(&self, pa: u64, len: u64, level: u8) {
+        let page = hvmock::TdxPage {
+            state: hvmock::TdxPageState::Pending,
+            level,
+        };
+        self.tdx.set_pages(pa, len, page);
+    }
+
     /// The side the model holds the frame at `pa` on; `None` while pending.
     pub fn host_side(&self, pa: u64) -> Option<Visibility> {
         match self.tdx.page(pa).state {
@@ -411,6 +421,17 @@ impl SnpWorld {
     /// The engine with the fewest-calls options.
     pub fn engine(&self) -> SnpEngine<'_> {
         self.engine_with(SnpOptions::MINIMAL)
+    }
+
+    /// Makes `[pa, pa + len)` memory launch leaves unaccepted: assigned to
+    /// the guest, not validated.
+    pub fn hand_over_unvalidated(&self, pa: u64, len: u64) {
+        let entry = hvmock::RmpEntry {
+            assigned: true,
+            validated: false,
+            huge: false,
+        };
+        self.snp.set_rmp(pa, len, entry);
     }
 
     /// The side the RMP holds the frame at `pa` on; `None` in between

@@ -5,8 +5,6 @@
 
 #![allow(clippy::too_many_lines)]
 
-use std::sync::atomic::AtomicU64;
-
 use coco_convert::platform::snp::{GhcbProvider, GhcbSlot, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::{AcceptFailure, PrivateMap, Runs};
@@ -21,21 +19,6 @@ use integration::{GIB, MIB};
 
 const PAGE: u64 = 4096;
 const UNIT: u64 = 2 * MIB;
-
-fn bits() -> Vec<AtomicU64> {
-    (0..64).map(|_| AtomicU64::new(0)).collect()
-}
-
-fn pending(w: &TdxWorld, pa: u64, len: u64, level: u8) {
-    w.tdx.set_pages(
-        pa,
-        len,
-        TdxPage {
-            state: TdxPageState::Pending,
-            level,
-        },
-    );
-}
 
 // ---------------------------------------------------------------------
 // Promise: `Engine::accept_all` (convert/src/engine/accept.rs): "A failed
@@ -59,8 +42,8 @@ fn pending(w: &TdxWorld, pa: u64, len: u64, level: u8) {
 fn accept_all_accepts_every_unit_but_the_failed_ones() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let start = GIB - 2 * UNIT;
-    pending(&w, start, 4 * UNIT, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(start, 4 * UNIT, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -160,8 +143,8 @@ impl Platform for AcceptedThenFailed<'_> {
 fn a_failed_accept_changes_nothing_outside_its_own_run() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let base = GIB;
-    pending(&w, base, 4 * UNIT, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(base, 4 * UNIT, 1);
+    let storage = integration::bitmap_storage();
     let platform = AcceptedThenFailed(Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap());
     let e =
         w.m.engine(platform)
@@ -343,8 +326,8 @@ fn unshare_all_reports_a_listed_buffer_it_could_not_convert() {
 fn a_unit_whose_acceptance_failed_is_not_left_mapped() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let base = GIB;
-    pending(&w, base, 4 * UNIT, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(base, 4 * UNIT, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())

@@ -3,7 +3,6 @@
 //! on a unit boundary) or eagerly over several CPUs, and a host or firmware
 //! that lies about it.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Barrier;
 
 use coco_convert::{AcceptMemoryError, ConvertError, PageState, PlatformError, Target, UnacceptedBitmap, Visibility};
@@ -17,22 +16,6 @@ const UNIT: u64 = 2 * MIB;
 /// Where the tests put unaccepted memory: 1 GiB aligned, clear of the
 /// tables and the GHCB.
 const BASE: u64 = GIB;
-
-fn bits() -> Vec<AtomicU64> {
-    (0..64).map(|_| AtomicU64::new(0)).collect()
-}
-
-/// The TD's pages in `[pa, pa + len)` are pending at Secure-EPT `level`.
-fn pending(w: &TdxWorld, pa: u64, len: u64, level: u8) {
-    w.tdx.set_pages(
-        pa,
-        len,
-        TdxPage {
-            state: TdxPageState::Pending,
-            level,
-        },
-    );
-}
 
 fn accepts(w: &TdxWorld) -> Vec<(u64, u8, u64)> {
     w.tdx
@@ -52,8 +35,8 @@ fn unit_of(pa: u64) -> u64 {
 #[test]
 fn a_lazy_accept_takes_the_units_it_needs_once_each() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 64 * MIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 64 * MIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -85,8 +68,8 @@ fn a_lazy_accept_takes_the_units_it_needs_once_each() {
 #[test]
 fn a_range_ending_on_a_unit_boundary_accepts_the_next_unit_too() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 64 * MIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 64 * MIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -112,8 +95,8 @@ fn a_range_ending_on_a_unit_boundary_accepts_the_next_unit_too() {
 #[test]
 fn eager_acceptance_uses_1g_accepts_and_takes_everything() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, 0, GIB, 2);
-    let storage = bits();
+    w.hand_over_unaccepted(0, GIB, 2);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -132,8 +115,8 @@ fn eager_acceptance_uses_1g_accepts_and_takes_everything() {
 #[test]
 fn a_size_mismatch_falls_back_to_4k_accepts() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 4 * MIB, 0);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 4 * MIB, 0);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -154,8 +137,8 @@ fn a_size_mismatch_falls_back_to_4k_accepts() {
 #[test]
 fn converting_unaccepted_memory_is_refused_and_changes_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 8 * MIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 8 * MIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -194,8 +177,8 @@ fn converting_unaccepted_memory_is_refused_and_changes_nothing() {
 #[test]
 fn recording_a_range_accepts_the_ends_that_fill_no_unit_at_once() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 8 * MIB, 0);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 8 * MIB, 0);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -222,7 +205,7 @@ fn recording_a_range_accepts_the_ends_that_fill_no_unit_at_once() {
 #[test]
 fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    let storage = bits();
+    let storage = integration::bitmap_storage();
     let first = unit_of(BASE);
     storage[(first / 64) as usize].store(0b101 << (first % 64), std::sync::atomic::Ordering::Relaxed);
     let e = w.engine();
@@ -247,7 +230,7 @@ fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
     );
     assert_eq!(w.m.snapshot(), before, "the first unit's marks were undone");
 
-    let storage = bits();
+    let storage = integration::bitmap_storage();
     storage[(first / 64) as usize].store(0b1 << (first % 64), std::sync::atomic::Ordering::Relaxed);
     let e = w
         .engine()
@@ -260,7 +243,7 @@ fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
 #[test]
 fn recording_refuses_frames_in_use_and_changes_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    let storage = bits();
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -295,8 +278,8 @@ fn recording_refuses_frames_in_use_and_changes_nothing() {
 #[test]
 fn many_cpus_asking_for_the_same_units_accept_each_once() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 32 * MIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 32 * MIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -338,8 +321,8 @@ fn many_cpus_asking_for_the_same_units_accept_each_once() {
 #[test]
 fn eager_acceptance_spreads_over_cpus_without_accepting_twice() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, 0, GIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(0, GIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -376,8 +359,8 @@ fn eager_acceptance_spreads_over_cpus_without_accepting_twice() {
 #[test]
 fn a_unit_the_firmware_accepted_behind_the_guests_back_is_poisoned() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 8 * MIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 8 * MIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -438,8 +421,8 @@ fn a_unit_the_firmware_accepted_behind_the_guests_back_is_poisoned() {
 #[test]
 fn a_busy_td_module_poisons_the_unit_it_never_finished() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
-    pending(&w, BASE, 8 * MIB, 1);
-    let storage = bits();
+    w.hand_over_unaccepted(BASE, 8 * MIB, 1);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -474,26 +457,13 @@ fn a_busy_td_module_poisons_the_unit_it_never_finished() {
 
 // SEV-SNP
 
-/// Launch left `[pa, pa + len)` assigned to the guest but not validated.
-fn unvalidated(w: &SnpWorld, pa: u64, len: u64) {
-    w.snp.set_rmp(
-        pa,
-        len,
-        RmpEntry {
-            assigned: true,
-            validated: false,
-            huge: false,
-        },
-    );
-}
-
 const GHCB_PA: u64 = 1536 * MIB;
 
 #[test]
 fn snp_accepts_by_page_state_change_then_pvalidate_and_evicts_the_cache_lines() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    unvalidated(&w, BASE, 16 * MIB);
-    let storage = bits();
+    w.hand_over_unvalidated(BASE, 16 * MIB);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -526,8 +496,8 @@ fn snp_with_coherency_sfw_no_evicts_nothing() {
         },
         Shape::Mixed,
     );
-    unvalidated(&w, BASE, 16 * MIB);
-    let storage = bits();
+    w.hand_over_unvalidated(BASE, 16 * MIB);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -577,8 +547,8 @@ fn snp_4k_rmp_entries_after_a_migration_fall_back_to_4k_pvalidate() {
         },
         Shape::Mixed,
     );
-    unvalidated(&w, BASE, 4 * MIB);
-    let storage = bits();
+    w.hand_over_unvalidated(BASE, 4 * MIB);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -596,8 +566,8 @@ fn snp_4k_rmp_entries_after_a_migration_fall_back_to_4k_pvalidate() {
 #[test]
 fn snp_a_unit_the_host_claims_validated_is_poisoned() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    unvalidated(&w, BASE, 8 * MIB);
-    let storage = bits();
+    w.hand_over_unvalidated(BASE, 8 * MIB);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -638,7 +608,7 @@ fn snp_a_unit_the_host_claims_validated_is_poisoned() {
 fn snp_a_unit_the_host_never_assigned_fails_pvalidate_and_is_poisoned() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.snp.set_rmp(BASE, 8 * MIB, RmpEntry::default());
-    let storage = bits();
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
@@ -675,8 +645,8 @@ fn snp_a_unit_the_host_never_assigned_fails_pvalidate_and_is_poisoned() {
 #[test]
 fn snp_without_a_scratch_window_nothing_is_claimed() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    unvalidated(&w, BASE, 8 * MIB);
-    let storage = bits();
+    w.hand_over_unvalidated(BASE, 8 * MIB);
+    let storage = integration::bitmap_storage();
     let platform =
         coco_convert::platform::snp::Snp::new(&w.snp, &w.snp, coco_convert::platform::snp::NoGhcb, 51).unwrap();
     let e =
@@ -700,8 +670,8 @@ fn snp_without_a_scratch_window_nothing_is_claimed() {
 #[test]
 fn snp_eager_acceptance_fills_every_page_state_change_exit() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
-    unvalidated(&w, 0, GIB);
-    let storage = bits();
+    w.hand_over_unvalidated(0, GIB);
+    let storage = integration::bitmap_storage();
     let e = w
         .engine()
         .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
