@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
-use coco_convert::{Config, DirectMap, EncryptionBit, Engine, PerCpuWindows, StateTable, Visibility};
+use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Paging, PerCpuWindows, StateTable, Visibility};
 use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
@@ -78,6 +78,7 @@ fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
 fn config(t: &memory::Tables) -> Config {
     Config {
         root: t.root,
+        paging: Paging::Four,
         direct_map: DirectMap {
             va: DIRECT_MAP,
             pa: 0,
@@ -91,6 +92,7 @@ fn config(t: &memory::Tables) -> Config {
 fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
     attach(hvmock::GuestPageTables {
         cr3: tables.root,
+        la57: false,
         enc_mask: tables.enc.mask(),
     });
 }

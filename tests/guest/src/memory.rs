@@ -224,6 +224,7 @@ pub fn direct_map_layout(t: &Tables) -> [u64; 3] {
     while va < DIRECT_MAP + RAM {
         let tables = hvmock::GuestPageTables {
             cr3: t.root,
+            la57: false,
             enc_mask: t.enc.mask(),
         };
         let mem = crate::emulate::host_memory();

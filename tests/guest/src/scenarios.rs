@@ -33,6 +33,7 @@ fn show(name: &str, c: &CounterSnapshot, extra: core::fmt::Arguments<'_>) {
 fn mapped(t: &Tables, pa: u64, side: Visibility) -> bool {
     let tables = hvmock::GuestPageTables {
         cr3: t.root,
+        la57: false,
         enc_mask: t.enc.mask(),
     };
     match tables.translate(crate::emulate::host_memory(), DIRECT_MAP + pa) {
@@ -116,6 +117,7 @@ pub fn vmalloc<P: Platform>(e: &GuestEngine<P>, t: &mut Tables) {
     let len = frames.len() as u64 * 4096;
     let tables = hvmock::GuestPageTables {
         cr3: t.root,
+        la57: false,
         enc_mask: t.enc.mask(),
     };
     let side_at = |va: u64| {
