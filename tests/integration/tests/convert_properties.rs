@@ -550,6 +550,36 @@ proptest! {
     }
 }
 
+proptest! {
+    // Five levels, every mapping at an address only 57-bit paging
+    // translates. Fewer cases: below the PDPT the tables are walked, split
+    // and collapsed by the code the 4-level runs cover.
+    #![proptest_config(ProptestConfig { cases: 12, max_shrink_iters: 256, max_shrink_time: 60_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_conversions_keep_every_promise_tdx_la57(
+        gib_page in any::<bool>(),
+        small_mask in any::<u64>(),
+        holes in holes(),
+        buffers in buffers(),
+        ops in prop::collection::vec(op(3), 1..14),
+    ) {
+        tdx_case(Layout::FIVE, RandomGuest { gib_page, small_mask, holes, buffers }, ops)?;
+    }
+
+    #[test]
+    fn random_conversions_keep_every_promise_snp_la57(
+        gib_page in any::<bool>(),
+        small_mask in any::<u64>(),
+        holes in holes(),
+        buffers in buffers(),
+        ops in prop::collection::vec(op(3), 1..12),
+        per_exit in prop::option::of(1u64..700),
+    ) {
+        snp_case(Layout::FIVE, RandomGuest { gib_page, small_mask, holes, buffers }, ops, per_exit)?;
+    }
+}
+
 fn run<P: Platform>(
     w: &impl Guest,
     e: &SimEngine<'_, P>,
