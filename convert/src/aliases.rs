@@ -16,6 +16,7 @@
 //! shootdown) before any conversion can start without it. Its slot is
 //! reused only once every conversion that knew it has finished.
 
+use crate::pte::Paging;
 use crate::sync::{spin_loop, AtomicBool, AtomicUsize, Mutex};
 use core::sync::atomic::Ordering;
 
@@ -106,15 +107,11 @@ impl Drop for Readers<'_> {
 }
 
 /// Whether `[va, va + len)` (non-empty, not wrapping) lies in one half of
-/// the canonical 48-bit address space, as 4-level paging translates it.
-pub(crate) fn canonical_range(va: u64, len: u64) -> bool {
-    let half = |a: u64| match a >> 47 {
-        0 => Some(false),
-        0x1_FFFF => Some(true),
-        _ => None,
-    };
+/// the canonical address space `paging` translates (48 or 57 bits): both
+/// ends canonical and in the same half, so nothing between them is not.
+pub(crate) fn canonical_range(va: u64, len: u64, paging: Paging) -> bool {
     let last = va + (len - 1);
-    half(va).is_some() && half(va) == half(last)
+    paging.is_canonical(va) && paging.is_canonical(last) && (va ^ last) >> 63 == 0
 }
 
 fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
@@ -133,12 +130,12 @@ impl AliasRegistry {
         }
     }
 
-    pub fn register(&self, alias: Alias, direct_map: DirectMap) -> Result<usize, AliasError> {
+    pub fn register(&self, alias: Alias, direct_map: DirectMap, paging: Paging) -> Result<usize, AliasError> {
         let wraps = alias.va.checked_add(alias.len).is_none() || alias.pa.checked_add(alias.len).is_none();
         if alias.len == 0
             || (alias.va | alias.pa | alias.len) & 0xFFF != 0
             || wraps
-            || !canonical_range(alias.va, alias.len)
+            || !canonical_range(alias.va, alias.len, paging)
         {
             return Err(AliasError::Invalid);
         }
@@ -292,7 +289,7 @@ mod tests {
             pa: 0x100_0000,
             len: 0x20_0000,
         };
-        assert_eq!(r.register(a, DM), Ok(0));
+        assert_eq!(r.register(a, DM, Paging::Four), Ok(0));
         let cases = [
             (Alias { len: 0, ..a }, AliasError::Invalid),
             (Alias { va: a.va + 1, ..a }, AliasError::Invalid),
@@ -329,7 +326,7 @@ mod tests {
             ),
         ];
         for (alias, err) in cases {
-            assert_eq!(r.register(alias, DM), Err(err), "{alias:x?}");
+            assert_eq!(r.register(alias, DM, Paging::Four), Err(err), "{alias:x?}");
         }
         for i in 1..MAX_ALIASES as u64 {
             r.register(
@@ -339,6 +336,7 @@ mod tests {
                     len: 0x1000,
                 },
                 DM,
+                Paging::Four,
             )
             .unwrap();
         }
@@ -347,10 +345,50 @@ mod tests {
             pa: 0x4000_0000,
             len: 0x1000,
         };
-        assert_eq!(r.register(spare, DM), Err(AliasError::Full));
+        assert_eq!(r.register(spare, DM, Paging::Four), Err(AliasError::Full));
         assert_eq!(r.unregister(0, |_| {}, |_| {}), Some(a));
         assert_eq!(r.unregister(0, |_| {}, |_| {}), None);
-        assert_eq!(r.register(spare, DM), Ok(0));
+        assert_eq!(r.register(spare, DM, Paging::Four), Ok(0));
+    }
+
+    #[test]
+    fn canonical_ranges_at_each_depth() {
+        use Paging::{Five, Four};
+        let cases = [
+            // (va, len, canonical with four levels, with five)
+            (0xFFFF_8000_0000_0000, 0x1000, true, true),
+            (0x7FFF_FFFF_F000, 0x1000, true, true),
+            (0x7FFF_FFFF_F000, 0x2000, false, true),
+            (0xFFFF_7FFF_FFFF_F000, 0x2000, false, true),
+            (0xFF11_0000_0000_0000, 1 << 30, false, true),
+            (0x00FF_FFFF_FFFF_F000, 0x1000, false, true),
+            (0x00FF_FFFF_FFFF_F000, 0x2000, false, false),
+            (0xFEFF_FFFF_FFFF_F000, 0x2000, false, false),
+            (0xFF00_0000_0000_0000, 0x1000, false, true),
+            (0x0100_0000_0000_0000, 0x1000, false, false),
+        ];
+        for (va, len, four, five) in cases {
+            assert_eq!(canonical_range(va, len, Four), four, "{va:#x}+{len:#x}, 4 levels");
+            assert_eq!(canonical_range(va, len, Five), five, "{va:#x}+{len:#x}, 5 levels");
+        }
+    }
+
+    #[test]
+    fn registration_follows_the_paging_depth() {
+        let r = AliasRegistry::new();
+        let la57_only = Alias {
+            va: 0xFF80_0000_0000_0000,
+            pa: 0x100_0000,
+            len: 0x20_0000,
+        };
+        assert_eq!(r.register(la57_only, DM, Paging::Four), Err(AliasError::Invalid));
+        assert_eq!(r.register(la57_only, DM, Paging::Five), Ok(0));
+        let beyond = Alias {
+            va: 0xFE00_0000_0000_0000,
+            pa: 0x800_0000,
+            ..la57_only
+        };
+        assert_eq!(r.register(beyond, DM, Paging::Five), Err(AliasError::Invalid));
     }
 
     #[test]
@@ -361,7 +399,7 @@ mod tests {
             pa: 0,
             len: 0x1000,
         };
-        r.register(a, DM).unwrap();
+        r.register(a, DM, Paging::Four).unwrap();
         let (hold, snapshot) = r.enter();
         assert_eq!(snapshot.unwrap()[0], Some(a));
         let done = AtomicBool::new(false);

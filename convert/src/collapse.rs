@@ -20,6 +20,9 @@ pub(crate) fn try_collapse<M: PhysMem>(
     level: Level,
     may_replace: impl Fn(u64) -> bool,
 ) -> Option<u64> {
+    if !level.can_be_leaf() {
+        return None;
+    }
     let loc = pointer_at(t, va, level)?;
     let pointer = t.load(loc);
     let table = t.enc.address(pointer, Level::Pt);
@@ -62,14 +65,14 @@ pub(crate) fn try_collapse<M: PhysMem>(
 /// The present table-pointer entry at `level` on the path to `va`.
 pub(crate) fn pointer_at<M: PhysMem>(t: &Tables<'_, M>, va: u64, level: Level) -> Option<EntryLoc> {
     let mut table = t.root;
-    let mut current = Level::Pml4;
+    let mut current = t.paging.top();
     loop {
         let loc = EntryLoc {
             table,
             index: current.index(va),
         };
         let entry = t.load(loc);
-        let is_pointer = entry & PRESENT != 0 && (current == Level::Pml4 || entry & HUGE == 0);
+        let is_pointer = entry & PRESENT != 0 && (!current.can_be_leaf() || entry & HUGE == 0);
         if !is_pointer || current == Level::Pt {
             return None;
         }

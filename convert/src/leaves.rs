@@ -43,8 +43,11 @@ impl Mapping {
     }
 }
 
+/// Whether an entry at `level` maps memory rather than a table. Bit 7 of a
+/// PML4 or PML5 entry is reserved, not PS: those entries are never leaves,
+/// whatever they hold.
 pub(crate) fn is_leaf(level: Level, entry: u64) -> bool {
-    level == Level::Pt || entry & HUGE != 0
+    level == Level::Pt || (level.can_be_leaf() && entry & HUGE != 0)
 }
 
 /// Visits every entry that translates `[va, va + len)`, running along each

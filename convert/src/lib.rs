@@ -85,7 +85,7 @@
 //! ```no_run
 //! use core::sync::atomic::AtomicU8;
 //! use coco_convert::platform::tdx::Tdx;
-//! use coco_convert::{Config, DirectMap, Engine, StateTable, Target, VaRange, Visibility};
+//! use coco_convert::{Config, DirectMap, Engine, Paging, StateTable, Target, VaRange, Visibility};
 //!
 //! const PHYS_OFFSET: u64 = 0xFFFF_8880_0000_0000; // where the kernel maps all RAM
 //! const RAM: u64 = 1 << 30;
@@ -115,10 +115,17 @@
 //! static STATES: [AtomicU8; (RAM / 4096) as usize] = [const { AtomicU8::new(0) }; (RAM / 4096) as usize]; // all private
 //!
 //! # fn cr3() -> u64 { 0 }
+//! # fn cr4() -> u64 { 0 }
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! // SAFETY: we run in a TD at CPL 0.
 //! let tdx = Tdx::from_vp_info(unsafe { tdcall::TdcallInstruction::new() })?;
-//! let config = Config { root: cr3(), direct_map: DirectMap { va: PHYS_OFFSET, pa: 0, len: RAM }, collapse: true, collapse_1g: true };
+//! let config = Config {
+//!     root: cr3(),
+//!     paging: Paging::from_cr4(cr4()), // four levels, or five with CR4.LA57
+//!     direct_map: DirectMap { va: PHYS_OFFSET, pa: 0, len: RAM },
+//!     collapse: true,
+//!     collapse_1g: true,
+//! };
 //! let engine = Engine::new(config, DirectMapAccess, BootFrames, Ipi, tdx, StateTable::new(0, &STATES));
 //!
 //! // A direct-map or vmalloc-style range: every alias converts with it.
@@ -161,7 +168,7 @@ pub use engine::{AcceptMemoryError, AcceptReport, Config, ConvertError, Engine, 
 pub use ghcb_setup::{setup_ghcb, GhcbSetupError};
 pub use platform::{Platform, PlatformError, Runs};
 pub use policy::{FailureAction, FailurePolicy, ReportOnly};
-pub use pte::{EncryptionBit, Level, Visibility};
+pub use pte::{EncryptionBit, Level, Paging, Visibility};
 pub use reserve::FrameSource;
 pub use shootdown::{TlbShootdown, VaRange};
 pub use state::{Census, PageState, RecordError, StateTable};

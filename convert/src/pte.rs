@@ -1,6 +1,6 @@
 //! x86-64 page-table entries as the hardware reads them (Intel SDM vol. 3A
-//! 4.5, "4-Level Paging"; AMD APM vol. 2 5.3), with the encryption bit
-//! treated as an opaque, runtime mask.
+//! 4.5, "4-Level Paging and 5-Level Paging"; AMD APM vol. 2 5.3), with the
+//! encryption bit treated as an opaque, runtime mask.
 
 use x86::bits64::paging::{PDFlags, PTFlags};
 
@@ -34,7 +34,7 @@ pub const TABLE_POINTER: u64 = PRESENT | WRITABLE | USER | ACCESSED;
 
 const _: () = assert!(HUGE == 1 << 7 && PAT_HUGE == 1 << 12 && NO_EXECUTE == 1 << 63);
 
-/// A level of the 4-level hierarchy, named by what one of its leaves maps.
+/// A level of the hierarchy, named by what one of its leaves maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Level {
     /// A page table (PT) entry: 4 KiB.
@@ -45,6 +45,8 @@ pub enum Level {
     Pdpt = 3,
     /// A PML4 entry: always a PDPT pointer.
     Pml4 = 4,
+    /// A PML5 entry (5-level paging only): always a PML4 pointer.
+    Pml5 = 5,
 }
 
 impl Level {
@@ -61,6 +63,7 @@ impl Level {
     /// The next level down.
     pub const fn lower(self) -> Option<Level> {
         match self {
+            Level::Pml5 => Some(Level::Pml4),
             Level::Pml4 => Some(Level::Pdpt),
             Level::Pdpt => Some(Level::Pd),
             Level::Pd => Some(Level::Pt),
@@ -68,9 +71,60 @@ impl Level {
         }
     }
 
-    /// Whether an entry of this level may be a leaf.
+    /// Whether an entry of this level may be a leaf: PML4 and PML5 entries
+    /// always point to a table (their bit 7 is reserved, not PS).
     pub const fn can_be_leaf(self) -> bool {
-        !matches!(self, Level::Pml4)
+        !matches!(self, Level::Pml4 | Level::Pml5)
+    }
+}
+
+/// How many levels the page tables have: what CR4.LA57 selects. Four
+/// levels translate 48-bit virtual addresses, five levels 57-bit ones. The
+/// engine walks, splits and collapses the same way at either depth; the
+/// depth decides where a walk starts (the PML4 or the PML5 the root
+/// points to) and which virtual addresses are canonical.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Paging {
+    /// 4-level paging (CR4.LA57 clear): the root is a PML4.
+    #[default]
+    Four,
+    /// 5-level paging (CR4.LA57 set): the root is a PML5.
+    Five,
+}
+
+impl Paging {
+    /// CR4.LA57.
+    pub const CR4_LA57: u64 = 1 << 12;
+
+    /// The depth a CR4 value selects.
+    pub const fn from_cr4(cr4: u64) -> Self {
+        if cr4 & Self::CR4_LA57 != 0 {
+            Paging::Five
+        } else {
+            Paging::Four
+        }
+    }
+
+    /// The level of the root table.
+    pub const fn top(self) -> Level {
+        match self {
+            Paging::Four => Level::Pml4,
+            Paging::Five => Level::Pml5,
+        }
+    }
+
+    /// Bits of a virtual address the tables translate: 48 or 57.
+    pub const fn va_bits(self) -> u32 {
+        match self {
+            Paging::Four => 48,
+            Paging::Five => 57,
+        }
+    }
+
+    /// Whether `va` is canonical: every bit from `va_bits() - 1` up equal.
+    pub const fn is_canonical(self, va: u64) -> bool {
+        let shift = 64 - self.va_bits();
+        ((va << shift) as i64 >> shift) as u64 == va
     }
 }
 
@@ -189,6 +243,69 @@ mod tests {
             Level::Pt.index(va),
             x86::bits64::paging::pt_index(x86::bits64::paging::VAddr(va))
         );
+    }
+
+    #[test]
+    fn the_fifth_level_covers_bits_56_to_48() {
+        assert_eq!(Level::Pml5.span(), 1 << 48);
+        assert_eq!(Level::Pml5.lower(), Some(Level::Pml4));
+        assert!(!Level::Pml5.can_be_leaf() && !Level::Pml4.can_be_leaf());
+        assert!(Level::Pdpt.can_be_leaf() && Level::Pd.can_be_leaf() && Level::Pt.can_be_leaf());
+        // Linux's 5-level direct map: PML5 slot 0x111, PML4 slot 0.
+        for va in [
+            0xFF11_0000_0000_0000u64,
+            0xFFA0_1234_5678_9000,
+            0x00FF_FFFF_FFFF_F000,
+            0,
+        ] {
+            let vaddr = x86::bits64::paging::VAddr(va);
+            assert_eq!(Level::Pml5.index(va), x86::bits64::paging::pml5_index(vaddr), "{va:#x}");
+            assert_eq!(Level::Pml4.index(va), x86::bits64::paging::pml4_index(vaddr), "{va:#x}");
+        }
+        assert_eq!(Level::Pml5.index(0xFF11_0000_0000_0000), 0x111);
+        assert_eq!(Level::Pml4.index(0xFF11_0000_0000_0000), 0);
+        // Every level from the root down, once each.
+        for (paging, depth) in [(Paging::Four, 4), (Paging::Five, 5)] {
+            let mut level = Some(paging.top());
+            let mut seen = 0;
+            while let Some(l) = level {
+                seen += 1;
+                level = l.lower();
+            }
+            assert_eq!(seen, depth, "{paging:?}");
+            assert_eq!(paging.top().span() << 9, 1 << paging.va_bits());
+        }
+    }
+
+    #[test]
+    fn canonical_is_57_bits_with_five_levels() {
+        let (four, five) = (Paging::Four, Paging::Five);
+        assert_eq!(Paging::default(), four, "four levels unless the OS says");
+        assert_eq!(Paging::from_cr4(0x2_06E0), four);
+        assert_eq!(Paging::from_cr4(0x2_06E0 | 1 << 12), five);
+        // Both depths.
+        for va in [0, 0x7FFF_FFFF_F000, 0xFFFF_8000_0000_0000, 0xFFFF_FFFF_FFFF_F000] {
+            assert!(four.is_canonical(va) && five.is_canonical(va), "{va:#x}");
+        }
+        // Five levels only: bits 56..47 not all equal.
+        for va in [
+            0x8000_0000_0000,
+            0xFF11_0000_0000_0000,
+            0xFF00_0000_0000_0000,
+            0x00FF_FFFF_FFFF_F000,
+            0xFFFF_7FFF_FFFF_F000,
+        ] {
+            assert!(!four.is_canonical(va) && five.is_canonical(va), "{va:#x}");
+        }
+        // Neither: bits 63..57 differ from bit 56.
+        for va in [
+            0x0100_0000_0000_0000,
+            0xFEFF_FFFF_FFFF_F000,
+            0x8000_0000_0000_0000,
+            0x7FFF_FFFF_FFFF_F000,
+        ] {
+            assert!(!four.is_canonical(va) && !five.is_canonical(va), "{va:#x}");
+        }
     }
 
     #[test]

@@ -19,8 +19,8 @@ pub struct VaRange {
 /// When `shootdown` returns, no CPU may hold, for any address in `ranges`
 /// (everything, if `ranges` is empty):
 /// - a TLB entry, global entries and entries of every PCID included;
-/// - a paging-structure-cache entry (PML4E, PDPTE or PDE cache) on the
-///   path to it, for any PCID.
+/// - a paging-structure-cache entry (PML5E, PML4E, PDPTE or PDE cache)
+///   on the path to it, for any PCID.
 ///
 /// How an x86 OS meets this:
 /// - Intel `INVLPG` invalidates the page's TLB entries, global ones

@@ -123,7 +123,7 @@ fn split_leaf<M: PhysMem>(t: &Tables<'_, M>, level: Level, loc: EntryLoc, table:
 mod tests {
     use super::*;
     use crate::collapse::try_collapse;
-    use crate::pte::{EncryptionBit, ACCESSED, DIRTY, HUGE, NO_EXECUTE, PAT_4K, PAT_HUGE, WRITABLE};
+    use crate::pte::{EncryptionBit, Paging, ACCESSED, DIRTY, HUGE, NO_EXECUTE, PAT_4K, PAT_HUGE, WRITABLE};
     use crate::reserve::FrameSource;
     use crate::testmem::TestMem;
 
@@ -151,6 +151,89 @@ mod tests {
         let mut r = Reserve::new();
         r.fill_to(n, mem, mem, TestMem::states()).unwrap();
         r
+    }
+
+    /// A 1 GiB leaf at an address only 5-level paging translates.
+    fn setup_la57(flags: u64) -> (TestMem, u64, EncryptionBit) {
+        let mem = TestMem::new();
+        let root = mem.allocate_frame().unwrap();
+        let enc = EncryptionBit::snp(51).unwrap();
+        let t = mem.tables_of(root, Paging::Five, enc);
+        let table = mem.table_for(&t, LA57_VA, Level::Pdpt);
+        t.store(
+            EntryLoc {
+                table,
+                index: Level::Pdpt.index(LA57_VA),
+            },
+            0x4000_0000 | flags | HUGE | PRESENT | (1 << 51),
+        );
+        (mem, root, enc)
+    }
+
+    const LA57_VA: u64 = 0xFF11_0000_0000_0000;
+
+    #[test]
+    fn five_levels_split_and_collapse_under_a_pml5() {
+        let flags = WRITABLE | NO_EXECUTE | GLOBAL | PAT_HUGE | ACCESSED | DIRTY;
+        let (mem, root, enc) = setup_la57(flags);
+        let t = mem.tables_of(root, Paging::Five, enc);
+        let (level, loc, before) = leaf_at(&t, LA57_VA).expect("the 1 GiB leaf");
+        assert_eq!(level, Level::Pdpt);
+        assert_eq!(t.translate(LA57_VA + 0x1234_5000), Some(0x4000_0000 + 0x1234_5000));
+        // Read as a PML4, the root maps nothing there: the depth decides.
+        assert_eq!(mem.tables_of(root, Paging::Four, enc).translate(LA57_VA), None);
+        assert_eq!(tables_needed(&t, [LA57_VA + 4096].into_iter()), 2);
+        let mut r = reserve(&mem, 2);
+        let c = Counters::default();
+        assert!(split_at(&t, LA57_VA + 4096, &mut r, &c));
+        assert!(r.take(&mem).is_none(), "the plan was exact");
+        assert_eq!(leaf_at(&t, LA57_VA + 4096).unwrap().0, Level::Pt);
+        assert_eq!(t.translate(LA57_VA + 4096), Some(0x4000_1000));
+        assert_eq!(t.translate(LA57_VA + (1 << 29)), Some(0x6000_0000));
+        assert!(try_collapse(&t, LA57_VA, Level::Pd, |_| true).is_some());
+        assert!(try_collapse(&t, LA57_VA, Level::Pdpt, |_| true).is_some());
+        assert_eq!(leaf_at(&t, LA57_VA).unwrap(), (Level::Pdpt, loc, before));
+    }
+
+    #[test]
+    fn nothing_collapses_into_a_pml4_or_pml5_leaf() {
+        let (mem, root, enc) = setup_la57(WRITABLE);
+        let t = mem.tables_of(root, Paging::Five, enc);
+        // A PDPT of 512 contiguous, alike 1 GiB leaves from 0: were PML4
+        // entries leaves, it would qualify.
+        let pdpt = mem.table_for(&t, LA57_VA, Level::Pdpt);
+        for (i, entry) in t.entries(pdpt).iter().enumerate() {
+            entry.store(
+                (i as u64) << 30 | WRITABLE | HUGE | PRESENT,
+                core::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        let pml4 = mem.table_for(&t, LA57_VA, Level::Pml4);
+        for i in 0..512 {
+            t.store(EntryLoc { table: pml4, index: i }, pdpt | TABLE_POINTER);
+        }
+        assert_eq!(try_collapse(&t, LA57_VA, Level::Pml4, |_| true), None);
+        assert_eq!(try_collapse(&t, LA57_VA, Level::Pml5, |_| true), None);
+        assert_eq!(t.translate(LA57_VA + (5 << 30)), Some(5 << 30));
+    }
+
+    #[test]
+    fn bit_7_of_a_pml5_or_pml4_entry_is_no_leaf() {
+        let (mem, root, enc) = setup_la57(WRITABLE);
+        let t = mem.tables_of(root, Paging::Five, enc);
+        let pml5e = EntryLoc {
+            table: root,
+            index: Level::Pml5.index(LA57_VA),
+        };
+        let pml4e = EntryLoc {
+            table: enc.address(t.load(pml5e), Level::Pt),
+            index: Level::Pml4.index(LA57_VA),
+        };
+        for loc in [pml5e, pml4e] {
+            t.store(loc, t.load(loc) | HUGE);
+        }
+        assert_eq!(leaf_at(&t, LA57_VA).unwrap().0, Level::Pdpt);
+        assert_eq!(t.translate(LA57_VA + 4096), Some(0x4000_1000));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::pte::{EncryptionBit, Level, HUGE, PRESENT};
+use crate::pte::{EncryptionBit, Level, Paging, HUGE, PRESENT};
 
 /// Access to page-table pages by physical address: the embedding OS's
 /// direct map (`pa + offset`), an identity map, or a test's simulated
@@ -61,11 +61,13 @@ pub enum Walk {
     },
 }
 
-/// The page tables rooted at `root`, reached through `mem`.
+/// The page tables rooted at `root` (a table of `paging.top()`'s level),
+/// reached through `mem`.
 #[derive(Clone, Copy)]
 pub(crate) struct Tables<'m, M: PhysMem> {
     pub mem: &'m M,
     pub root: u64,
+    pub paging: Paging,
     pub enc: EncryptionBit,
 }
 
@@ -96,7 +98,7 @@ impl<M: PhysMem> Tables<'_, M> {
     /// Walks `va` down to the first leaf or non-present entry.
     pub fn walk(&self, va: u64) -> Walk {
         let mut table = self.root;
-        let mut level = Level::Pml4;
+        let mut level = self.paging.top();
         loop {
             let loc = EntryLoc {
                 table,

@@ -6,7 +6,7 @@ use std::boxed::Box;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use crate::pte::{EncryptionBit, Level, HUGE, PRESENT, TABLE_POINTER};
+use crate::pte::{EncryptionBit, Level, Paging, HUGE, PRESENT, TABLE_POINTER};
 use crate::reserve::FrameSource;
 use crate::state::StateTable;
 use crate::sync::AtomicU8;
@@ -34,13 +34,22 @@ impl TestMem {
     }
 
     pub fn tables(&self, root: u64, enc: EncryptionBit) -> Tables<'_, Self> {
-        Tables { mem: self, root, enc }
+        self.tables_of(root, Paging::Four, enc)
+    }
+
+    pub fn tables_of(&self, root: u64, paging: Paging, enc: EncryptionBit) -> Tables<'_, Self> {
+        Tables {
+            mem: self,
+            root,
+            paging,
+            enc,
+        }
     }
 
     /// A table at `level` for `va` under `root`, created as needed.
     pub fn table_for(&self, t: &Tables<'_, Self>, va: u64, level: Level) -> u64 {
         let mut table = t.root;
-        let mut current = Level::Pml4;
+        let mut current = t.paging.top();
         while current != level {
             let loc = EntryLoc {
                 table,

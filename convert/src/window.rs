@@ -9,8 +9,9 @@ use crate::tables::{EntryLoc, PhysMem, Tables};
 /// The calling CPU's window.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowSlot {
-    /// 2 MiB-aligned start of a virtual range that only this CPU maps. Its
-    /// PML4 and PDPT entries must exist; the engine writes its PD entry.
+    /// 2 MiB-aligned start of a virtual range that only this CPU maps. The
+    /// entries above its PD entry must exist (PML4 and PDPT, and with
+    /// 5-level paging the PML5 entry too); the engine writes its PD entry.
     pub va: u64,
     /// A zeroed page-table page reserved for the window's 4 KiB mappings.
     /// The engine leaves it zeroed again after each use.
@@ -80,7 +81,7 @@ pub(crate) struct WindowMap<'t, 'm, M: PhysMem> {
 }
 
 impl<'t, 'm, M: PhysMem> WindowMap<'t, 'm, M> {
-    /// `None` if the window cannot be used: its PML4 or PDPT entry is
+    /// `None` if the window cannot be used: an entry above its PD entry is
     /// missing, a 1 GiB leaf covers it, or its PD entry points to a table
     /// other than the slot's own PT (which the engine would overwrite).
     pub fn new(tables: &'t Tables<'m, M>, window: &'t dyn ScratchWindow) -> Option<Self> {
@@ -115,15 +116,17 @@ impl<'t, 'm, M: PhysMem> WindowMap<'t, 'm, M> {
 
 fn pd_table_of<M: PhysMem>(tables: &Tables<'_, M>, va: u64) -> Option<u64> {
     let mut table = tables.root;
-    for level in [Level::Pml4, Level::Pdpt] {
+    let mut level = tables.paging.top();
+    while level != Level::Pd {
         let e = tables.load(EntryLoc {
             table,
             index: level.index(va),
         });
-        if e & PRESENT == 0 || (level == Level::Pdpt && e & HUGE != 0) {
+        if e & PRESENT == 0 || (level.can_be_leaf() && e & HUGE != 0) {
             return None;
         }
         table = tables.enc.address(e, Level::Pt);
+        level = level.lower()?;
     }
     Some(table)
 }

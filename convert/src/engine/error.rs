@@ -20,9 +20,10 @@ pub struct Report {
 #[non_exhaustive]
 pub enum ConvertError {
     /// Empty, unaligned or wrapping range; a virtual range that is not
-    /// canonical (4-level paging: bits 63..47 all equal) from its first byte
-    /// to its last, or that overlaps the direct map or a registered alias
-    /// without lying inside it.
+    /// canonical (bits 63..47 all equal with 4-level paging, bits 63..56
+    /// with 5-level paging) from its first byte to its last, or that
+    /// overlaps the direct map or a registered alias without lying inside
+    /// it.
     InvalidRange {
         /// Start.
         addr: u64,

@@ -25,7 +25,7 @@ use crate::counters::{CounterSnapshot, Counters};
 use crate::deferred::Deferred;
 use crate::platform::Platform;
 use crate::policy::{FailurePolicy, ReportOnly};
-use crate::pte::{EncryptionBit, Visibility};
+use crate::pte::{EncryptionBit, Paging, Visibility};
 use crate::reserve::FrameSource;
 use crate::shootdown::{ShootdownSet, TlbShootdown};
 use crate::state::{PageState, StateTable};
@@ -68,8 +68,15 @@ pub enum Target {
 /// Layout facts the engine needs.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
-    /// Physical address of the top-level table (CR3).
+    /// Physical address of the top-level table (CR3): a PML4, or a PML5
+    /// with 5-level paging.
     pub root: u64,
+    /// How many levels the tables at `root` have: [`Paging::Four`], or
+    /// [`Paging::Five`] when the CPU runs with CR4.LA57 set
+    /// ([`Paging::from_cr4`]). It decides where every walk starts and which
+    /// virtual addresses are canonical (48 or 57 bits); a PML5 entry, like
+    /// a PML4 entry, always points to a table.
+    pub paging: Paging,
     /// The direct map.
     pub direct_map: DirectMap,
     /// Collapse tables back into huge leaves after a conversion: in the
@@ -189,7 +196,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// conversions that start after this returns; the OS must not map it
     /// while a conversion of its frames is in flight.
     pub fn register_alias(&self, alias: Alias) -> Result<usize, AliasError> {
-        self.aliases.register(alias, self.config.direct_map)
+        self.aliases.register(alias, self.config.direct_map, self.config.paging)
     }
 
     /// Takes the alias registered as `id` out of service: makes every
@@ -282,7 +289,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         if len == 0 || (addr | len) % PAGE != 0 || addr.checked_add(len).is_none() || scratch.is_empty() {
             return Err(invalid);
         }
-        if matches!(target, Target::Virtual { .. }) && !crate::aliases::canonical_range(addr, len) {
+        if matches!(target, Target::Virtual { .. }) && !crate::aliases::canonical_range(addr, len, self.config.paging) {
             return Err(invalid);
         }
         let (hold, snapshot) = self.aliases.enter();
@@ -310,6 +317,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         Tables {
             mem: &self.mem,
             root: self.config.root,
+            paging: self.config.paging,
             enc: self.enc,
         }
     }

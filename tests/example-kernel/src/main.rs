@@ -18,13 +18,16 @@ fn running_in_a_td() -> bool {
 extern "C" fn _start() -> ! {
     #[cfg(feature = "zeropad")]
     coco_convert::zeropad::init();
-    let cr3: u64;
-    // SAFETY: reading CR3 at CPL 0 has no side effect.
-    unsafe { core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
+    let (cr3, cr4): (u64, u64);
+    // SAFETY: reading CR3 and CR4 at CPL 0 has no side effect.
+    unsafe {
+        core::arch::asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags));
+        core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags));
+    }
     let _ = if running_in_a_td() {
-        example_kernel::tdx::boot(cr3)
+        example_kernel::tdx::boot(cr3, cr4)
     } else {
-        example_kernel::snp::boot(cr3)
+        example_kernel::snp::boot(cr3, cr4)
     };
     halt()
 }

@@ -5,7 +5,7 @@
 
 use core::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use coco_convert::{arch, Config, DirectMap, FrameSource, PhysMem, TlbShootdown, VaRange};
+use coco_convert::{arch, Config, DirectMap, FrameSource, Paging, PhysMem, TlbShootdown, VaRange};
 
 /// Where the kernel maps all RAM.
 pub const PHYS_OFFSET: u64 = 0xFFFF_8880_0000_0000;
@@ -66,16 +66,12 @@ impl TlbShootdown for LocalShootdown {
     }
 }
 
-/// The calling CPU's index.
-pub fn cpu() -> usize {
-    0
-}
-
-/// The engine's configuration: the tables CR3 points to, the direct map,
-/// collapse on.
-pub fn config(cr3: u64) -> Config {
+/// The engine's configuration: the tables CR3 points to, four or five
+/// levels deep as CR4.LA57 says, the direct map, collapse on.
+pub fn config(cr3: u64, cr4: u64) -> Config {
     Config {
         root: cr3,
+        paging: Paging::from_cr4(cr4),
         direct_map: DirectMap {
             va: PHYS_OFFSET,
             pa: 0,
@@ -84,4 +80,9 @@ pub fn config(cr3: u64) -> Config {
         collapse: true,
         collapse_1g: true,
     }
+}
+
+/// The calling CPU's index.
+pub fn cpu() -> usize {
+    0
 }

@@ -14,7 +14,7 @@ const CPUS: usize = 1;
 static TABLE_FRAMES: BootFrames = BootFrames::new(0x3000_0000, 0x3100_0000);
 static GHCBS: [GhcbSlot; CPUS] = [const { GhcbSlot::new() }; CPUS];
 /// Each CPU's private scratch window for PVALIDATE: a 2 MiB-aligned range
-/// only that CPU maps (its PML4 and PDPT entries built at boot) and a
+/// only that CPU maps (the entries above its PD entry built at boot) and a
 /// zeroed page-table page.
 static WINDOWS: [WindowSlot; CPUS] = [WindowSlot {
     va: 0xFFFF_C000_0000_0000,
@@ -25,7 +25,7 @@ const GHCB_PA: u64 = 0x3110_0000;
 
 /// Sets up this CPU's GHCB, shares a 16 MiB buffer with the host, then
 /// takes it back.
-pub fn boot(cr3: u64) -> Result<(), BootError> {
+pub fn boot(cr3: u64, cr4: u64) -> Result<(), BootError> {
     // SAFETY: this kernel runs in an SNP guest at CPL 0; the C-bit comes
     // from the GHCB MSR protocol, which changes no memory.
     let snp = unsafe {
@@ -39,7 +39,7 @@ pub fn boot(cr3: u64) -> Result<(), BootError> {
     // not migrate between CPUs, and the kernel runs at CPL 0.
     let windows = unsafe { PerCpuWindows::new(&WINDOWS, cpu) };
     let engine = Engine::new(
-        config(cr3),
+        config(cr3, cr4),
         DirectMapAccess,
         &TABLE_FRAMES,
         LocalShootdown,

@@ -10,11 +10,11 @@ use crate::BootError;
 static TABLE_FRAMES: BootFrames = BootFrames::new(0x3000_0000, 0x3100_0000);
 
 /// Shares a 16 MiB buffer with the host, then takes it back.
-pub fn boot(cr3: u64) -> Result<(), BootError> {
+pub fn boot(cr3: u64, cr4: u64) -> Result<(), BootError> {
     // SAFETY: this kernel runs in a TD at CPL 0.
     let tdx = Tdx::from_vp_info(unsafe { TdcallInstruction::new() })?;
     let engine = Engine::new(
-        config(cr3),
+        config(cr3, cr4),
         DirectMapAccess,
         &TABLE_FRAMES,
         LocalShootdown,

@@ -5,7 +5,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use coco_convert::{AcceptMemoryError, ConvertError, PageState, Platform, Target, UnacceptedBitmap, Visibility};
 
-use crate::memory::{Tables, DIRECT_MAP, HOST_VIEW, RAM, WINDOWS};
+use crate::memory::{direct_map, layout, Tables, HOST_VIEW, RAM};
 use crate::scenarios::{check, show, GuestEngine};
 use crate::{fail, println};
 
@@ -88,7 +88,7 @@ pub fn unaccepted<P: Platform>(e: &GuestEngine<P>, model: &Model<'_>) {
         "unaccepted: more than the guard was accepted",
     );
     let (last_word, guard_word) = (0x1122_3344_5566_7788u64, 0x99AA_BBCC_DDEE_FF00u64);
-    let (last, guard) = ((DIRECT_MAP + end - 8) as *mut u64, (DIRECT_MAP + end) as *mut u64);
+    let (last, guard) = ((direct_map() + end - 8) as *mut u64, (direct_map() + end) as *mut u64);
     // SAFETY: both words lie in accepted memory the direct map maps, which
     // no one else uses.
     unsafe {
@@ -96,7 +96,7 @@ pub fn unaccepted<P: Platform>(e: &GuestEngine<P>, model: &Model<'_>) {
         guard.write_volatile(guard_word);
     }
     // SAFETY: the word straddles the two pages just written.
-    let crossing = unsafe { load_word(DIRECT_MAP + end - 3) };
+    let crossing = unsafe { load_word(direct_map() + end - 3) };
     check(
         crossing == last_word >> 40 | guard_word << 24,
         "unaccepted: the crossing load did not read the guard unit",
@@ -209,15 +209,13 @@ pub fn unshare_all<P: Platform>(e: &GuestEngine<P>, t: &mut Tables, model: &Mode
             .all(|pa| bitmap.is_unaccepted(pa / UNIT) && (model.unaccepted)(pa)),
         "unshare: the units left for the next kernel",
     );
-    let tables = hvmock::GuestPageTables {
-        cr3: t.root,
-        enc_mask: t.enc.mask(),
-    };
+    let tables = t.page_tables();
+    let windows = layout().windows;
     let mut shared_mappings = 0;
     tables.for_each_mapping(crate::emulate::host_memory(), &mut |m| {
-        let own_view = m.va >= HOST_VIEW && m.va < HOST_VIEW + RAM || m.va >= WINDOWS && m.va < WINDOWS + (64 << 20);
+        let own_view = m.va >= HOST_VIEW && m.va < HOST_VIEW + RAM || m.va >= windows && m.va < windows + (64 << 20);
         let side = t.enc.side_of(if m.enc_set { t.enc.mask() } else { 0 });
-        if m.pa < RAM && !own_view && m.va >= DIRECT_MAP && side != Visibility::Private {
+        if m.pa < RAM && !own_view && m.va >= direct_map() && side != Visibility::Private {
             shared_mappings += 1;
         }
     });

@@ -2,6 +2,9 @@
 //! tables, with real #PF delivery and real TLB invalidation, against TDX
 //! and SNP emulated inside the guest from the traps their instructions
 //! raise under TCG.
+//!
+//! Booted with `la57` on the command line, it runs with 5-level paging
+//! instead, the TDX scenarios only (as a TD with GPAW 52 would).
 #![no_std]
 #![no_main]
 
@@ -27,7 +30,7 @@ use coco_convert::{Config, DirectMap, EncryptionBit, Engine, PerCpuWindows, Stat
 use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
-use memory::{Identity, Shootdown, DIRECT_MAP, FRAMES, HOST_VIEW, RAM};
+use memory::{direct_map, Identity, Shootdown, FRAMES, HOST_VIEW, RAM};
 
 pub static ZEROPAD_FIXUPS: AtomicU64 = AtomicU64::new(0);
 
@@ -48,13 +51,26 @@ extern "C" fn kernel_main() -> ! {
     scenarios::check(end < 24 << 20, "kernel image runs into the page-table frames");
     coco_convert::zeropad::init();
     emulate::host_memory();
+    let la57 = boot::la57_requested();
+    if la57 && !boot::cpu_has_la57() {
+        fail("5-level paging asked for (la57), but the CPU lacks LA57: CPUID.(EAX=7,ECX=0):ECX[16] is clear");
+    }
+    scenarios::check(
+        boot::la57() == la57,
+        "the paging depth is not the one the command line asked for",
+    );
     println!(
-        "guest: long mode, IDT/TSS, heap, zeropad decoder ready; kernel ends at {:#x}",
+        "guest: long mode ({}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel ends at {:#x}",
+        if la57 { 5 } else { 4 },
         end
     );
 
-    tdx();
-    snp();
+    if la57 {
+        tdx(52);
+    } else {
+        tdx(48);
+        snp();
+    }
     println!(
         "guest: all scenarios passed ({} instructions emulated)",
         emulate::EMULATED.load(Ordering::Relaxed)
@@ -79,8 +95,9 @@ fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
 fn config(t: &memory::Tables) -> Config {
     Config {
         root: t.root,
+        paging: t.paging,
         direct_map: DirectMap {
-            va: DIRECT_MAP,
+            va: direct_map(),
             pa: 0,
             len: RAM,
         },
@@ -90,19 +107,20 @@ fn config(t: &memory::Tables) -> Config {
 }
 
 fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
-    attach(hvmock::GuestPageTables {
-        cr3: tables.root,
-        enc_mask: tables.enc.mask(),
-    });
+    attach(tables.page_tables());
 }
 
-fn tdx() {
-    println!("== TDX (emulated TDX module + VMM; PTE shared bit: 52, a bit the MMU ignores)");
+fn tdx(gpaw: u8) {
+    println!(
+        "== TDX (emulated TDX module + VMM; PTE shared bit: 52, a bit the MMU ignores; {}-level paging, direct map at {:#x})",
+        if boot::la57() { 5 } else { 4 },
+        direct_map()
+    );
     for s in &scenarios::STATES {
         s.store(0, Ordering::Relaxed);
     }
     let model = emulate::install_tdx(hvmock::TdxConfig {
-        gpaw: 48,
+        gpaw,
         ..hvmock::TdxConfig::default()
     });
     // SAFETY: TDCALL traps to the emulator.
@@ -210,7 +228,8 @@ fn snp() {
     let setup_ghcb = || {
         let before = e.counters();
         let ghcb_pa = 1536 << 20;
-        let ptr = core::ptr::NonNull::new((DIRECT_MAP + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
+        let ptr =
+            core::ptr::NonNull::new((direct_map() + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
         // SAFETY: the page is the GHCB's alone, mapped by the direct map.
         unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
         scenarios::check(
@@ -262,9 +281,9 @@ struct WindowsCell(spin::Mutex<Option<&'static PerCpuWindows<'static>>>);
 impl WindowsCell {
     fn init(&self, t: &memory::Tables) -> &'static PerCpuWindows<'static> {
         let slots = alloc::boxed::Box::leak(alloc::boxed::Box::new(t.windows.slots));
-        // SAFETY: each CPU has its own window, whose PML4/PDPT path exists
-        // and whose PT page is zeroed; conversions do not migrate between
-        // CPUs; the kernel runs at CPL 0.
+        // SAFETY: each CPU has its own window, whose path down to its PD
+        // exists and whose PT page is zeroed; conversions do not migrate
+        // between CPUs; the kernel runs at CPL 0.
         let w = alloc::boxed::Box::leak(alloc::boxed::Box::new(unsafe { PerCpuWindows::new(slots, smp::cpu) }));
         *self.0.lock() = Some(w);
         w

@@ -6,24 +6,65 @@
 //! - identity map of [0, 32 MiB) with 2 MiB pages: the kernel image, its
 //!   heap and stacks, and the page-table frames [24 MiB, 32 MiB); never
 //!   converted;
-//! - the direct map at `DIRECT_MAP` of all RAM: GiB 0 one 1 GiB leaf,
-//!   GiB 1 512 2 MiB leaves;
+//! - the direct map of all RAM ([`Layout::direct_map`]): GiB 0 one 1 GiB
+//!   leaf, GiB 1 512 2 MiB leaves;
 //! - the host view at `HOST_VIEW`, 1 GiB leaves: how the in-guest
 //!   emulators (standing for the host and the firmware) reach guest memory.
 //!   Unknown to the engine, excluded from the emulators' alias check;
 //! - a vmalloc area, and one 2 MiB scratch window per CPU.
+//!
+//! With 5-level paging the direct map, the vmalloc area and the windows
+//! move to addresses only 57-bit paging translates ([`FIVE`]), so a walk
+//! that took the PML5 for a PML4 would find none of them.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use coco_convert::bits::{ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINTER, WRITABLE};
-use coco_convert::{EncryptionBit, FrameSource, Level, PhysMem, TlbShootdown, VaRange, Visibility, WindowSlot};
+use coco_convert::{EncryptionBit, FrameSource, Level, Paging, PhysMem, TlbShootdown, VaRange, Visibility, WindowSlot};
 
 pub const RAM: u64 = 2 << 30;
-pub const DIRECT_MAP: u64 = 0xFFFF_8880_0000_0000;
+/// Canonical at either depth: the emulators reach memory through it before
+/// and after the switch to the guest's own tables.
 pub const HOST_VIEW: u64 = 0xFFFF_C000_0000_0000;
-pub const VMALLOC: u64 = 0xFFFF_C900_0000_0000;
-pub const WINDOWS: u64 = 0xFFFF_FE00_0000_0000;
 const TABLE_FRAMES: (u64, u64) = (24 << 20, 32 << 20);
+
+/// The tables' depth and where the engine's mappings are.
+pub struct Layout {
+    pub paging: Paging,
+    pub direct_map: u64,
+    pub vmalloc: u64,
+    pub windows: u64,
+}
+
+pub const FOUR: Layout = Layout {
+    paging: Paging::Four,
+    direct_map: 0xFFFF_8880_0000_0000,
+    vmalloc: 0xFFFF_C900_0000_0000,
+    windows: 0xFFFF_FE00_0000_0000,
+};
+
+/// A 5-level Linux kernel's direct map and vmalloc bases; the windows near
+/// the top of the upper half.
+pub const FIVE: Layout = Layout {
+    paging: Paging::Five,
+    direct_map: 0xFF11_0000_0000_0000,
+    vmalloc: 0xFFA0_0000_0000_0000,
+    windows: 0xFFFE_0000_0000_0000,
+};
+
+/// The layout for the depth this CPU runs at.
+pub fn layout() -> &'static Layout {
+    if crate::boot::la57() {
+        &FIVE
+    } else {
+        &FOUR
+    }
+}
+
+/// Where the direct map is.
+pub fn direct_map() -> u64 {
+    layout().direct_map
+}
 
 /// Page-table pages through the identity map (they all live below 32 MiB).
 pub struct Identity;
@@ -124,15 +165,25 @@ pub struct Windows {
 /// A built hierarchy.
 pub struct Tables {
     pub root: u64,
+    pub paging: Paging,
     pub enc: EncryptionBit,
     pub windows: Windows,
     pub next_vmalloc: u64,
 }
 
 impl Tables {
+    /// What the emulators need to walk these tables.
+    pub fn page_tables(&self) -> hvmock::GuestPageTables {
+        hvmock::GuestPageTables {
+            cr3: self.root,
+            la57: self.paging == Paging::Five,
+            enc_mask: self.enc.mask(),
+        }
+    }
+
     fn table_at(&self, va: u64, level: Level) -> u64 {
         let mut table = self.root;
-        let mut current = Level::Pml4;
+        let mut current = self.paging.top();
         while current != level {
             let entry = (table + 8 * current.index(va) as u64) as *mut u64;
             // SAFETY: tables live in the identity-mapped frames.
@@ -180,21 +231,24 @@ impl Tables {
     }
 }
 
-/// Builds the guest's page tables with `enc` and switches to them.
+/// Builds the guest's page tables with `enc`, as deep as the CPU's paging
+/// (the root replaces CR3's, so it must be), and switches to them.
 pub fn build(enc: EncryptionBit) -> Tables {
+    let layout = layout();
     let root = FRAMES.allocate_frame().expect("root");
     let mut t = Tables {
         root,
+        paging: layout.paging,
         enc,
         windows: Windows {
             slots: [WindowSlot { va: 0, pt: 0 }; crate::smp::CPUS],
         },
-        next_vmalloc: VMALLOC,
+        next_vmalloc: layout.vmalloc,
     };
     let data = WRITABLE | NO_EXECUTE | ACCESSED | DIRTY;
     t.map(0, 0, 32 << 20, Level::Pd, WRITABLE | ACCESSED | DIRTY);
-    t.map(DIRECT_MAP, 0, 1 << 30, Level::Pdpt, data);
-    t.map(DIRECT_MAP + (1 << 30), 1 << 30, 1 << 30, Level::Pd, data);
+    t.map(layout.direct_map, 0, 1 << 30, Level::Pdpt, data);
+    t.map(layout.direct_map + (1 << 30), 1 << 30, 1 << 30, Level::Pd, data);
     t.map(HOST_VIEW, 0, RAM, Level::Pdpt, data);
     // The local APIC, uncached (PWT | PCD).
     t.map(
@@ -205,7 +259,7 @@ pub fn build(enc: EncryptionBit) -> Tables {
         WRITABLE | NO_EXECUTE | (1 << 3) | (1 << 4),
     );
     for cpu in 0..crate::smp::CPUS {
-        let va = WINDOWS + cpu as u64 * (2 << 20);
+        let va = layout.windows + cpu as u64 * (2 << 20);
         t.table_at(va, Level::Pd);
         t.windows.slots[cpu] = WindowSlot {
             va,
@@ -220,12 +274,10 @@ pub fn build(enc: EncryptionBit) -> Tables {
 /// Counts the direct map's leaves by size: [1 GiB, 2 MiB, 4 KiB].
 pub fn direct_map_layout(t: &Tables) -> [u64; 3] {
     let mut counts = [0; 3];
-    let mut va = DIRECT_MAP;
-    while va < DIRECT_MAP + RAM {
-        let tables = hvmock::GuestPageTables {
-            cr3: t.root,
-            enc_mask: t.enc.mask(),
-        };
+    let direct_map = direct_map();
+    let mut va = direct_map;
+    while va < direct_map + RAM {
+        let tables = t.page_tables();
         let mem = crate::emulate::host_memory();
         match tables.translate(mem, va) {
             Some(m) => {

@@ -8,7 +8,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use coco_convert::{Platform, Target, Visibility};
 
-use crate::memory::DIRECT_MAP;
+use crate::memory::direct_map;
 use crate::scenarios::{check, GuestEngine};
 use crate::{println, smp, ZEROPAD_FIXUPS};
 
@@ -66,7 +66,7 @@ pub fn run<P: Platform>(e: &GuestEngine<P>, rounds: u64) {
     let before = e.counters();
     let a = (1 << 30) + (900 << 20);
     let b = a + 4096;
-    let p = (DIRECT_MAP + b - 3) as *mut u8;
+    let p = (direct_map() + b - 3) as *mut u8;
     // SAFETY: the last three bytes of page `a`, private and ours.
     unsafe { p.cast::<[u8; 3]>().write_volatile([0x5A, 0x6B, 0x7C]) };
     EXPECT.store(0x7C6B5A, Ordering::Relaxed);

@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use coco_convert::{ConvertError, CounterSnapshot, Engine, PageState, Platform, Target, Visibility};
 
 use crate::heap::{NO_HEAP, REFUSED};
-use crate::memory::{direct_map_layout, EarlyFrames, Identity, Shootdown, Tables, DIRECT_MAP};
+use crate::memory::{direct_map, direct_map_layout, EarlyFrames, Identity, Shootdown, Tables};
 use crate::{fail, println};
 
 pub type GuestEngine<P> = Engine<'static, Identity, &'static EarlyFrames, Shootdown, P>;
@@ -31,11 +31,8 @@ pub fn show(name: &str, c: &CounterSnapshot, extra: core::fmt::Arguments<'_>) {
 
 /// Whether the direct map maps `pa` present and on `side`.
 fn mapped(t: &Tables, pa: u64, side: Visibility) -> bool {
-    let tables = hvmock::GuestPageTables {
-        cr3: t.root,
-        enc_mask: t.enc.mask(),
-    };
-    match tables.translate(crate::emulate::host_memory(), DIRECT_MAP + pa) {
+    let tables = t.page_tables();
+    match tables.translate(crate::emulate::host_memory(), direct_map() + pa) {
         Some(m) => m.pa == pa && t.enc.side_of(if m.enc_set { t.enc.mask() } else { 0 }) == side,
         None => false,
     }
@@ -87,7 +84,7 @@ pub fn boot<P: Platform>(e: &GuestEngine<P>, t: &Tables, before: CounterSnapshot
         "boot: neighbours changed",
     );
     // Use it through the direct map: real loads and stores.
-    let p = (DIRECT_MAP + pa) as *mut u64;
+    let p = (direct_map() + pa) as *mut u64;
     for i in 0..1024 {
         // SAFETY: the range is mapped (shared) and ours.
         unsafe { p.add(i * 512).write_volatile(i as u64 * 0x9E37) };
@@ -114,10 +111,7 @@ pub fn vmalloc<P: Platform>(e: &GuestEngine<P>, t: &mut Tables) {
     }
     let va = t.vmalloc(&frames);
     let len = frames.len() as u64 * 4096;
-    let tables = hvmock::GuestPageTables {
-        cr3: t.root,
-        enc_mask: t.enc.mask(),
-    };
+    let tables = t.page_tables();
     let side_at = |va: u64| {
         tables
             .translate(crate::emulate::host_memory(), va)
@@ -211,13 +205,13 @@ pub fn failure<P: Platform>(e: &GuestEngine<P>, t: &Tables, lie: &dyn Fn(bool)) 
         "failure: frames not poisoned",
     );
     check(
-        e.translate(DIRECT_MAP + pa).is_none(),
+        e.translate(direct_map() + pa).is_none(),
         "failure: poisoned frame still mapped",
     );
     check(mapped(t, pa - 4096, Visibility::Private), "failure: neighbour changed");
     // A load_unaligned_zeropad from the page before runs into the poisoned
     // page: a real #PF, fixed up with zero padding.
-    let p = (DIRECT_MAP + pa - 3) as *mut u8;
+    let p = (direct_map() + pa - 3) as *mut u8;
     // SAFETY: the three bytes before the poisoned page are ours.
     unsafe { p.cast::<[u8; 3]>().write_volatile([0xA1, 0xB2, 0xC3]) };
     let fixups = crate::ZEROPAD_FIXUPS.load(Ordering::Relaxed);

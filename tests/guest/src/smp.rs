@@ -1,6 +1,7 @@
 //! The second CPU: started with INIT-SIPI-SIPI through the xAPIC, from a
 //! real-mode trampoline at 0x8000 straight into long mode on the same page
-//! tables; and TLB shootdowns by IPI.
+//! tables, as deep as CPU 0's (CR4.LA57 goes on with the rest of CR4,
+//! before paging); and TLB shootdowns by IPI.
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -18,8 +19,7 @@ core::arch::global_asm!(
     "xor ax, ax",
     "mov ds, ax",
     "lgdt [ap_gdt_ptr]",
-    "mov eax, cr4",
-    "or eax, {cr4}",
+    "mov eax, [ap_cr4]",
     "mov cr4, eax",
     "mov eax, [ap_cr3]",
     "mov cr3, eax",
@@ -63,12 +63,14 @@ core::arch::global_asm!(
     ".p2align 3",
     ".global ap_cr3",
     "ap_cr3: .quad 0",
+    ".global ap_cr4",
+    "ap_cr4: .long 0",
+    ".p2align 3",
     ".global ap_stack",
     "ap_stack: .quad 0",
     ".global ap_entry",
     "ap_entry: .quad 0",
     ".popsection",
-    cr4 = const crate::boot::CR4_LONG_MODE,
     efer = const crate::boot::EFER_LONG_MODE,
     cr0 = const crate::boot::CR0_LONG_MODE | 1,
     not_em = const !crate::boot::CR0_EM,
@@ -76,6 +78,7 @@ core::arch::global_asm!(
 
 extern "C" {
     static mut ap_cr3: u64;
+    static mut ap_cr4: u32;
     static mut ap_stack: u64;
     static mut ap_entry: u64;
 }
@@ -118,9 +121,11 @@ fn wait_icr_idle() {
 /// Starts CPU 1 on the tables at `cr3`, running `entry`.
 pub fn start_ap(cr3: u64, entry: extern "C" fn() -> !) {
     apic_write(0xF0, 0x1FF); // software-enable the local APIC, spurious vector 0xFF
-                             // SAFETY: the trampoline's data, written before the AP starts.
+    let la57 = if crate::boot::la57() { crate::boot::CR4_LA57 } else { 0 };
+    // SAFETY: the trampoline's data, written before the AP starts.
     unsafe {
         core::ptr::addr_of_mut!(ap_cr3).write_volatile(cr3);
+        core::ptr::addr_of_mut!(ap_cr4).write_volatile(crate::boot::CR4_LONG_MODE | la57);
         core::ptr::addr_of_mut!(ap_stack).write_volatile(core::ptr::addr_of!(AP_STACK) as u64 + 64 * 1024);
         core::ptr::addr_of_mut!(ap_entry).write_volatile(entry as usize as u64);
     }

@@ -26,7 +26,6 @@ use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::{SnpOptions, TdxOptions};
 use coco_convert::pool::{ChunkSlot, ChunkSource, SharedPool};
 use coco_convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, UnacceptedBitmap, Visibility};
-use hvmock::GuestPageTables;
 use integration::null::{NullSnp, NullTdx};
 use integration::sim::{current_cpu, set_cpu, SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
 use integration::world::Machine;
@@ -134,10 +133,7 @@ enum Cell {
 
 /// Direct-map leaves by size [1G, 2M, 4K], and one cell per 2 MiB.
 fn layout(m: &Machine) -> ([u64; 3], Vec<Cell>) {
-    let tables = GuestPageTables {
-        cr3: m.root,
-        enc_mask: m.enc.mask(),
-    };
+    let tables = m.page_tables();
     let mut counts = [0; 3];
     let mut cells = vec![Cell::Split { shared: 0 }; (m.size() / (2 * MIB)) as usize];
     let shared_bit_set_means_shared = m.enc.set_means() == Visibility::Shared;

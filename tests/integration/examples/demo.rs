@@ -7,16 +7,13 @@
 //! Run: `cargo run --release -p integration --example demo`
 
 use coco_convert::{CounterSnapshot, Target, Visibility};
-use hvmock::{GuestPageTables, SnpConfig, TdxConfig};
+use hvmock::{SnpConfig, TdxConfig};
 use integration::sim::DIRECT_MAP_VA;
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, MEMORY};
 use integration::{GIB, MIB};
 
 fn layout(m: &Machine) -> String {
-    let tables = GuestPageTables {
-        cr3: m.root,
-        enc_mask: m.enc.mask(),
-    };
+    let tables = m.page_tables();
     let mut counts = [0u64; 3];
     let mut shared = 0;
     for map in tables.mappings(&m.mem) {

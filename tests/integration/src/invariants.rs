@@ -6,7 +6,6 @@ use std::ops::Range;
 
 use coco_convert::{Census, PageState, Visibility};
 
-use crate::watch::tables_with_regions;
 use crate::world::{Machine, CPUS, TABLES};
 
 /// Every present mapping agrees with the host and with the engine's
@@ -41,7 +40,7 @@ pub fn assert_consistent_over(
     host: impl Fn(u64) -> Option<Visibility>,
 ) {
     for map in m.page_tables().mappings(&m.mem) {
-        if map.va >= Machine::direct(TABLES) && map.va < Machine::direct(m.size()) {
+        if map.va >= m.direct_va(TABLES) && map.va < m.direct_va(m.size()) {
             continue; // the page-table pages themselves
         }
         let side = m.enc.side_of(if map.enc_set { m.enc.mask() } else { 0 });
@@ -52,7 +51,7 @@ pub fn assert_consistent_over(
             assert_eq!(state(pa), Some(PageState::of(side)), "state disagrees with {map:x?}");
         }
     }
-    let reachable: BTreeSet<u64> = tables_with_regions(&m.mem, m.root, m.enc).into_keys().collect();
+    let reachable: BTreeSet<u64> = m.tables_with_regions().into_keys().collect();
     let held = m.table_frames_held();
     assert!(reachable.is_subset(&held), "a reachable table is not held");
     assert_eq!(

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use coco_convert::bits::{HUGE, PRESENT, TABLE_POINTER};
 use coco_convert::{
-    EncryptionBit, FrameSource, Level, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
+    EncryptionBit, FrameSource, Level, Paging, PhysMem, ScratchWindow, TlbShootdown, VaRange, Visibility, WindowSlot,
 };
 use hvmock::GuestMemory;
 
@@ -25,6 +25,53 @@ pub const ALIAS_VA: u64 = 0xFFFF_FFFF_8000_0000;
 /// Scratch windows, 2 MiB per CPU.
 pub const WINDOW_VA: u64 = 0xFFFF_FE00_0000_0000;
 
+/// Where the test OS puts its mappings, and how deep its tables are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// The tables' depth.
+    pub paging: Paging,
+    /// The direct map (1 GiB aligned).
+    pub direct_map: u64,
+    /// The vmalloc-style area.
+    pub vmalloc: u64,
+    /// The registered alias area.
+    pub alias: u64,
+    /// The scratch windows, 2 MiB per CPU.
+    pub windows: u64,
+}
+
+impl Layout {
+    /// 4-level tables, the areas of a 4-level Linux kernel.
+    pub const FOUR: Layout = Layout {
+        paging: Paging::Four,
+        direct_map: DIRECT_MAP_VA,
+        vmalloc: VMALLOC_VA,
+        alias: ALIAS_VA,
+        windows: WINDOW_VA,
+    };
+
+    /// 5-level tables, every area at an address only 57-bit paging
+    /// translates (bits 56..47 not all equal): the direct map and vmalloc
+    /// where a 5-level Linux kernel puts them, the alias in the lower half
+    /// (so both halves' canonical checks are used), the windows near the
+    /// top of the upper half. A walk that took the PML5 for a PML4 would
+    /// find none of them.
+    pub const FIVE: Layout = Layout {
+        paging: Paging::Five,
+        direct_map: 0xFF11_0000_0000_0000,
+        vmalloc: 0xFFA0_0000_0000_0000,
+        alias: 0x00F0_0000_0000_0000,
+        windows: 0xFFFE_0000_0000_0000,
+    };
+
+    /// The layout for `paging`.
+    pub const fn of(paging: Paging) -> Layout {
+        match paging {
+            Paging::Four => Layout::FOUR,
+            Paging::Five => Layout::FIVE,
+        }
+    }
+}
 /// Page-table pages by physical address: simulated memory.
 #[derive(Debug, Clone)]
 pub struct SimPhys(pub Arc<GuestMemory>);
@@ -241,12 +288,12 @@ impl SimWindows {
         self.slots[cpu]
     }
 
-    /// Windows for `cpus` CPUs, with their PD path built in `builder`'s
-    /// tables and a PT page each.
-    pub fn new(builder: &mut TableBuilder<'_>, cpus: usize) -> Self {
+    /// Windows for `cpus` CPUs from `base`, with their PD path built in
+    /// `builder`'s tables and a PT page each.
+    pub fn new(builder: &mut TableBuilder<'_>, base: u64, cpus: usize) -> Self {
         let slots = (0..cpus)
             .map(|cpu| {
-                let va = WINDOW_VA + cpu as u64 * (2 << 20);
+                let va = base + cpu as u64 * (2 << 20);
                 builder.table_at(va, Level::Pd);
                 WindowSlot {
                     va,
@@ -275,21 +322,40 @@ pub struct TableBuilder<'f> {
     mem: Arc<GuestMemory>,
     /// Where the tables come from.
     pub frames: &'f SimFrames,
-    /// The PML4.
+    /// The root table: the PML4, or the PML5 with five levels.
     pub root: u64,
+    paging: Paging,
     enc: EncryptionBit,
 }
 
 impl<'f> TableBuilder<'f> {
-    /// A new, empty hierarchy.
-    pub fn new(mem: Arc<GuestMemory>, frames: &'f SimFrames, enc: EncryptionBit) -> Self {
+    /// A new, empty hierarchy of depth `paging`.
+    pub fn new(mem: Arc<GuestMemory>, frames: &'f SimFrames, paging: Paging, enc: EncryptionBit) -> Self {
         let root = frames.allocate_frame().expect("root table");
-        TableBuilder { mem, frames, root, enc }
+        TableBuilder {
+            mem,
+            frames,
+            root,
+            paging,
+            enc,
+        }
     }
 
     /// A builder over tables that already exist.
-    pub fn existing(mem: Arc<GuestMemory>, frames: &'f SimFrames, root: u64, enc: EncryptionBit) -> Self {
-        TableBuilder { mem, frames, root, enc }
+    pub fn existing(
+        mem: Arc<GuestMemory>,
+        frames: &'f SimFrames,
+        root: u64,
+        paging: Paging,
+        enc: EncryptionBit,
+    ) -> Self {
+        TableBuilder {
+            mem,
+            frames,
+            root,
+            paging,
+            enc,
+        }
     }
 
     fn entry_pa(table: u64, level: Level, va: u64) -> u64 {
@@ -299,7 +365,7 @@ impl<'f> TableBuilder<'f> {
     /// The table of `level` on the path to `va`, created as needed.
     pub fn table_at(&mut self, va: u64, level: Level) -> u64 {
         let mut table = self.root;
-        let mut current = Level::Pml4;
+        let mut current = self.paging.top();
         while current != level {
             let at = Self::entry_pa(table, current, va);
             let e = self.mem.read_u64(at);

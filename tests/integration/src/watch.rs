@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coco_convert::bits::{HUGE, PRESENT};
-use coco_convert::{EncryptionBit, Level, VaRange};
+use coco_convert::{EncryptionBit, Level, Paging, VaRange};
 use hvmock::GuestMemory;
 
 type Probe = Box<dyn Fn() -> bool + Send + Sync>;
@@ -42,7 +42,7 @@ struct Log {
 /// The instruments of one simulated machine.
 pub struct Watch {
     mem: Arc<GuestMemory>,
-    layout: Mutex<Option<(u64, EncryptionBit)>>,
+    layout: Mutex<Option<(u64, Paging, EncryptionBit)>>,
     enabled: AtomicBool,
     probe: Mutex<Option<Probe>>,
     log: Mutex<Log>,
@@ -54,24 +54,31 @@ impl std::fmt::Debug for Watch {
     }
 }
 
-/// Sign-extends a 48-bit virtual address.
-fn canonical(va: u64) -> u64 {
-    ((va << 16) as i64 >> 16) as u64
+/// Sign-extends a 48-bit or 57-bit virtual address.
+fn canonical(va: u64, paging: Paging) -> u64 {
+    let unused = 64 - paging.va_bits();
+    ((va << unused) as i64 >> unused) as u64
 }
 
-/// Every table page reachable from `root`, with the region it maps.
-pub fn tables_with_regions(mem: &GuestMemory, root: u64, enc: EncryptionBit) -> BTreeMap<u64, (u64, u64)> {
+/// Every table page reachable from `root` (of depth `paging`), with the
+/// region it maps.
+pub fn tables_with_regions(
+    mem: &GuestMemory,
+    root: u64,
+    paging: Paging,
+    enc: EncryptionBit,
+) -> BTreeMap<u64, (u64, u64)> {
     let mut out = BTreeMap::new();
-    let mut stack = vec![(root, Level::Pml4, 0u64)];
-    out.insert(root, (0, 1 << 48));
+    let mut stack = vec![(root, paging.top(), 0u64)];
+    out.insert(root, (0, 1 << paging.va_bits()));
     while let Some((table, level, base)) = stack.pop() {
         let Some(lower) = level.lower() else { continue };
         for i in 0..512u64 {
             let e = mem.read_u64(table + 8 * i);
-            if e & PRESENT == 0 || (level != Level::Pml4 && e & HUGE != 0) {
+            if e & PRESENT == 0 || (level.can_be_leaf() && e & HUGE != 0) {
                 continue;
             }
-            let region = canonical(base + i * level.span());
+            let region = canonical(base + i * level.span(), paging);
             let child = enc.address(e, Level::Pt);
             out.insert(child, (region, level.span()));
             stack.push((child, lower, region));
@@ -94,8 +101,8 @@ impl Watch {
     }
 
     /// The tables to watch.
-    pub fn attach(&self, root: u64, enc: EncryptionBit) {
-        *self.layout.lock().unwrap() = Some((root, enc));
+    pub fn attach(&self, root: u64, paging: Paging, enc: EncryptionBit) {
+        *self.layout.lock().unwrap() = Some((root, paging, enc));
     }
 
     /// Turns the checks off (benchmarks measure the engine, not this).
@@ -135,10 +142,10 @@ impl Watch {
         if !self.on() {
             return;
         }
-        let Some((root, enc)) = *self.layout.lock().unwrap() else {
+        let Some((root, paging, enc)) = *self.layout.lock().unwrap() else {
             return;
         };
-        let tables = tables_with_regions(&self.mem, root, enc);
+        let tables = tables_with_regions(&self.mem, root, paging, enc);
         let mut log = self.log.lock().unwrap();
         let flush = log.flushes.len();
         log.flushes.push((!ranges.is_empty()).then(|| ranges.to_vec()));
@@ -225,9 +232,14 @@ impl Snapshot {
 
 /// Not-present entries of every reachable table, by (table, index): the
 /// OS's (guard pages, holes) and poisoned frames'. None may change.
-pub fn not_present_entries(mem: &GuestMemory, root: u64, enc: EncryptionBit) -> BTreeMap<(u64, u64), u64> {
+pub fn not_present_entries(
+    mem: &GuestMemory,
+    root: u64,
+    paging: Paging,
+    enc: EncryptionBit,
+) -> BTreeMap<(u64, u64), u64> {
     let mut out = BTreeMap::new();
-    for table in tables_with_regions(mem, root, enc).keys() {
+    for table in tables_with_regions(mem, root, paging, enc).keys() {
         for i in 0..512u64 {
             let e = mem.read_u64(table + 8 * i);
             if e & PRESENT == 0 {

@@ -10,10 +10,10 @@ use coco_convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
 use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::SnpOptions;
-use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, StateTable, Visibility};
+use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, Paging, StateTable, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
 
-use crate::sim::{current_cpu, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder, DIRECT_MAP_VA, VMALLOC_VA};
+use crate::sim::{current_cpu, Layout, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder};
 use crate::watch::{Snapshot, Watch};
 use crate::{GIB, MIB};
 
@@ -64,6 +64,8 @@ pub struct Machine {
     pub states: Vec<AtomicU8>,
     /// CR3.
     pub root: u64,
+    /// Where its mappings are, and its tables' depth.
+    pub layout: Layout,
     /// The PTE encryption bit.
     pub enc: EncryptionBit,
     /// OS table frames in use right after boot.
@@ -79,13 +81,20 @@ impl Machine {
 
     /// As [`new`](Self::new), with the 64 MiB of table frames at `tables`.
     pub fn new_with_tables_at(enc: EncryptionBit, shape: Shape, tables: u64) -> Self {
+        Self::new_in(Layout::FOUR, enc, shape, tables)
+    }
+
+    /// As [`new_with_tables_at`](Self::new_with_tables_at), with the
+    /// mappings and the tables' depth of `layout`.
+    pub fn new_in(layout: Layout, enc: EncryptionBit, shape: Shape, tables: u64) -> Self {
         let (low, high, small_mask) = match shape {
             Shape::Mixed => (Level::Pdpt, Level::Pd, 0),
             Shape::Small => (Level::Pd, Level::Pt, 0),
             Shape::Random(gib_page, mask) => (if gib_page { Level::Pdpt } else { Level::Pd }, Level::Pd, mask),
         };
-        Self::build_with_tables_at(enc, MEMORY, tables, |b| {
-            b.map(DIRECT_MAP_VA, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
+        let dm = layout.direct_map;
+        Self::build_in(layout, enc, MEMORY, tables, |b| {
+            b.map(dm, 0, GIB, low, DIRECT_MAP_FLAGS, Visibility::Private);
             for region in 0..512u64 {
                 let pa = GIB + region * 2 * MIB;
                 let page = if region < 64 && small_mask & (1 << region) != 0 {
@@ -93,14 +102,7 @@ impl Machine {
                 } else {
                     high
                 };
-                b.map(
-                    DIRECT_MAP_VA + pa,
-                    pa,
-                    2 * MIB,
-                    page,
-                    DIRECT_MAP_FLAGS,
-                    Visibility::Private,
-                );
+                b.map(dm + pa, pa, 2 * MIB, page, DIRECT_MAP_FLAGS, Visibility::Private);
             }
         })
     }
@@ -112,7 +114,7 @@ impl Machine {
             for (i, &level) in levels.iter().enumerate() {
                 let pa = i as u64 * GIB;
                 b.map(
-                    DIRECT_MAP_VA + pa,
+                    Layout::FOUR.direct_map + pa,
                     pa,
                     GIB,
                     level,
@@ -134,17 +136,29 @@ impl Machine {
         tables: u64,
         direct_map: impl FnOnce(&mut TableBuilder<'_>),
     ) -> Self {
+        Self::build_in(Layout::FOUR, enc, size, tables, direct_map)
+    }
+
+    /// As [`build_with_tables_at`](Self::build_with_tables_at), with the
+    /// mappings and the tables' depth of `layout`.
+    pub fn build_in(
+        layout: Layout,
+        enc: EncryptionBit,
+        size: u64,
+        tables: u64,
+        direct_map: impl FnOnce(&mut TableBuilder<'_>),
+    ) -> Self {
         let mem = Arc::new(GuestMemory::new(size));
         let watch = Arc::new(Watch::new(mem.clone()));
         let os_frames = SimFrames::new(mem.clone(), tables, tables + 32 * MIB).watched(watch.clone());
         let frames = SimFrames::new(mem.clone(), tables + 32 * MIB, tables + 64 * MIB).watched(watch.clone());
         let (root, windows) = {
-            let mut b = TableBuilder::new(mem.clone(), &os_frames, enc);
+            let mut b = TableBuilder::new(mem.clone(), &os_frames, layout.paging, enc);
             direct_map(&mut b);
-            let windows = SimWindows::new(&mut b, CPUS);
+            let windows = SimWindows::new(&mut b, layout.windows, CPUS);
             (b.root, windows)
         };
-        watch.attach(root, enc);
+        watch.attach(root, layout.paging, enc);
         let boot_tables = os_frames.in_use();
         Machine {
             phys: SimPhys(mem.clone()),
@@ -159,9 +173,10 @@ impl Machine {
             watch,
             windows,
             root,
+            layout,
             enc,
             boot_tables,
-            next_vmalloc: std::sync::atomic::AtomicU64::new(VMALLOC_VA),
+            next_vmalloc: std::sync::atomic::AtomicU64::new(layout.vmalloc),
         }
     }
 
@@ -186,8 +201,9 @@ impl Machine {
     pub fn config(&self) -> Config {
         Config {
             root: self.root,
+            paging: self.layout.paging,
             direct_map: DirectMap {
-                va: DIRECT_MAP_VA,
+                va: self.layout.direct_map,
                 pa: 0,
                 len: self.size(),
             },
@@ -200,6 +216,7 @@ impl Machine {
     pub fn page_tables(&self) -> GuestPageTables {
         GuestPageTables {
             cr3: self.root,
+            la57: self.layout.paging == Paging::Five,
             enc_mask: self.enc.mask(),
         }
     }
@@ -253,12 +270,18 @@ impl Machine {
     /// A builder over this machine's tables, taking new tables from the
     /// OS's allocator.
     pub fn builder(&self) -> TableBuilder<'_> {
-        TableBuilder::existing(self.mem.clone(), &self.os_frames, self.root, self.enc)
+        TableBuilder::existing(
+            self.mem.clone(),
+            &self.os_frames,
+            self.root,
+            self.layout.paging,
+            self.enc,
+        )
     }
 
     /// Every reachable table's entries and every frame's state.
     pub fn snapshot(&self) -> Snapshot {
-        let tables = crate::watch::tables_with_regions(&self.mem, self.root, self.enc)
+        let tables = crate::watch::tables_with_regions(&self.mem, self.root, self.layout.paging, self.enc)
             .into_keys()
             .map(|t| (t, (0..512).map(|i| self.mem.read_u64(t + 8 * i)).collect()))
             .collect();
@@ -302,9 +325,24 @@ impl Machine {
         }
     }
 
-    /// The direct-map address of `pa`.
+    /// The direct-map address of `pa` in a machine of [`Layout::FOUR`].
     pub fn direct(pa: u64) -> u64 {
-        DIRECT_MAP_VA + pa
+        Layout::FOUR.direct_map + pa
+    }
+
+    /// The direct-map address of `pa` in this machine.
+    pub fn direct_va(&self, pa: u64) -> u64 {
+        self.layout.direct_map + pa
+    }
+
+    /// Every table page reachable from the root, with the region it maps.
+    pub fn tables_with_regions(&self) -> std::collections::BTreeMap<u64, (u64, u64)> {
+        crate::watch::tables_with_regions(&self.mem, self.root, self.layout.paging, self.enc)
+    }
+
+    /// Not-present entries of every reachable table, by (table, index).
+    pub fn not_present_entries(&self) -> std::collections::BTreeMap<(u64, u64), u64> {
+        crate::watch::not_present_entries(&self.mem, self.root, self.layout.paging, self.enc)
     }
 }
 

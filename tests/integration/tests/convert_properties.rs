@@ -34,8 +34,7 @@ use std::collections::BTreeSet;
 use coco_convert::bits::{HUGE, PRESENT};
 use coco_convert::{Alias, ConvertError, Engine, Level, PageState, Platform, Target, Visibility};
 use hvmock::{GuestPageTables, Mapping, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
-use integration::sim::{SimFrames, SimPhys, SimTlb, ALIAS_VA, DIRECT_MAP_VA};
-use integration::watch::not_present_entries;
+use integration::sim::{Layout, SimFrames, SimPhys, SimTlb};
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, CPUS, DIRECT_MAP_FLAGS, MEMORY};
 use integration::{GIB, MIB};
 use proptest::prelude::*;
@@ -243,7 +242,7 @@ fn buffers() -> impl Strategy<Value = Vec<Buffer>> {
 /// 4 KiB leaves, as an OS does before it unmaps one page.
 fn os_split_2m(m: &Machine, pa: u64) {
     let t = m.page_tables();
-    let va = Machine::direct(pa);
+    let va = m.direct_va(pa);
     if t.translate(&m.mem, va).is_some_and(|map| map.size == 4096) {
         return;
     }
@@ -265,25 +264,24 @@ fn punch(m: &Machine, hole: Hole) {
     match hole {
         Hole::Page(page, kind) => {
             let pa = page * 4096;
-            if t.translate(&m.mem, Machine::direct(pa))
-                .is_some_and(|map| map.size == GIB)
-            {
+            if t.translate(&m.mem, m.direct_va(pa)).is_some_and(|map| map.size == GIB) {
                 return; // the OS would split the 1 GiB page first; keep it simple
             }
             os_split_2m(m, pa);
-            let at = entry_pa(Machine::direct(pa), Level::Pt);
+            let at = entry_pa(m.direct_va(pa), Level::Pt);
             m.mem.write_u64(at, kind.entry(m.mem.read_u64(at)));
         }
         Hole::Region(region, kind) => {
-            let va = Machine::direct(region * 2 * MIB);
+            let va = m.direct_va(region * 2 * MIB);
             if t.translate(&m.mem, va).is_some_and(|map| map.size == 2 * MIB) {
                 let at = entry_pa(va, Level::Pd);
                 m.mem.write_u64(at, kind.entry(m.mem.read_u64(at)));
             }
         }
         Hole::FirstGib(kind) => {
-            if t.translate(&m.mem, DIRECT_MAP_VA).is_some_and(|map| map.size == GIB) {
-                let at = entry_pa(DIRECT_MAP_VA, Level::Pdpt);
+            let dm = m.layout.direct_map;
+            if t.translate(&m.mem, dm).is_some_and(|map| map.size == GIB) {
+                let at = entry_pa(dm, Level::Pdpt);
                 m.mem.write_u64(at, kind.entry(m.mem.read_u64(at)));
             }
         }
@@ -317,6 +315,7 @@ fn map_buffer(m: &Machine, b: &Buffer) -> u64 {
 /// by 4 KiB pages in a table the OS built, one of them unmapped (freed
 /// init memory). The OS maps it only while it is registered.
 struct AliasFixture {
+    va: u64,
     pt: u64,
     hole: u64,
 }
@@ -324,7 +323,8 @@ struct AliasFixture {
 impl AliasFixture {
     fn new(m: &Machine) -> Self {
         let mut b = m.builder();
-        let small = ALIAS_VA + 2 * MIB;
+        let va = m.layout.alias;
+        let small = va + 2 * MIB;
         b.map(
             small,
             ALIAS_PA + 2 * MIB,
@@ -334,6 +334,7 @@ impl AliasFixture {
             Visibility::Private,
         );
         let f = AliasFixture {
+            va,
             pt: b.table_at(small, Level::Pt),
             hole: small + 5 * 4096,
         };
@@ -349,7 +350,7 @@ impl AliasFixture {
     fn map(&self, m: &Machine) {
         let enc = m.enc.bits_for(Visibility::Private);
         for off in (0..ALIAS_LEN).step_by(2 * MIB as usize) {
-            let va = ALIAS_VA + off;
+            let va = self.va + off;
             if off == 2 * MIB {
                 for i in 0..512u64 {
                     let leaf = (ALIAS_PA + off + i * 4096) | DIRECT_MAP_FLAGS | enc | PRESENT;
@@ -369,7 +370,7 @@ impl AliasFixture {
             if off == 2 * MIB {
                 (0..512u64).for_each(|i| m.mem.write_u64(self.pt + 8 * i, 0));
             } else {
-                let pde = Self::pde(m, ALIAS_VA + off);
+                let pde = Self::pde(m, self.va + off);
                 assert!(
                     m.mem.read_u64(pde) & HUGE != 0 || m.mem.read_u64(pde) == 0,
                     "the engine's table left under the alias"
@@ -426,7 +427,7 @@ fn check<P: Platform>(w: &impl Guest, e: &SimEngine<'_, P>, reference: &Referenc
     let m = w.machine();
     let tables = m.page_tables();
     for map in tables.mappings(&m.mem) {
-        if map.va >= DIRECT_MAP_VA + TABLES && map.va < DIRECT_MAP_VA + TABLES + 64 * MIB {
+        if map.va >= m.direct_va(TABLES) && map.va < m.direct_va(TABLES + 64 * MIB) {
             continue; // the page-table pages themselves
         }
         let side = m.enc.side_of(if map.enc_set { m.enc.mask() } else { 0 });
@@ -449,9 +450,7 @@ fn check<P: Platform>(w: &impl Guest, e: &SimEngine<'_, P>, reference: &Referenc
     prop_assert_eq!(census.converting, 0);
     prop_assert_eq!(census.poisoned, reference.poisoned.len() as u64);
     e.release_deferred_tables();
-    let reachable: BTreeSet<u64> = integration::watch::tables_with_regions(&m.mem, m.root, m.enc)
-        .into_keys()
-        .collect();
+    let reachable: BTreeSet<u64> = m.tables_with_regions().into_keys().collect();
     let held = m.table_frames_held();
     prop_assert!(
         reachable.is_subset(&held),
@@ -483,8 +482,43 @@ fn huge_layout_restored(original: &[Mapping], tables: GuestPageTables, w: &Machi
     Ok(())
 }
 
-fn machine(enc: coco_convert::EncryptionBit, gib_page: bool, small_mask: u64) -> Machine {
-    Machine::new_with_tables_at(enc, Shape::Random(gib_page, small_mask), TABLES)
+fn machine(layout: Layout, enc: coco_convert::EncryptionBit, gib_page: bool, small_mask: u64) -> Machine {
+    Machine::new_in(layout, enc, Shape::Random(gib_page, small_mask), TABLES)
+}
+
+/// What a random guest is built from, at either depth.
+struct RandomGuest {
+    gib_page: bool,
+    small_mask: u64,
+    holes: Vec<Hole>,
+    buffers: Vec<Buffer>,
+}
+
+/// A TD: GPAW 48 with four levels, GPAW 52 (shared bit 51) with five, as
+/// a TD that uses LA57 would have.
+fn tdx_case(layout: Layout, g: RandomGuest, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let gpaw = match layout.paging {
+        coco_convert::Paging::Four => 48,
+        coco_convert::Paging::Five => 52,
+    };
+    let config = TdxConfig {
+        gpaw,
+        map_gpa_chunk_pages: Some(97),
+        ..TdxConfig::default()
+    };
+    let w = TdxWorld::with_machine(config, |enc| machine(layout, enc, g.gib_page, g.small_mask));
+    let e = w.engine();
+    run(&w, &e, &g.holes, &g.buffers, ops)
+}
+
+fn snp_case(layout: Layout, g: RandomGuest, ops: Vec<Op>, per_exit: Option<u64>) -> Result<(), TestCaseError> {
+    let config = SnpConfig {
+        psc_pages_per_exit: per_exit,
+        ..SnpConfig::default()
+    };
+    let w = SnpWorld::with_machine(config, |enc| machine(layout, enc, g.gib_page, g.small_mask));
+    let e = w.engine();
+    run(&w, &e, &g.holes, &g.buffers, ops)
 }
 
 proptest! {
@@ -500,10 +534,7 @@ proptest! {
         buffers in buffers(),
         ops in prop::collection::vec(op(3), 1..14),
     ) {
-        let config = TdxConfig { map_gpa_chunk_pages: Some(97), ..TdxConfig::default() };
-        let w = TdxWorld::with_machine(config, |enc| machine(enc, gib_page, small_mask));
-        let e = w.engine();
-        run(&w, &e, &holes, &buffers, ops)?;
+        tdx_case(Layout::FOUR, RandomGuest { gib_page, small_mask, holes, buffers }, ops)?;
     }
 
     #[test]
@@ -515,10 +546,37 @@ proptest! {
         ops in prop::collection::vec(op(3), 1..12),
         per_exit in prop::option::of(1u64..700),
     ) {
-        let config = SnpConfig { psc_pages_per_exit: per_exit, ..SnpConfig::default() };
-        let w = SnpWorld::with_machine(config, |enc| machine(enc, gib_page, small_mask));
-        let e = w.engine();
-        run(&w, &e, &holes, &buffers, ops)?;
+        snp_case(Layout::FOUR, RandomGuest { gib_page, small_mask, holes, buffers }, ops, per_exit)?;
+    }
+}
+
+proptest! {
+    // Five levels, every mapping at an address only 57-bit paging
+    // translates. Fewer cases: below the PDPT the tables are walked, split
+    // and collapsed by the code the 4-level runs cover.
+    #![proptest_config(ProptestConfig { cases: 12, max_shrink_iters: 256, max_shrink_time: 60_000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_conversions_keep_every_promise_tdx_la57(
+        gib_page in any::<bool>(),
+        small_mask in any::<u64>(),
+        holes in holes(),
+        buffers in buffers(),
+        ops in prop::collection::vec(op(3), 1..14),
+    ) {
+        tdx_case(Layout::FIVE, RandomGuest { gib_page, small_mask, holes, buffers }, ops)?;
+    }
+
+    #[test]
+    fn random_conversions_keep_every_promise_snp_la57(
+        gib_page in any::<bool>(),
+        small_mask in any::<u64>(),
+        holes in holes(),
+        buffers in buffers(),
+        ops in prop::collection::vec(op(3), 1..12),
+        per_exit in prop::option::of(1u64..700),
+    ) {
+        snp_case(Layout::FIVE, RandomGuest { gib_page, small_mask, holes, buffers }, ops, per_exit)?;
     }
 }
 
@@ -556,7 +614,7 @@ where
                     alias_fixture.map(m);
                     alias = Some(
                         e.register_alias(Alias {
-                            va: ALIAS_VA,
+                            va: alias_fixture.va,
                             pa: ALIAS_PA,
                             len: ALIAS_LEN,
                         })
@@ -587,7 +645,7 @@ where
                 let target = match op {
                     Op::Physical { .. } => Target::Physical { pa, len: pages * 4096 },
                     _ => Target::Virtual {
-                        va: Machine::direct(pa),
+                        va: m.direct_va(pa),
                         len: pages * 4096,
                     },
                 };
@@ -627,7 +685,7 @@ where
             continue; // an OS never converts its own page tables
         }
         let holed = matches!(op, Op::Vmalloc { buffer, .. } if buffers[buffer].hole.is_some());
-        let np_before = not_present_entries(&m.mem, m.root, m.enc);
+        let np_before = m.not_present_entries();
         let before = m.snapshot();
         w.fail_next(fail);
         let result = e.convert_with_scratch(target, to, &mut vec![0; scratch]);
@@ -700,7 +758,7 @@ where
             }
             Err(err) => prop_assert!(false, "{:?}", err),
         }
-        let np_after = not_present_entries(&m.mem, m.root, m.enc);
+        let np_after = m.not_present_entries();
         for (at, entry) in &np_before {
             let now = np_after.get(at).copied();
             prop_assert!(
@@ -770,7 +828,7 @@ fn a_failed_vmalloc_conversion_poisons_only_its_frame_beside_an_os_hole() {
         map_gpa_chunk_pages: Some(97),
         ..TdxConfig::default()
     };
-    let w = TdxWorld::with_machine(config, |enc| machine(enc, false, 0));
+    let w = TdxWorld::with_machine(config, |enc| machine(Layout::FOUR, enc, false, 0));
     let e = w.engine();
     let buffer = Buffer {
         huge: vec![],

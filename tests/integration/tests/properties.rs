@@ -2,6 +2,11 @@
 //! random (never a panic, always bounded, `Ok` only when the answers
 //! justify it) and against the honest models with random configurations
 //! (always `Ok`, state exactly as asked).
+//!
+//! These loops see GPAs only, never page tables, so the paging depth does
+//! not reach them; what comes with 5-level paging does: a TD that uses
+//! LA57 has GPAW 52, so the MapGPA properties run with the shared bit at
+//! 47 and at 51.
 
 use std::cell::RefCell;
 
@@ -13,7 +18,18 @@ use snp_ghcb::psc::{change_page_state, PscError, MAX_EXITS_WITHOUT_PROGRESS};
 use snp_ghcb::{Field, GhcbMsr};
 use tdcall::{map_gpa, Registers, Tdcall, Visibility, MAX_RETRIES_WITHOUT_PROGRESS};
 
+/// The shared bit the scripted answers carry; a run with GPAW 52 moves it
+/// to bit 51 ([`widen`]).
 const SHARED: u64 = 1 << 47;
+
+/// `gpa` with its shared bit at `shared` instead of [`SHARED`].
+fn widen(gpa: u64, shared: u64) -> u64 {
+    if gpa & SHARED != 0 {
+        gpa & !SHARED | shared
+    } else {
+        gpa
+    }
+}
 
 /// A VMM that answers MapGPA from a script of (R10, R11) pairs, cycling,
 /// and records every R12/R13 it was sent.
@@ -53,20 +69,23 @@ proptest! {
         pages in 1u64..32,
         shared in any::<bool>(),
         script in prop::collection::vec(answer(0, 96 * 4096), 1..12),
+        gpaw_52 in any::<bool>(),
     ) {
+        let mask = if gpaw_52 { 1 << 51 } else { SHARED };
+        let script = script.into_iter().map(|(r10, r11)| (r10, if r10 == 1 { widen(r11, mask) } else { r11 })).collect();
         let (start, len) = (start_page * 4096, pages * 4096);
         let vmm = ScriptedVmm { script, sent: RefCell::new(Vec::new()) };
         let to = if shared { Visibility::Shared } else { Visibility::Private };
         // SAFETY: the scripted VMM changes no memory.
-        let result = unsafe { map_gpa(&vmm, start, len, to, SHARED) };
+        let result = unsafe { map_gpa(&vmm, start, len, to, mask) };
         let sent = vmm.sent.borrow();
         let bound = (pages + 1) * (MAX_RETRIES_WITHOUT_PROGRESS as u64 + 1);
         prop_assert!(sent.len() as u64 <= bound, "{} calls > bound {}", sent.len(), bound);
-        let form = if shared { SHARED } else { 0 };
+        let form = if shared { mask } else { 0 };
         let end = (start + len) | form;
         let mut previous = 0;
         for &(r12, r13) in sent.iter() {
-            prop_assert_eq!(r12 & SHARED, form);
+            prop_assert_eq!(r12 & (SHARED | 1 << 51), form);
             prop_assert!(r12 >= previous && r12 >= start | form && r12 < end && r12 % 4096 == 0);
             prop_assert_eq!(r12 + r13, end);
             previous = r12;
@@ -83,8 +102,9 @@ proptest! {
         pages in 1u64..300,
         chunk in prop::option::of(1u64..50),
         stalls in 0u32..=MAX_RETRIES_WITHOUT_PROGRESS,
+        gpaw in prop_oneof![Just(48u8), Just(52u8)],
     ) {
-        let td = tdx(4 * MIB, TdxConfig { map_gpa_chunk_pages: chunk, map_gpa_stalls_per_chunk: stalls, ..TdxConfig::default() });
+        let td = tdx(4 * MIB, TdxConfig { gpaw, map_gpa_chunk_pages: chunk, map_gpa_stalls_per_chunk: stalls, ..TdxConfig::default() });
         let (start, len) = (start_page * 4096, pages * 4096);
         // SAFETY: the model's memory is not used by Rust code.
         let calls = unsafe { map_gpa(&td, start, len, Visibility::Shared, td.shared_mask()) }.unwrap();

@@ -7,7 +7,6 @@
 use coco_convert::{Alias, Level, Target, Visibility};
 use hvmock::TdxConfig;
 use integration::sim::ALIAS_VA;
-use integration::watch::tables_with_regions;
 use integration::world::{Shape, TdxWorld, DIRECT_MAP_FLAGS};
 use integration::{GIB, MIB};
 
@@ -121,7 +120,8 @@ fn unregister_leaves_the_engines_split_table_where_the_alias_covers_a_region_in_
         e.unregister_alias(id).unwrap();
         e.release_deferred_tables();
         let engines = m.frames.in_use_set();
-        let left: Vec<(u64, (u64, u64))> = tables_with_regions(&m.mem, m.root, m.enc)
+        let left: Vec<(u64, (u64, u64))> = m
+            .tables_with_regions()
             .into_iter()
             .filter(|(t, (region, span))| {
                 engines.contains(t) && *region < ALIAS_VA + offset + len && ALIAS_VA + offset < region + span
@@ -155,13 +155,14 @@ fn unregister_leaves_the_engines_split_table_where_the_alias_covers_a_region_in_
 #[test]
 fn schedule_mutants_can_plant_every_mutant_it_lists() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    // `scripts/pool-mutants` too: the same kind of table, the same risk.
+    // `scripts/pool-mutants` and `scripts/la57-mutants` too: the same kind
+    // of table, the same risk.
     // Each script's MUTANTS table, evaluated as the script does, and for
     // each edit the number of times its old text occurs in its file.
     let probe = r#"
 import pathlib, sys
 root = pathlib.Path(sys.argv[1])
-for script in ["scripts/schedule-mutants", "scripts/pool-mutants"]:
+for script in ["scripts/schedule-mutants", "scripts/pool-mutants", "scripts/la57-mutants"]:
     src = (root / script).read_text().split("def run(")[0]
     ns = {"__file__": str(root / script)}
     exec(src, ns)
