@@ -7,7 +7,8 @@ use std::sync::Barrier;
 
 use coco_convert::{AcceptMemoryError, ConvertError, PageState, PlatformError, Target, UnacceptedBitmap, Visibility};
 use hvmock::{RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxEvent, TdxPage, TdxPageState};
-use integration::world::{Shape, SnpWorld, TdxWorld};
+use integration::sim::Layout;
+use integration::world::{Machine, Shape, SnpWorld, TdxWorld, TABLES};
 use integration::{GIB, MIB};
 use snp_ghcb::pvalidate::{PvalidateError, PvalidateRangeError};
 use tdcall::AcceptError;
@@ -461,7 +462,20 @@ const GHCB_PA: u64 = 1536 * MIB;
 
 #[test]
 fn snp_accepts_by_page_state_change_then_pvalidate_and_evicts_the_cache_lines() {
-    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    snp_accepts_and_evicts(Layout::FOUR);
+}
+
+/// PVALIDATE goes through the scratch window, which sits where only 57-bit
+/// addresses reach.
+#[test]
+fn snp_with_five_level_paging_accepts_through_the_window() {
+    snp_accepts_and_evicts(Layout::FIVE);
+}
+
+fn snp_accepts_and_evicts(layout: Layout) {
+    let w = SnpWorld::with_machine(SnpConfig::default(), |enc| {
+        Machine::new_in(layout, enc, Shape::Mixed, TABLES)
+    });
     w.hand_over_unvalidated(BASE, 16 * MIB);
     let storage = integration::bitmap_storage();
     let e = w

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use coco_convert::{Alias, ConvertError, PageState, Target, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
-use integration::sim::{set_cpu, ALIAS_VA};
-use integration::world::{Machine, Shape, SnpWorld, TdxWorld};
+use integration::sim::{set_cpu, Layout};
+use integration::world::{Machine, Shape, SnpWorld, TdxWorld, TABLES};
 use integration::MIB;
 
 const GHCB_PA: u64 = 1536 * MIB;
@@ -59,7 +59,7 @@ fn share_a_mix<P: coco_convert::Platform>(
     .unwrap();
     let alias = e
         .register_alias(Alias {
-            va: ALIAS_VA,
+            va: m.layout.alias,
             pa: 1200 * MIB,
             len: 4 * MIB,
         })
@@ -67,7 +67,7 @@ fn share_a_mix<P: coco_convert::Platform>(
     let _ = alias;
     e.convert(
         Target::Virtual {
-            va: ALIAS_VA + MIB,
+            va: m.layout.alias + MIB,
             len: 8192,
         },
         Visibility::Shared,
@@ -85,7 +85,20 @@ fn share_a_mix<P: coco_convert::Platform>(
 
 #[test]
 fn tdx_every_shared_frame_goes_private_in_one_mapgpa_per_run() {
-    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    tdx_every_shared_frame_goes_private(Layout::FOUR, TdxConfig::default());
+}
+
+#[test]
+fn tdx_with_five_level_paging_every_shared_frame_goes_private() {
+    let gpaw_52 = TdxConfig {
+        gpaw: 52,
+        ..TdxConfig::default()
+    };
+    tdx_every_shared_frame_goes_private(Layout::FIVE, gpaw_52);
+}
+
+fn tdx_every_shared_frame_goes_private(layout: Layout, config: TdxConfig) {
+    let w = TdxWorld::with_machine(config, |enc| Machine::new_in(layout, enc, Shape::Mixed, TABLES));
     let e = w.engine();
     let (buffer, frames) = share_a_mix(&w.m, &e);
     assert_eq!(e.census().shared, frames);
@@ -228,7 +241,18 @@ fn a_frame_shared_behind_the_engines_back_breaks_the_count() {
 
 #[test]
 fn snp_the_ghcbs_go_private_last_through_the_msr_protocol() {
-    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    snp_the_ghcbs_go_private_last(Layout::FOUR);
+}
+
+#[test]
+fn snp_with_five_level_paging_the_ghcbs_go_private_last() {
+    snp_the_ghcbs_go_private_last(Layout::FIVE);
+}
+
+fn snp_the_ghcbs_go_private_last(layout: Layout) {
+    let w = SnpWorld::with_machine(SnpConfig::default(), |enc| {
+        Machine::new_in(layout, enc, Shape::Mixed, TABLES)
+    });
     let e = w.engine();
     w.boot_ghcb(&e, GHCB_PA);
     set_cpu(1);
