@@ -70,7 +70,9 @@ pub enum AcceptMemoryError {
     },
     /// The firmware or host failed. The units of the failed call from the
     /// unit at `pa` on are poisoned (their frames are
-    /// [`PageState::Poisoned`], their bits stay set); the units before it
+    /// [`PageState::Poisoned`], their bits stay set) and, unless
+    /// `left_mapped`, not present in the direct map or any registered
+    /// alias, as a failed conversion leaves its frames; the units before it
     /// were accepted.
     Platform {
         /// What failed.
@@ -82,6 +84,12 @@ pub enum AcceptMemoryError {
         poisoned: u64,
         /// Units this call accepted before and besides the failure.
         accepted: u64,
+        /// The frame source had no table page for the split that would
+        /// have made the poisoned frames not present: they are still
+        /// mapped, so a load running off the end of the memory before them
+        /// reaches memory the platform never accepted. An OS that cannot
+        /// rule such loads out should stop.
+        left_mapped: bool,
     },
 }
 
@@ -103,9 +111,11 @@ impl core::fmt::Display for AcceptMemoryError {
                 pa,
                 poisoned,
                 accepted,
+                left_mapped,
             } => write!(
                 f,
-                "accepting memory failed at {pa:#x} ({poisoned} frames poisoned, {accepted} units accepted): {error}"
+                "accepting memory failed at {pa:#x} ({poisoned} frames poisoned{}, {accepted} units accepted): {error}",
+                if left_mapped { " but left mapped" } else { "" }
             ),
         }
     }
@@ -346,12 +356,17 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
         match first_error {
             Some(AcceptMemoryError::Platform {
-                error, pa, poisoned, ..
+                error,
+                pa,
+                poisoned,
+                left_mapped,
+                ..
             }) => Err(AcceptMemoryError::Platform {
                 error,
                 pa,
                 poisoned,
                 accepted: report.units,
+                left_mapped,
             }),
             Some(e) => Err(e),
             None => Ok(report),
@@ -428,12 +443,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             self.settle_frames(accepted_below + PAGE..end, Code::Poisoned);
             self.states.settle(accepted_below, Code::Poisoned);
         }
-        Err(self.failed(
-            failure.error,
-            accepted_below,
-            (end - accepted_below) / PAGE,
-            report.units,
-        ))
+        Err(self.failed(failure.error, accepted_below..end, report.units))
     }
 
     /// Accepts an edge of a recorded range that fills no unit: claimed
@@ -450,20 +460,29 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 let bad = failure.accepted_below.clamp(edge.start, edge.end) & !(PAGE - 1);
                 self.settle_frames(edge.start..bad, Code::Private);
                 self.settle_frames(bad..edge.end, Code::Poisoned);
-                Err(self.failed(failure.error, bad, (edge.end - bad) / PAGE, 0))
+                Err(self.failed(failure.error, bad..edge.end, 0))
             }
         }
     }
 
-    /// Counts a failure whose frames are poisoned already, applies the
-    /// failure policy (which knows conversions' errors: it sees one), and
-    /// returns the error for the caller.
-    fn failed(&self, error: PlatformError, pa: u64, poisoned: u64, accepted: u64) -> AcceptMemoryError {
+    /// After a failure whose `poisoned` frames are marked so already: takes
+    /// them out of reach, counts the failure, applies the failure policy
+    /// (which knows conversions' errors: it sees one), and returns the
+    /// error for the caller.
+    fn failed(&self, error: PlatformError, poisoned: Range<u64>, accepted: u64) -> AcceptMemoryError {
+        let left_mapped = match self.unmap_poisoned(poisoned.clone()) {
+            Ok(()) => false,
+            Err(why) => {
+                log::error!("poisoned frames {poisoned:#x?} left mapped: {why}");
+                true
+            }
+        };
         Counters::add(&self.counters.failures, 1);
+        let (pa, frames) = (poisoned.start, (poisoned.end - poisoned.start) / PAGE);
         let as_conversion = ConvertError::Platform {
             error,
             pa,
-            poisoned,
+            poisoned: frames,
             converted: 0,
         };
         log::error!("accepting memory failed, frames poisoned: {as_conversion:?}");
@@ -473,8 +492,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         AcceptMemoryError::Platform {
             error,
             pa,
-            poisoned,
+            poisoned: frames,
             accepted,
+            left_mapped,
         }
     }
 

@@ -13,6 +13,7 @@
 mod accept;
 mod error;
 mod frames;
+mod quarantine;
 mod retire;
 mod tidy;
 mod transaction;

@@ -11,6 +11,8 @@
 use super::frames::{for_each_chunk, Chunk, Frames};
 use core::sync::atomic::Ordering;
 
+use crate::sync::MutexGuard;
+
 use super::{ConvertError, Engine, Report, PAGE};
 use crate::aliases::{virtual_of, Linear, Linears};
 use crate::deferred::Deferred;
@@ -65,54 +67,19 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         // Every walk of live tables runs under the table lock: another CPU's
         // collapse may free a table page once a shootdown has run, and a
         // shootdown protects the hardware's walkers, not this code's.
-        let mut lock = self.tables_lock.lock();
+        let lock = self.tables_lock.lock();
         self.claim(&tx)?;
-        let mut reserve = Reserve::new();
-        loop {
-            let needed = self.plan(&tx, scratch);
-            if reserve.len() >= needed {
-                break;
-            }
-            // The frame source is called without the lock; the plan is
-            // made again if leaves were merged meanwhile (splits by others
-            // only lower it).
-            let merges = self.merges.load(Ordering::Acquire);
-            drop(lock);
-            let filled = reserve.fill_to(needed, &self.mem, &self.frames, &self.states);
-            lock = self.tables_lock.lock();
-            if let Err(e) = filled {
-                // Another CPU may have made the splits meanwhile: out of
-                // pages only if they are still needed.
-                if matches!(e, ReserveError::Exhausted) && reserve.len() >= self.plan(&tx, scratch) {
-                    break;
-                }
+        let (lock, reserved) = self.reserve_splits(&tx, scratch, lock);
+        let reserve = match reserved {
+            Ok(reserve) => reserve,
+            Err((error, mut reserve)) => {
                 self.release_claims(&tx);
                 drop(lock);
                 reserve.release(&self.mem, &self.frames, &self.states);
-                return Err(match e {
-                    ReserveError::Exhausted => ConvertError::OutOfTableMemory { needed },
-                    ReserveError::Unusable { pa, .. } => ConvertError::UnusableTableFrame { pa },
-                });
+                return Err(error);
             }
-            if self.merges.load(Ordering::Acquire) == merges {
-                break;
-            }
-        }
-        let mut shootdown = ShootdownSet::new();
-        self.unmap_all(&tx, scratch, &mut reserve, &mut shootdown);
-        // Tables earlier collapses left go in the same shootdown.
-        let pending = (!lock.is_empty()).then(|| core::mem::replace(&mut *lock, Deferred::new()));
-        if let Some(p) = &pending {
-            p.add_regions(&self.mem, &mut shootdown);
-        }
-        drop(lock);
-        reserve.release(&self.mem, &self.frames, &self.states);
-        if !shootdown.is_empty() {
-            self.shootdown(shootdown.ranges());
-        }
-        if let Some(p) = pending {
-            self.free_tables(p);
-        }
+        };
+        self.unmap_and_shoot(&tx, scratch, reserve, lock);
 
         // From here on no alias of the frames is present: a stray access
         // takes an ordinary #PF.
@@ -147,6 +114,73 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 }
                 Err(err)
             }
+        }
+    }
+
+    /// Fills a reserve with the table pages the splits of `tx` need,
+    /// calling the frame source without the table lock (taken and given
+    /// back held). On an error the reserve is handed back for release once
+    /// the lock is dropped.
+    pub(super) fn reserve_splits<'l>(
+        &'l self,
+        tx: &Tx<'_>,
+        scratch: &mut [u64],
+        mut lock: MutexGuard<'l, Deferred>,
+    ) -> (MutexGuard<'l, Deferred>, Reserved) {
+        let mut reserve = Reserve::new();
+        loop {
+            let needed = self.plan(tx, scratch);
+            if reserve.len() >= needed {
+                return (lock, Ok(reserve));
+            }
+            // The plan is made again if leaves were merged meanwhile
+            // (splits by others only lower it).
+            let merges = self.merges.load(Ordering::Acquire);
+            drop(lock);
+            let filled = reserve.fill_to(needed, &self.mem, &self.frames, &self.states);
+            lock = self.tables_lock.lock();
+            if let Err(e) = filled {
+                // Another CPU may have made the splits meanwhile: out of
+                // pages only if they are still needed.
+                if matches!(e, ReserveError::Exhausted) && reserve.len() >= self.plan(tx, scratch) {
+                    return (lock, Ok(reserve));
+                }
+                let error = match e {
+                    ReserveError::Exhausted => ConvertError::OutOfTableMemory { needed },
+                    ReserveError::Unusable { pa, .. } => ConvertError::UnusableTableFrame { pa },
+                };
+                return (lock, Err((error, reserve)));
+            }
+            if self.merges.load(Ordering::Acquire) == merges {
+                return (lock, Ok(reserve));
+            }
+        }
+    }
+
+    /// Splits and makes every alias of `tx`'s frames not present under the
+    /// table lock, then drops it and runs one shootdown, which also covers
+    /// the table pages earlier collapses left; frees those and gives back
+    /// what the reserve did not use.
+    pub(super) fn unmap_and_shoot(
+        &self,
+        tx: &Tx<'_>,
+        scratch: &mut [u64],
+        mut reserve: Reserve,
+        mut lock: MutexGuard<'_, Deferred>,
+    ) {
+        let mut shootdown = ShootdownSet::new();
+        self.unmap_all(tx, scratch, &mut reserve, &mut shootdown);
+        let pending = (!lock.is_empty()).then(|| core::mem::replace(&mut *lock, Deferred::new()));
+        if let Some(p) = &pending {
+            p.add_regions(&self.mem, &mut shootdown);
+        }
+        drop(lock);
+        reserve.release(&self.mem, &self.frames, &self.states);
+        if !shootdown.is_empty() {
+            self.shootdown(shootdown.ranges());
+        }
+        if let Some(p) = pending {
+            self.free_tables(p);
         }
     }
 
@@ -532,6 +566,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         }
     }
 }
+
+/// A filled reserve, or why it could not be filled and the pages it holds.
+pub(super) type Reserved = Result<Reserve, (ConvertError, Reserve)>;
 
 /// What a failed platform call leaves.
 pub(super) struct Failure {

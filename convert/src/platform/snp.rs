@@ -7,7 +7,7 @@
 
 use snp_ghcb::msr_protocol::PscOp;
 use snp_ghcb::psc::{submit, PscDescriptor, PscEntries};
-use snp_ghcb::pvalidate::pvalidate_range;
+use snp_ghcb::pvalidate::{pvalidate_range, PvalidateRangeError};
 use snp_ghcb::{GhcbMsr, GhcbPage, Pvalidate};
 
 use super::knobs::SnpOptions;
@@ -270,8 +270,13 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         validate: bool,
         window: Option<&mut dyn PrivateMap>,
         counters: &Counters,
-    ) -> Result<(), PlatformError> {
-        let window = window.ok_or(PlatformError::NoScratchWindow)?;
+    ) -> Result<(), PvalidateFailure> {
+        let Some(window) = window else {
+            return Err(PvalidateFailure {
+                error: PlatformError::NoScratchWindow,
+                failed_at: runs.iter().next().map_or(0, |(pa, _)| pa),
+            });
+        };
         let huge = 2 << 20;
         let result = runs.iter().try_for_each(|(pa, len)| {
             let end = pa + len;
@@ -291,7 +296,15 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
                     Ok(c) => Counters::add(&counters.pvalidate, c.calls),
                     Err(e) => {
                         Counters::add(&counters.pvalidate, 1);
-                        return Err(PlatformError::Pvalidate(e));
+                        // The pages before the failing one were changed.
+                        let failed_at = match e {
+                            PvalidateRangeError::Page { va: at, .. } => cursor + (at - va),
+                            _ => cursor,
+                        };
+                        return Err(PvalidateFailure {
+                            error: PlatformError::Pvalidate(e),
+                            failed_at,
+                        });
                     }
                 }
                 cursor += bytes;
@@ -301,6 +314,12 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
         window.unmap();
         result
     }
+}
+
+/// A failed PVALIDATE pass: why, and the first page it did not change.
+struct PvalidateFailure {
+    error: PlatformError,
+    failed_at: u64,
 }
 
 impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
@@ -339,7 +358,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
                 // SAFETY: the engine guarantees that no alias of the frames
                 // is present except the scratch window, and that nothing
                 // relies on their contents.
-                unsafe { self.pvalidate(runs, false, window, counters)? };
+                unsafe { self.pvalidate(runs, false, window, counters) }.map_err(|f| f.error)?;
                 // SAFETY: as above.
                 unsafe { self.page_state_change(runs, PscOp::Shared, counters) }
             }
@@ -347,7 +366,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
                 // SAFETY: as above.
                 unsafe { self.page_state_change(runs, PscOp::Private, counters)? };
                 // SAFETY: as above.
-                unsafe { self.pvalidate(runs, true, window, counters) }
+                unsafe { self.pvalidate(runs, true, window, counters) }.map_err(|f| f.error)
             }
         }
     }
@@ -360,16 +379,20 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
         counters: &Counters,
     ) -> Result<(), AcceptFailure> {
         let runs = Runs::One { pa, len };
-        // Which pages PVALIDATE reached before a failure is not reported,
-        // so a failure leaves the whole range in doubt.
-        let failed = |error| AcceptFailure {
+        // Which entries a failed page state change reached is not reported:
+        // the whole range is in doubt.
+        // SAFETY: forwarded from the caller: nothing uses the frames.
+        unsafe { self.page_state_change(runs, PscOp::Private, counters) }.map_err(|error| AcceptFailure {
             error,
             accepted_below: pa,
-        };
-        // SAFETY: forwarded from the caller: nothing uses the frames.
-        unsafe { self.page_state_change(runs, PscOp::Private, counters) }.map_err(failed)?;
+        })?;
+        // PVALIDATE goes in address order: the pages before the failing
+        // one are private and validated.
         // SAFETY: as above.
-        unsafe { self.pvalidate(runs, true, window, counters) }.map_err(failed)
+        unsafe { self.pvalidate(runs, true, window, counters) }.map_err(|f| AcceptFailure {
+            error: f.error,
+            accepted_below: f.failed_at,
+        })
     }
 
     fn terminate(&self, reason: u8) {

@@ -19,6 +19,9 @@ static BITS: [AtomicU64; (RAM / UNIT / 64) as usize] = [const { AtomicU64::new(0
 const ACCEPTED_LATER: (u64, u64) = (1280 * MIB, 32 * MIB);
 /// Handed over unaccepted and left so, for the next kernel.
 const LEFT_FOR_NEXT_KERNEL: (u64, u64) = (1344 * MIB, 4 * MIB);
+/// Two units handed over unaccepted, the second of which the firmware or
+/// host lies about, so that it fails as a guard unit.
+const GUARD_FAILS: (u64, u64) = (1352 * MIB, 2 * UNIT);
 
 /// The bitmap of unaccepted memory, empty (everything accepted).
 pub fn bitmap() -> UnacceptedBitmap<'static> {
@@ -36,6 +39,11 @@ pub struct Model<'a> {
     pub usable: &'a dyn Fn(u64) -> bool,
     /// The frame is still as launch left unaccepted memory.
     pub unaccepted: &'a dyn Fn(u64) -> bool,
+    /// From now on the firmware or host lies about `[pa, pa + len)`: it
+    /// says it is accepted or validated already, so accepting it fails.
+    pub lie_accepted: &'a dyn Fn(u64, u64),
+    /// Stops lying.
+    pub honest: &'a dyn Fn(),
 }
 
 /// An 8-byte load from `va`, whatever its alignment: the word a kernel's
@@ -146,15 +154,66 @@ pub fn unaccepted<P: Platform>(e: &GuestEngine<P>, model: &Model<'_>) {
         ),
         "unaccepted: recorded twice",
     );
+    guard_unit_fails(e, model);
     show(
         "7 unaccepted memory",
         &e.counters().since(&before),
         format_args!(
-            "units accepted {} (lazy 1, guard 1+1, eager {}), {} left for the next kernel",
+            "units accepted {} (lazy 1, guard 1+1, guard failing 1+0, eager {}), {} left unaccepted for the next kernel (1 of them poisoned)",
             e.counters().since(&before).units_accepted,
             eager.map_or(0, |r| r.units),
             bitmap.count()
         ),
+    );
+}
+
+/// A range ending on a unit boundary whose guard unit fails: the guard is
+/// poisoned and not present, so the word load that runs past the range's
+/// end takes a real #PF the zeropad fix-up handles, and reads zeros where
+/// the mapped unit's bytes would have been.
+fn guard_unit_fails<P: Platform>(e: &GuestEngine<P>, model: &Model<'_>) {
+    let (base, len) = GUARD_FAILS;
+    let end = base + UNIT;
+    (model.hand_over_unaccepted)(base, len);
+    check(
+        e.record_unaccepted(base, len).is_ok(),
+        "guard failing: recording failed",
+    );
+    // What a stray read of the guard unit would find: the host's bytes.
+    // SAFETY: the host view maps all RAM; nothing else uses this page.
+    unsafe { ((HOST_VIEW + end) as *mut u64).write_volatile(0x5A5A_5A5A_5A5A_5A5A) };
+    (model.lie_accepted)(end, UNIT);
+    let failed = e.accept(base, UNIT);
+    (model.honest)();
+    check(
+        matches!(
+            failed,
+            Err(AcceptMemoryError::Platform { pa, poisoned: 512, accepted: 1, left_mapped: false, .. }) if pa == end
+        ),
+        "guard failing: the guard unit's failure was not reported as poisoned and unmapped",
+    );
+    check(
+        (model.usable)(end - 4096) && e.state(end) == Some(PageState::Poisoned),
+        "guard failing: the range is not accepted, or the guard not poisoned",
+    );
+    check(
+        e.translate(direct_map() + end).is_none() && e.translate(direct_map() + end - 4096).is_some(),
+        "guard failing: the poisoned guard unit is still mapped",
+    );
+    let last_word = 0x1122_3344_5566_7788u64;
+    // SAFETY: the last word of the accepted unit, mapped, used by no one.
+    unsafe { ((direct_map() + end - 8) as *mut u64).write_volatile(last_word) };
+    let fixups = crate::ZEROPAD_FIXUPS.load(Ordering::Relaxed);
+    // SAFETY: the first byte is mapped; the fix-up handles the fault on
+    // the rest.
+    let crossing = unsafe { coco_convert::zeropad::load_unaligned_zeropad((direct_map() + end - 3) as *const u8) };
+    check(
+        crate::ZEROPAD_FIXUPS.load(Ordering::Relaxed) == fixups + 1,
+        "guard failing: the crossing load took no #PF",
+    );
+    check(
+        crossing == last_word >> 40,
+        "guard failing: the crossing load read past the accepted memory",
     );
 }
 

@@ -174,6 +174,14 @@ fn tdx(gpaw: u8) {
         },
         usable: &|pa| page(pa) == hvmock::TdxPageState::Accepted,
         unaccepted: &|pa| page(pa) == hvmock::TdxPageState::Pending,
+        lie_accepted: &|pa, len| {
+            let page = hvmock::TdxPage {
+                state: hvmock::TdxPageState::Accepted,
+                level: 0,
+            };
+            model.set_pages(pa, len, page)
+        },
+        honest: &|| {},
     };
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
@@ -262,6 +270,18 @@ fn snp() {
             r.assigned && r.validated
         },
         unaccepted: &|pa| model.rmp(pa) == launch_left,
+        // Validated behind the guest's back, and the page state change that
+        // would reset it only pretends.
+        lie_accepted: &|pa, len| {
+            let validated = hvmock::RmpEntry {
+                assigned: true,
+                validated: true,
+                huge: false,
+            };
+            model.set_rmp(pa, len, validated);
+            model.set_hostile(Some(hvmock::SnpHostile::PscSuccessWithoutRmpChange));
+        },
+        honest: &|| model.set_hostile(None),
     };
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());

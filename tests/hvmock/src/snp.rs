@@ -216,13 +216,18 @@ impl MockSnp {
     /// entry that is not validated is memory the guest receives unaccepted
     /// (assigned: made private for the guest but not validated; not
     /// assigned: never given to the guest at all). A validated one the
-    /// guest never validated itself is a lie a hostile launch can tell.
+    /// guest never validated itself is a lie a hostile launch can tell;
+    /// told about unvalidated pages, the lie leaves them what the guest's
+    /// memory map calls them, unaccepted, so validating them with their
+    /// mappings present is still no alias violation.
     pub fn set_rmp(&self, gpa: u64, len: u64, entry: RmpEntry) {
         let mut m = self.model.lock();
         for gfn in gpa / PAGE_SIZE..(gpa + len).div_ceil(PAGE_SIZE) {
             m.rmp[gfn as usize] = entry;
         }
-        m.aliases.set_unaccepted(gpa, len, !entry.validated);
+        if !entry.validated {
+            m.aliases.set_unaccepted(gpa, len, true);
+        }
     }
 
     /// Pages validated private whose cache lines the guest has not evicted

@@ -238,13 +238,18 @@ impl MockTdx {
     /// in the Secure EPT at `page.level` (4 KiB entries under a 2 MiB
     /// request, as after a live migration, make a 2 MiB ACCEPT fail with a
     /// size mismatch). Accepted pages the guest's memory map calls
-    /// unaccepted are a lie a hostile firmware or loader can tell.
+    /// unaccepted are a lie a hostile firmware or loader can tell; told
+    /// about pending pages, the lie leaves them what the guest's memory map
+    /// calls them, unaccepted, so accepting them with their mappings present
+    /// is still no alias violation.
     pub fn set_pages(&self, gpa: u64, len: u64, page: TdxPage) {
         let mut m = self.model.lock();
         for gfn in gpa / PAGE_SIZE..(gpa + len).div_ceil(PAGE_SIZE) {
             m.pages[gfn as usize] = page;
         }
-        m.aliases.set_unaccepted(gpa, len, page.state == TdxPageState::Pending);
+        if page.state == TdxPageState::Pending {
+            m.aliases.set_unaccepted(gpa, len, true);
+        }
     }
 
     /// The shared bit of this TD.

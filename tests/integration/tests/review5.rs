@@ -322,7 +322,7 @@ fn unshare_all_reports_a_listed_buffer_it_could_not_convert() {
 // poisoned.
 // ---------------------------------------------------------------------
 #[test]
-#[ignore = "known limitation, open: a unit whose acceptance failed keeps its direct-map leaf present (the fix is an unmap of the poisoned frames, as a failed conversion leaves them)"]
+
 fn a_unit_whose_acceptance_failed_is_not_left_mapped() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let base = GIB;

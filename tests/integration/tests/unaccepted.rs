@@ -382,6 +382,7 @@ fn a_unit_the_firmware_accepted_behind_the_guests_back_is_poisoned() {
         pa,
         poisoned,
         accepted,
+        left_mapped: false,
     } = err
     else {
         panic!("{err:?}")
@@ -438,7 +439,8 @@ fn a_busy_td_module_poisons_the_unit_it_never_finished() {
                 error: PlatformError::Accept(AcceptError::Busy { .. }),
                 pa: BASE,
                 poisoned: 512,
-                accepted: 0
+                accepted: 0,
+                left_mapped: false,
             }
         ),
         "{err:?}"
@@ -605,6 +607,7 @@ fn snp_a_unit_the_host_claims_validated_is_poisoned() {
         error: PlatformError::Pvalidate(PvalidateRangeError::Page { error, .. }),
         pa,
         poisoned,
+        left_mapped: false,
         ..
     } = err
     else {
@@ -640,6 +643,7 @@ fn snp_a_unit_the_host_never_assigned_fails_pvalidate_and_is_poisoned() {
                     ..
                 }),
                 pa: BASE,
+                left_mapped: false,
                 ..
             }
         ),
