@@ -44,8 +44,10 @@ pub enum AcceptMemoryError {
         /// Length.
         len: u64,
     },
-    /// Recording needs a bitmap ([`Engine::with_unaccepted`]).
+    /// Recording needs a bitmap ([`Engine::adopt_unaccepted`]).
     NoBitmap,
+    /// The engine has its bitmap already.
+    BitmapInUse,
     /// The state table does not cover this frame of an unaccepted unit.
     Uncovered {
         /// The frame.
@@ -98,6 +100,7 @@ impl core::fmt::Display for AcceptMemoryError {
         match *self {
             AcceptMemoryError::InvalidRange { pa, len } => write!(f, "invalid range {pa:#x}+{len:#x}"),
             AcceptMemoryError::NoBitmap => f.write_str("no unaccepted-memory bitmap was given"),
+            AcceptMemoryError::BitmapInUse => f.write_str("the engine has its unaccepted-memory bitmap already"),
             AcceptMemoryError::Uncovered { pa } => {
                 write!(f, "frame {pa:#x} of an unaccepted unit is outside the state table")
             }
@@ -143,12 +146,16 @@ enum Unit {
 }
 
 impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M, F, T, P> {
-    /// Gives the engine the bitmap of unaccepted memory. Units already set
-    /// in it (a bitmap the firmware or a previous kernel filled) become
-    /// [`PageState::Unaccepted`] in the state table, which must cover them
-    /// and hold their frames private; otherwise nothing changes and the
-    /// error names the first frame in the way.
-    pub fn with_unaccepted(mut self, bitmap: UnacceptedBitmap<'a>) -> Result<Self, AcceptMemoryError> {
+    /// Gives the engine the bitmap of unaccepted memory, once, before any
+    /// acceptance. Units already set in it (a bitmap the firmware or a
+    /// previous kernel filled) become [`PageState::Unaccepted`] in the
+    /// state table, which must cover them and hold their frames private;
+    /// otherwise nothing changes, the engine keeps no bitmap, and the error
+    /// names the first frame in the way.
+    pub fn adopt_unaccepted(&mut self, bitmap: UnacceptedBitmap<'a>) -> Result<(), AcceptMemoryError> {
+        if self.unaccepted.is_some() {
+            return Err(AcceptMemoryError::BitmapInUse);
+        }
         let set = (0..bitmap.units()).filter(|&u| bitmap.is_unaccepted(u));
         let unit = bitmap.unit_size();
         for (done, u) in set.clone().enumerate() {
@@ -160,7 +167,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             }
         }
         self.unaccepted = Some(bitmap);
-        Ok(self)
+        Ok(())
     }
 
     /// The unaccepted-memory bitmap, if the engine has one (to hand on to

@@ -134,7 +134,7 @@ fn tdx(gpaw: u8) {
     let platform = Tdx::new(unsafe { TdcallInstruction::new() }, info.shared_mask())
         .unwrap_or_else(|_| fail("mask"))
         .with_pte_bit(enc);
-    let e = Engine::new(
+    let mut e = Engine::new(
         config(&tables),
         Identity,
         &FRAMES,
@@ -142,9 +142,9 @@ fn tdx(gpaw: u8) {
         platform,
         StateTable::new(0, &scenarios::STATES),
     )
-    .with_window(WINDOWS_TDX.init(&tables))
-    .with_unaccepted(lifecycle::bitmap())
-    .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    .with_window(WINDOWS_TDX.init(&tables));
+    e.adopt_unaccepted(lifecycle::bitmap())
+        .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
     println!(
         "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
         info.gpaw,
@@ -218,7 +218,7 @@ fn snp() {
     )
     .unwrap_or_else(|_| fail("c-bit"))
     .with_pte_bit(enc);
-    let e = Engine::new(
+    let mut e = Engine::new(
         config(&tables),
         Identity,
         &FRAMES,
@@ -226,9 +226,9 @@ fn snp() {
         platform,
         StateTable::new(0, &scenarios::STATES),
     )
-    .with_window(WINDOWS_SNP.init(&tables))
-    .with_unaccepted(lifecycle::bitmap())
-    .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    .with_window(WINDOWS_SNP.init(&tables));
+    e.adopt_unaccepted(lifecycle::bitmap())
+        .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
     println!(
         "  SEV info: protocol {}..{}, C-bit {}",
         info.min_version, info.max_version, info.c_bit

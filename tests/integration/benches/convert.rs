@@ -516,13 +516,13 @@ fn measure_accept(plat: Plat, how: Acceptance<'_>) -> Accepted {
     // are set.
     let bits: Vec<AtomicU64> = (0..m.size() / UNIT / 64).map(|_| AtomicU64::new(0)).collect();
     fn go<'m, P: Platform + Sync>(
-        e: SimEngine<'m, P>,
+        mut e: SimEngine<'m, P>,
         bits: &'m [AtomicU64],
         m: &Machine,
         how: Acceptance,
     ) -> Accepted {
         let bitmap = UnacceptedBitmap::new(0, UNIT, bits).expect("bitmap");
-        let e = e.with_unaccepted(bitmap).expect("nothing set yet");
+        e.adopt_unaccepted(bitmap).expect("nothing set yet");
         e.record_unaccepted(W5_BASE, W5_LEN)
             .expect("whole units of private memory");
         let (layout_before, _) = layout(m);

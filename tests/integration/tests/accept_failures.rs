@@ -40,9 +40,8 @@ fn tdx_a_failed_unit_inside_a_1g_leaf_is_split_out_and_not_present() {
     let base = 256 * MIB;
     w.hand_over_unaccepted(base, 4 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(base, 4 * UNIT).unwrap();
     accepted_by_the_firmware(&w, base + 2 * UNIT, UNIT);
@@ -110,9 +109,8 @@ fn snp_a_unit_the_host_never_assigned_is_not_present_after_it_fails() {
     let base = 1024 * MIB;
     w.snp.set_rmp(base, 4 * UNIT, RmpEntry::default());
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(base, 4 * UNIT).unwrap();
@@ -146,9 +144,8 @@ fn a_failed_edge_is_unmapped_from_the_failing_page_on() {
     let base = 1024 * MIB;
     w.hand_over_unaccepted(base, 2 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     // The tail edge [base + UNIT, base + UNIT + 16 pages); its sixth page
     // accepted behind the guest's back.
@@ -185,9 +182,8 @@ fn a_registered_alias_of_a_failed_unit_is_not_present_either() {
     let base = 1024 * MIB;
     w.hand_over_unaccepted(base, 2 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(base, 2 * UNIT).unwrap();
     w.m.builder().map(
@@ -225,9 +221,8 @@ fn without_a_table_page_the_failed_unit_is_reported_left_mapped() {
     let base = 256 * MIB;
     w.hand_over_unaccepted(base, 2 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(base, 2 * UNIT).unwrap();
     accepted_by_the_firmware(&w, base, UNIT);
@@ -256,9 +251,8 @@ fn snp_a_failure_in_a_guard_unit_keeps_the_unit_before_it_accepted() {
     let base = 1024 * MIB;
     w.hand_over_unvalidated(base, 2 * UNIT);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(base, 2 * UNIT).unwrap();
@@ -301,9 +295,8 @@ fn snp_a_failed_edge_is_unmapped_from_the_failing_page_on() {
     let base = 1024 * MIB;
     w.hand_over_unvalidated(base, 2 * UNIT);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     let tail = base + UNIT;

@@ -44,9 +44,8 @@ fn accept_all_accepts_every_unit_but_the_failed_ones() {
     let start = GIB - 2 * UNIT;
     w.hand_over_unaccepted(start, 4 * UNIT, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(start, 4 * UNIT).unwrap();
     // The firmware's lie: the second unit is accepted already.
@@ -146,10 +145,9 @@ fn a_failed_accept_changes_nothing_outside_its_own_run() {
     w.hand_over_unaccepted(base, 4 * UNIT, 1);
     let storage = integration::bitmap_storage();
     let platform = AcceptedThenFailed(Tdx::new(&w.tdx, w.tdx.shared_mask()).unwrap());
-    let e =
-        w.m.engine(platform)
-            .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-            .unwrap();
+    let mut e = w.m.engine(platform);
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+        .unwrap();
     e.record_unaccepted(base, 4 * UNIT).unwrap();
     // One page inside the first unit: a run of that unit alone.
     let err = e.accept(base + PAGE, PAGE).unwrap_err();
@@ -328,9 +326,8 @@ fn a_unit_whose_acceptance_failed_is_not_left_mapped() {
     let base = GIB;
     w.hand_over_unaccepted(base, 4 * UNIT, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(base, 4 * UNIT).unwrap();
     // The TD module stays busy: the unit is never accepted (still pending).

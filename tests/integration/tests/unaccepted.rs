@@ -38,9 +38,8 @@ fn a_lazy_accept_takes_the_units_it_needs_once_each() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 64 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 64 * MIB).unwrap();
     assert_eq!(e.census().unaccepted, 64 * MIB / 4096);
@@ -71,9 +70,8 @@ fn a_range_ending_on_a_unit_boundary_accepts_the_next_unit_too() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 64 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 64 * MIB).unwrap();
     let bitmap = e.unaccepted().unwrap();
@@ -98,9 +96,8 @@ fn eager_acceptance_uses_1g_accepts_and_takes_everything() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(0, GIB, 2);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     // [0, 1 GiB) holds the test's GHCB area and nothing the engine uses.
     e.record_unaccepted(0, GIB).unwrap();
@@ -118,9 +115,8 @@ fn a_size_mismatch_falls_back_to_4k_accepts() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 4 * MIB, 0);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 4 * MIB).unwrap();
     w.tdx.clear_events();
@@ -140,9 +136,8 @@ fn converting_unaccepted_memory_is_refused_and_changes_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     let before = w.m.snapshot();
@@ -180,9 +175,8 @@ fn recording_a_range_accepts_the_ends_that_fill_no_unit_at_once() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 0);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.tdx.clear_events();
     let (pa, end) = (BASE + UNIT - 8192, BASE + 3 * UNIT + 4096);
@@ -209,7 +203,7 @@ fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
     let storage = integration::bitmap_storage();
     let first = unit_of(BASE);
     storage[(first / 64) as usize].store(0b101 << (first % 64), std::sync::atomic::Ordering::Relaxed);
-    let e = w.engine();
+    let mut e = w.engine();
     e.convert(
         Target::Physical {
             pa: BASE + 2 * UNIT,
@@ -219,9 +213,9 @@ fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
     )
     .unwrap();
     let before = w.m.snapshot();
-    let Err(err) = e.with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap()) else {
-        panic!("a unit over a shared frame was adopted");
-    };
+    let err = e
+        .adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+        .unwrap_err();
     assert_eq!(
         err,
         AcceptMemoryError::NotPrivate {
@@ -230,24 +224,31 @@ fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
         }
     );
     assert_eq!(w.m.snapshot(), before, "the first unit's marks were undone");
+    assert!(e.unaccepted().is_none(), "the refused bitmap was kept");
 
+    // The same engine, kept through the error, takes one that fits; once.
     let storage = integration::bitmap_storage();
     storage[(first / 64) as usize].store(0b1 << (first % 64), std::sync::atomic::Ordering::Relaxed);
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     assert_eq!(e.state(BASE + UNIT - 4096), Some(PageState::Unaccepted));
     assert_eq!(e.census().unaccepted, UNIT / 4096);
+    let again = integration::bitmap_storage();
+    let before = w.m.snapshot();
+    assert_eq!(
+        e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &again).unwrap()),
+        Err(AcceptMemoryError::BitmapInUse)
+    );
+    assert_eq!(w.m.snapshot(), before);
+    assert!(e.unaccepted().unwrap().is_unaccepted(first), "the first bitmap stays");
 }
 
 #[test]
 fn recording_refuses_frames_in_use_and_changes_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.convert(
         Target::Physical {
@@ -281,9 +282,8 @@ fn many_cpus_asking_for_the_same_units_accept_each_once() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 32 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 32 * MIB).unwrap();
     w.tdx.clear_events();
@@ -324,9 +324,8 @@ fn eager_acceptance_spreads_over_cpus_without_accepting_twice() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(0, GIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(0, GIB).unwrap();
     w.tdx.clear_events();
@@ -362,9 +361,8 @@ fn a_unit_the_firmware_accepted_behind_the_guests_back_is_poisoned() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     // The memory map says unaccepted; the TD module knows better.
@@ -425,9 +423,8 @@ fn a_busy_td_module_poisons_the_unit_it_never_finished() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     w.tdx.set_busy_answers(u32::MAX);
@@ -480,9 +477,8 @@ fn snp_accepts_and_evicts(layout: Layout) {
     });
     w.hand_over_unvalidated(BASE, 16 * MIB);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 16 * MIB).unwrap();
@@ -514,9 +510,8 @@ fn snp_with_coherency_sfw_no_evicts_nothing() {
     );
     w.hand_over_unvalidated(BASE, 16 * MIB);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 16 * MIB).unwrap();
@@ -565,9 +560,8 @@ fn snp_4k_rmp_entries_after_a_migration_fall_back_to_4k_pvalidate() {
     );
     w.hand_over_unvalidated(BASE, 4 * MIB);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 4 * MIB).unwrap();
@@ -584,9 +578,8 @@ fn snp_a_unit_the_host_claims_validated_is_poisoned() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.hand_over_unvalidated(BASE, 8 * MIB);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
@@ -626,9 +619,8 @@ fn snp_a_unit_the_host_never_assigned_fails_pvalidate_and_is_poisoned() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.snp.set_rmp(BASE, 8 * MIB, RmpEntry::default());
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
@@ -667,10 +659,9 @@ fn snp_without_a_scratch_window_nothing_is_claimed() {
     let storage = integration::bitmap_storage();
     let platform =
         coco_convert::platform::snp::Snp::new(&w.snp, &w.snp, coco_convert::platform::snp::NoGhcb, 51).unwrap();
-    let e =
-        w.m.engine(platform)
-            .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-            .unwrap();
+    let mut e = w.m.engine(platform);
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+        .unwrap();
     assert_eq!(
         e.record_unaccepted(BASE + 4096, UNIT),
         Err(AcceptMemoryError::NoScratchWindow)
@@ -690,9 +681,8 @@ fn snp_eager_acceptance_fills_every_page_state_change_exit() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.hand_over_unvalidated(0, GIB);
     let storage = integration::bitmap_storage();
-    let e = w
-        .engine()
-        .with_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
+    let mut e = w.engine();
+    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
         .unwrap();
     e.record_unaccepted(0, GIB).unwrap();
     // The GHCB lives above the unaccepted gibibyte.
