@@ -163,9 +163,11 @@ impl<'a> StateTable<'a> {
         (end > covered_end).then_some(covered_end)
     }
 
-    /// The state of the frame at `pa`, if covered.
+    /// The state of the frame at `pa`, if covered. A byte the engine does
+    /// not know (written behind its back) reads as
+    /// [`PageState::Poisoned`]: nothing can be said of the frame.
     pub fn get(&self, pa: u64) -> Option<PageState> {
-        self.code(pa).map(Code::public)
+        self.slot(pa).map(|s| public_state(s.load(Ordering::Acquire)))
     }
 
     pub(crate) fn code(&self, pa: u64) -> Option<Code> {
@@ -301,6 +303,12 @@ impl<'a> StateTable<'a> {
 
     /// The first maximal run of frames at or after `from` whose code
     /// satisfies `wanted`, as `(pa, len)`.
+    /// As [`next_run`](Self::next_run), by public state, as
+    /// [`get`](Self::get) and [`census`](Self::census) read it.
+    pub(crate) fn next_public_run(&self, from: u64, state: PageState) -> Option<(u64, u64)> {
+        self.next_run(from, |code| code.map_or(PageState::Poisoned, Code::public) == state)
+    }
+
     pub(crate) fn next_run(&self, from: u64, wanted: impl Fn(Option<Code>) -> bool) -> Option<(u64, u64)> {
         let skip = usize::try_from(from.saturating_sub(self.base) / 4096).ok()?;
         let code = |s: &AtomicU8| Code::from_bits(s.load(Ordering::Acquire));
@@ -314,18 +322,24 @@ impl<'a> StateTable<'a> {
     pub fn census(&self) -> Census {
         let mut census = Census::default();
         for s in self.states {
-            let count = match Code::from_bits(s.load(Ordering::Relaxed)).map(Code::public) {
-                Some(PageState::Private) => &mut census.private,
-                Some(PageState::PageTable) => &mut census.page_tables,
-                Some(PageState::Shared) => &mut census.shared,
-                Some(PageState::Converting) => &mut census.converting,
-                Some(PageState::Unaccepted) => &mut census.unaccepted,
-                Some(PageState::Poisoned) | None => &mut census.poisoned,
+            let count = match public_state(s.load(Ordering::Relaxed)) {
+                PageState::Private => &mut census.private,
+                PageState::PageTable => &mut census.page_tables,
+                PageState::Shared => &mut census.shared,
+                PageState::Converting => &mut census.converting,
+                PageState::Unaccepted => &mut census.unaccepted,
+                PageState::Poisoned => &mut census.poisoned,
             };
             *count += 1;
         }
         census
     }
+}
+
+/// A state byte as the OS sees it; one the engine does not know is
+/// poisoned.
+fn public_state(byte: u8) -> PageState {
+    Code::from_bits(byte).map_or(PageState::Poisoned, Code::public)
 }
 
 /// How many frames a [`StateTable`] holds in each state.

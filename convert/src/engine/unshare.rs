@@ -136,7 +136,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     pub fn runs(&self, state: PageState) -> impl Iterator<Item = (u64, u64)> + '_ {
         let mut next = 0;
         core::iter::from_fn(move || {
-            let (pa, len) = self.next_public_run(next, state)?;
+            let (pa, len) = self.states.next_public_run(next, state)?;
             next = pa + len;
             Some((pa, len))
         })
@@ -199,11 +199,6 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
 
     fn next_run(&self, from: u64, code: Code) -> Option<(u64, u64)> {
         self.states.next_run(from, |c| c == Some(code))
-    }
-
-    fn next_public_run(&self, from: u64, state: PageState) -> Option<(u64, u64)> {
-        self.states
-            .next_run(from, |c| c.map(crate::state::Code::public) == Some(state))
     }
 
     /// Counts the frames a conversion moved: `converted` to `to`, and on a

@@ -239,6 +239,20 @@ fn a_frame_shared_behind_the_engines_back_breaks_the_count() {
     assert!(!report.accounting_matches());
 }
 
+/// A state byte the engine does not know says nothing about its frame:
+/// the next kernel must exclude it, as the census counts it.
+#[test]
+fn a_state_byte_the_engine_does_not_know_is_listed_as_poisoned() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    let pa = 72 * MIB;
+    w.m.states[(pa / 4096) as usize].store(0x0F, Ordering::Release);
+    assert_eq!(e.state(pa), Some(PageState::Poisoned));
+    let report = e.unshare_all(&[]);
+    assert_eq!(report.poisoned, 1);
+    assert_eq!(e.runs(PageState::Poisoned).collect::<Vec<_>>(), vec![(pa, 4096)]);
+}
+
 #[test]
 fn snp_the_ghcbs_go_private_last_through_the_msr_protocol() {
     snp_the_ghcbs_go_private_last(Layout::FOUR);
