@@ -132,7 +132,9 @@ pub struct PvalidateCalls {
     pub calls: u64,
 }
 
-/// (In)validates one page.
+/// (In)validates one page. After validating it, evicts its cache lines
+/// unless the CPU reports COHERENCY_SFW_NO ([`Pvalidate::evict_cache_lines`]),
+/// as [`pvalidate_range`] does.
 ///
 /// # Safety
 ///
@@ -144,7 +146,10 @@ pub unsafe fn pvalidate<P: Pvalidate + ?Sized>(
     validate: bool,
 ) -> Result<(), PvalidateError> {
     // SAFETY: forwarded to the caller.
-    decode(unsafe { p.pvalidate(va, size, validate) })
+    decode(unsafe { p.pvalidate(va, size, validate) })?;
+    // SAFETY: `va` maps the page just (in)validated.
+    unsafe { evict_if_needed(p, va, size.bytes() / PageSize::Size4K.bytes(), validate) };
+    Ok(())
 }
 
 /// (In)validates `[va, va + len)`: 2 MiB pages where `allow_2m`, the
@@ -152,7 +157,8 @@ pub unsafe fn pvalidate<P: Pvalidate + ?Sized>(
 /// mismatch (the RMP holds 4 KiB entries there) that 2 MiB is done as 512
 /// 4 KiB pages. Stops at the first failure. After validating, evicts each
 /// page's cache lines unless the CPU reports COHERENCY_SFW_NO
-/// ([`Pvalidate::evict_cache_lines`]); rescinding needs no eviction.
+/// ([`Pvalidate::evict_cache_lines`]), as [`pvalidate`] does; rescinding
+/// needs no eviction.
 ///
 /// # Safety
 ///
@@ -179,8 +185,6 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
             match unsafe { pvalidate(p, page, PageSize::Size2M, validate) } {
                 Ok(()) => {
                     calls.pages_2m += 1;
-                    // SAFETY: `page` maps the 2 MiB just validated.
-                    unsafe { evict_if_needed(p, page, 512, validate) };
                     page += huge;
                     continue;
                 }
@@ -226,8 +230,6 @@ unsafe fn pvalidate_4k<P: Pvalidate + ?Sized>(
         error,
     })?;
     calls.pages_4k += 1;
-    // SAFETY: `va` maps the page just validated.
-    unsafe { evict_if_needed(p, va, 1, validate) };
     Ok(())
 }
 

@@ -47,6 +47,22 @@ fn four_k_inside_a_2m_entry_is_a_size_mismatch() {
     assert_eq!(err, PvalidateError::SizeMismatch);
 }
 
+/// One page validated on its own is evicted too; rescinding evicts
+/// nothing.
+#[test]
+fn a_single_validated_page_is_evicted() {
+    let hv = snp(8 * MIB, SnpConfig::default());
+    fresh_private(&hv, 2 * MIB, 2 * MIB, false);
+    let before = hv.stats().evictions;
+    // SAFETY: as above.
+    unsafe { pvalidate(&hv, va(&hv, 2 * MIB + 4096), PageSize::Size4K, true) }.unwrap();
+    assert_eq!(hv.stats().evictions - before, 1);
+    assert!(!hv.unevicted().contains(&(2 * MIB + 4096)), "{:x?}", hv.unevicted());
+    // SAFETY: as above.
+    unsafe { pvalidate(&hv, va(&hv, 2 * MIB + 4096), PageSize::Size4K, false) }.unwrap();
+    assert_eq!(hv.stats().evictions - before, 1, "rescinding evicts nothing");
+}
+
 /// Validating an already-valid page leaves the RMP unchanged (CF=1): the
 /// guest reports it; it never takes the page as freshly validated.
 #[test]
