@@ -213,6 +213,12 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     }
 
     /// Counts a conversion in, unless conversions are stopped.
+    /// Whether [`unshare_all`](Self::unshare_all) has stopped conversions:
+    /// shared memory handed out before is private now, or soon will be.
+    pub fn stopped(&self) -> bool {
+        self.gate.load(Ordering::Acquire) & STOPPED != 0
+    }
+
     pub(super) fn enter_conversion(&self) -> bool {
         if self.gate.fetch_add(1, Ordering::AcqRel) & STOPPED != 0 {
             self.gate.fetch_sub(1, Ordering::AcqRel);

@@ -97,17 +97,32 @@ pub const CHUNK: u64 = 2 << 20;
 pub trait Convert {
     /// Converts `target` to `to`.
     fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError>;
+
+    /// Whether conversions have stopped for good
+    /// ([`Engine::unshare_all`]): memory shared before is being made
+    /// private, so none may be handed out as shared any more.
+    fn stopped(&self) -> bool {
+        false
+    }
 }
 
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Convert for Engine<'_, M, F, T, P> {
     fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
         Engine::convert(self, target, to)
     }
+
+    fn stopped(&self) -> bool {
+        Engine::stopped(self)
+    }
 }
 
 impl<C: Convert + ?Sized> Convert for &C {
     fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
         (**self).convert(target, to)
+    }
+
+    fn stopped(&self) -> bool {
+        (**self).stopped()
     }
 }
 
@@ -232,6 +247,8 @@ impl<'a, C: Convert, S: ChunkSource> SharedPool<'a, C, S> {
     }
 
     /// A shared buffer of `bytes` (rounded up to 4 KiB, at most [`CHUNK`]).
+    /// Once the engine has stopped conversions ([`Engine::unshare_all`]),
+    /// refused with `PoolError::Convert(ConvertError::Stopped)`.
     pub fn alloc(&self, bytes: u64) -> Result<SharedRange, PoolError> {
         self.allocate(bytes, false)
     }
@@ -270,6 +287,11 @@ impl<'a, C: Convert, S: ChunkSource> SharedPool<'a, C, S> {
     fn allocate(&self, bytes: u64, owned: bool) -> Result<SharedRange, PoolError> {
         if bytes == 0 || bytes > CHUNK {
             return Err(PoolError::BadSize(bytes));
+        }
+        // After `unshare_all` the chunks are private again: a buffer from
+        // one would reach the host no more.
+        if self.converter.stopped() {
+            return Err(PoolError::Convert(ConvertError::Stopped));
         }
         let pages = bytes.div_ceil(4096) as usize;
         let slot = {

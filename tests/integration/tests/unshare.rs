@@ -4,9 +4,10 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use coco_convert::pool::{PoolError, SharedPool};
 use coco_convert::{Alias, ConvertError, PageState, Target, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
-use integration::sim::{set_cpu, Layout};
+use integration::sim::{chunk_slots, set_cpu, ChunkStack, Layout};
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, TABLES};
 use integration::MIB;
 
@@ -237,6 +238,48 @@ fn a_frame_shared_behind_the_engines_back_breaks_the_count() {
     let report = e.unshare_all(&[]);
     assert_eq!((report.expected_shared, report.found_shared), (1, 2));
     assert!(!report.accounting_matches());
+}
+
+/// A driver's shared pool (chunks in use, a free one kept by hysteresis)
+/// goes private with everything else, in one MapGPA per chunk-sized run,
+/// and from then on the pool hands out nothing: its chunks no longer reach
+/// the host.
+#[test]
+fn a_shared_pools_chunks_go_private_and_the_pool_serves_no_more() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    let e = w.engine();
+    // Three chunks, not adjacent: three runs.
+    let chunks = ChunkStack::new(vec![1200 * MIB, 1100 * MIB, 1000 * MIB]);
+    let pool = SharedPool::new(&e, &chunks, chunk_slots(4), 1);
+    let a = pool.alloc(2 * MIB).unwrap();
+    let b = pool.alloc(2 * MIB).unwrap();
+    let c = pool.alloc(8192).unwrap();
+    pool.free(c).unwrap();
+    assert_eq!(pool.stats().chunks_held, 3, "two full, one empty kept");
+    assert_eq!(e.census().shared, 3 * 512);
+    let before = e.counters();
+    let report = e.unshare_all(&[]);
+    assert!(report.complete() && report.accounting_matches(), "{report:?}");
+    assert_eq!(report.made_private, 3 * 512);
+    assert_eq!(e.counters().since(&before).map_gpa, 3);
+    for pa in [1000 * MIB, 1100 * MIB, 1200 * MIB] {
+        assert!((pa..pa + 2 * MIB)
+            .step_by(4096)
+            .all(|f| e.state(f) == Some(PageState::Private) && w.host_side(f) == Some(Visibility::Private)));
+    }
+    every_mapping_private(&w.m.mem, w.m.page_tables(), false, w.m.size());
+    assert!(e.stopped());
+    assert_eq!(
+        pool.alloc(4096),
+        Err(PoolError::Convert(ConvertError::Stopped)),
+        "a buffer from a chunk that is private now"
+    );
+    // Buffers handed out before go back without harm, and without a call.
+    let calls = e.counters().hypercalls();
+    pool.free(a).unwrap();
+    pool.free(b).unwrap();
+    assert_eq!(e.counters().hypercalls(), calls);
+    assert!(w.tdx.violations().is_empty(), "{:?}", w.tdx.violations());
 }
 
 /// A state byte the engine does not know says nothing about its frame:
