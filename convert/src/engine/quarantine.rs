@@ -62,9 +62,11 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         };
         drop(hold);
         // The holes unmapping recorded are moot: a poisoned frame is never
-        // mapped again.
+        // mapped again. (Only poisoned frames: this changes no state.)
         for frame in frames.step_by(PAGE as usize) {
-            self.states.settle(frame, Code::Poisoned);
+            if self.states.code(frame) == Some(Code::Poisoned) {
+                self.states.settle(frame, Code::Poisoned);
+            }
         }
         result
     }

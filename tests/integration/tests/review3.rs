@@ -155,14 +155,15 @@ fn unregister_leaves_the_engines_split_table_where_the_alias_covers_a_region_in_
 #[test]
 fn schedule_mutants_can_plant_every_mutant_it_lists() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    // `scripts/pool-mutants` and `scripts/la57-mutants` too: the same kind
+    // `scripts/pool-mutants`, `scripts/la57-mutants` and
+    // `scripts/lifecycle-mutants` too: the same kind
     // of table, the same risk.
     // Each script's MUTANTS table, evaluated as the script does, and for
     // each edit the number of times its old text occurs in its file.
     let probe = r#"
 import pathlib, sys
 root = pathlib.Path(sys.argv[1])
-for script in ["scripts/schedule-mutants", "scripts/pool-mutants", "scripts/la57-mutants"]:
+for script in ["scripts/schedule-mutants", "scripts/pool-mutants", "scripts/la57-mutants", "scripts/lifecycle-mutants"]:
     src = (root / script).read_text().split("def run(")[0]
     ns = {"__file__": str(root / script)}
     exec(src, ns)
