@@ -10,8 +10,9 @@ use coco_convert::bits::{ACCESSED, DIRTY, NO_EXECUTE, WRITABLE};
 use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::SnpOptions;
-use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, Paging, StateTable, Visibility};
+use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, Paging, StateTable, UnacceptedBitmap, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
+use std::sync::atomic::AtomicU64;
 
 use crate::sim::{current_cpu, Layout, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder};
 use crate::watch::{Snapshot, Watch};
@@ -403,6 +404,15 @@ impl TdxWorld {
         self.tdx.set_pages(pa, len, page);
     }
 
+    /// The engine with an empty unaccepted-memory bitmap of 2 MiB units in
+    /// `storage` ([`crate::bitmap_storage`]).
+    pub fn engine_accepting<'w>(&'w self, storage: &'w [AtomicU64]) -> TdxEngine<'w> {
+        let mut e = self.engine();
+        e.adopt_unaccepted(UnacceptedBitmap::new(0, 2 * MIB, storage).expect("bitmap"))
+            .expect("an empty bitmap");
+        e
+    }
+
     /// The side the model holds the frame at `pa` on; `None` while pending.
     pub fn host_side(&self, pa: u64) -> Option<Visibility> {
         match self.tdx.page(pa).state {
@@ -459,6 +469,14 @@ impl SnpWorld {
     /// The engine with the fewest-calls options.
     pub fn engine(&self) -> SnpEngine<'_> {
         self.engine_with(SnpOptions::MINIMAL)
+    }
+
+    /// As [`TdxWorld::engine_accepting`].
+    pub fn engine_accepting<'w>(&'w self, storage: &'w [AtomicU64]) -> SnpEngine<'w> {
+        let mut e = self.engine();
+        e.adopt_unaccepted(UnacceptedBitmap::new(0, 2 * MIB, storage).expect("bitmap"))
+            .expect("an empty bitmap");
+        e
     }
 
     /// Makes `[pa, pa + len)` memory launch leaves unaccepted: assigned to

@@ -5,7 +5,7 @@
 //! takes a #PF the zeropad fix-up handles, never an access to memory the
 //! platform did not accept; everything around them stays mapped as it was.
 
-use coco_convert::{AcceptMemoryError, Alias, Level, PageState, PlatformError, UnacceptedBitmap, Visibility};
+use coco_convert::{AcceptMemoryError, Alias, Level, PageState, PlatformError, Visibility};
 use hvmock::{RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxPage, TdxPageState};
 use integration::sim::{ALIAS_VA, DIRECT_MAP_VA};
 use integration::world::{Shape, SnpWorld, TdxWorld, DIRECT_MAP_FLAGS};
@@ -40,9 +40,7 @@ fn tdx_a_failed_unit_inside_a_1g_leaf_is_split_out_and_not_present() {
     let base = 256 * MIB;
     w.hand_over_unaccepted(base, 4 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(base, 4 * UNIT).unwrap();
     accepted_by_the_firmware(&w, base + 2 * UNIT, UNIT);
     let before = e.counters();
@@ -109,9 +107,7 @@ fn snp_a_unit_the_host_never_assigned_is_not_present_after_it_fails() {
     let base = 1024 * MIB;
     w.snp.set_rmp(base, 4 * UNIT, RmpEntry::default());
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(base, 4 * UNIT).unwrap();
     w.snp.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
@@ -144,9 +140,7 @@ fn a_failed_edge_is_unmapped_from_the_failing_page_on() {
     let base = 1024 * MIB;
     w.hand_over_unaccepted(base, 2 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     // The tail edge [base + UNIT, base + UNIT + 16 pages); its sixth page
     // accepted behind the guest's back.
     let tail = base + UNIT;
@@ -182,9 +176,7 @@ fn a_registered_alias_of_a_failed_unit_is_not_present_either() {
     let base = 1024 * MIB;
     w.hand_over_unaccepted(base, 2 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(base, 2 * UNIT).unwrap();
     w.m.builder().map(
         ALIAS_VA,
@@ -221,9 +213,7 @@ fn without_a_table_page_the_failed_unit_is_reported_left_mapped() {
     let base = 256 * MIB;
     w.hand_over_unaccepted(base, 2 * UNIT, 0);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(base, 2 * UNIT).unwrap();
     accepted_by_the_firmware(&w, base, UNIT);
     w.m.frames.set_allowance(Some(0));
@@ -251,9 +241,7 @@ fn snp_a_failure_in_a_guard_unit_keeps_the_unit_before_it_accepted() {
     let base = 1024 * MIB;
     w.hand_over_unvalidated(base, 2 * UNIT);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(base, 2 * UNIT).unwrap();
     // The guard unit validated behind the guest's back, and the page state
@@ -295,9 +283,7 @@ fn snp_a_failed_edge_is_unmapped_from_the_failing_page_on() {
     let base = 1024 * MIB;
     w.hand_over_unvalidated(base, 2 * UNIT);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     let tail = base + UNIT;
     let validated = RmpEntry {

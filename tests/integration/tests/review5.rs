@@ -44,9 +44,7 @@ fn accept_all_accepts_every_unit_but_the_failed_ones() {
     let start = GIB - 2 * UNIT;
     w.hand_over_unaccepted(start, 4 * UNIT, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(start, 4 * UNIT).unwrap();
     // The firmware's lie: the second unit is accepted already.
     w.tdx.set_pages(
@@ -326,9 +324,7 @@ fn a_unit_whose_acceptance_failed_is_not_left_mapped() {
     let base = GIB;
     w.hand_over_unaccepted(base, 4 * UNIT, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(base, 4 * UNIT).unwrap();
     // The TD module stays busy: the unit is never accepted (still pending).
     w.tdx.set_busy_answers(u32::MAX);

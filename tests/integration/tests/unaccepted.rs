@@ -38,9 +38,7 @@ fn a_lazy_accept_takes_the_units_it_needs_once_each() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 64 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 64 * MIB).unwrap();
     assert_eq!(e.census().unaccepted, 64 * MIB / 4096);
     assert_eq!(e.state(BASE + 5 * UNIT), Some(PageState::Unaccepted));
@@ -70,9 +68,7 @@ fn a_range_ending_on_a_unit_boundary_accepts_the_next_unit_too() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 64 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 64 * MIB).unwrap();
     let bitmap = e.unaccepted().unwrap();
     assert!(bitmap.range_needs_accept(BASE, UNIT));
@@ -96,9 +92,7 @@ fn eager_acceptance_uses_1g_accepts_and_takes_everything() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(0, GIB, 2);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     // [0, 1 GiB) holds the test's GHCB area and nothing the engine uses.
     e.record_unaccepted(0, GIB).unwrap();
     w.tdx.clear_events();
@@ -115,9 +109,7 @@ fn a_size_mismatch_falls_back_to_4k_accepts() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 4 * MIB, 0);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 4 * MIB).unwrap();
     w.tdx.clear_events();
     e.accept(BASE, 4096).unwrap();
@@ -136,9 +128,7 @@ fn converting_unaccepted_memory_is_refused_and_changes_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     let before = w.m.snapshot();
     let err = e
@@ -175,9 +165,7 @@ fn recording_a_range_accepts_the_ends_that_fill_no_unit_at_once() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 0);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.tdx.clear_events();
     let (pa, end) = (BASE + UNIT - 8192, BASE + 3 * UNIT + 4096);
     e.record_unaccepted(pa, end - pa).unwrap();
@@ -247,9 +235,7 @@ fn a_filled_bitmap_is_adopted_and_one_over_memory_in_use_is_refused_whole() {
 fn recording_refuses_frames_in_use_and_changes_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.convert(
         Target::Physical {
             pa: BASE + 3 * UNIT,
@@ -282,9 +268,7 @@ fn many_cpus_asking_for_the_same_units_accept_each_once() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 32 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 32 * MIB).unwrap();
     w.tdx.clear_events();
     let start = Barrier::new(4);
@@ -324,9 +308,7 @@ fn eager_acceptance_spreads_over_cpus_without_accepting_twice() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(0, GIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(0, GIB).unwrap();
     w.tdx.clear_events();
     let start = Barrier::new(3);
@@ -361,9 +343,7 @@ fn a_unit_the_firmware_accepted_behind_the_guests_back_is_poisoned() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     // The memory map says unaccepted; the TD module knows better.
     w.tdx.set_pages(
@@ -423,9 +403,7 @@ fn a_busy_td_module_poisons_the_unit_it_never_finished() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     w.hand_over_unaccepted(BASE, 8 * MIB, 1);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     w.tdx.set_busy_answers(u32::MAX);
     let err = e.accept(BASE, 4096).unwrap_err();
@@ -477,9 +455,7 @@ fn snp_accepts_and_evicts(layout: Layout) {
     });
     w.hand_over_unvalidated(BASE, 16 * MIB);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 16 * MIB).unwrap();
     let before = e.counters();
@@ -510,9 +486,7 @@ fn snp_with_coherency_sfw_no_evicts_nothing() {
     );
     w.hand_over_unvalidated(BASE, 16 * MIB);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 16 * MIB).unwrap();
     e.accept(BASE, 4096).unwrap();
@@ -560,9 +534,7 @@ fn snp_4k_rmp_entries_after_a_migration_fall_back_to_4k_pvalidate() {
     );
     w.hand_over_unvalidated(BASE, 4 * MIB);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 4 * MIB).unwrap();
     let before = e.counters();
@@ -578,9 +550,7 @@ fn snp_a_unit_the_host_claims_validated_is_poisoned() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.hand_over_unvalidated(BASE, 8 * MIB);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     // Validated behind the guest's back, and the page state change that
@@ -619,9 +589,7 @@ fn snp_a_unit_the_host_never_assigned_fails_pvalidate_and_is_poisoned() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.snp.set_rmp(BASE, 8 * MIB, RmpEntry::default());
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     w.snp.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
@@ -681,9 +649,7 @@ fn snp_eager_acceptance_fills_every_page_state_change_exit() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     w.hand_over_unvalidated(0, GIB);
     let storage = integration::bitmap_storage();
-    let mut e = w.engine();
-    e.adopt_unaccepted(UnacceptedBitmap::new(0, UNIT, &storage).unwrap())
-        .unwrap();
+    let e = w.engine_accepting(&storage);
     e.record_unaccepted(0, GIB).unwrap();
     // The GHCB lives above the unaccepted gibibyte.
     w.boot_ghcb(&e, GHCB_PA);
