@@ -229,10 +229,12 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             }
         }
         whole.for_each(|u| bitmap.set(u));
+        // Both edges settle before a failure's clean-up runs, which must
+        // hold no claim.
+        let failures = edges.map(|edge| (!edge.is_empty()).then(|| self.accept_edge(edge)));
         let mut result = Ok(());
-        for edge in edges.into_iter().filter(|e| !e.is_empty()) {
-            let accepted = self.accept_edge(edge);
-            result = result.and(accepted);
+        for (error, poisoned) in failures.into_iter().flatten().filter_map(Result::err) {
+            result = result.and(Err(self.failed(error, poisoned, 0)));
         }
         result
     }
@@ -245,6 +247,10 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// asking at once: one accepts it, the others wait until it is done.
     /// Call it from the page allocator before handing out memory. Units
     /// outside the bitmap, or with no bitmap at all, count as accepted.
+    /// After a failure it takes the poisoned frames out of reach as a
+    /// conversion would, so it may call the frame source (holding no lock
+    /// and no unit, so the frame source may accept memory itself) and shoot
+    /// down TLBs: call it where a conversion may be called.
     ///
     /// On an error, units accepted before it stay accepted.
     pub fn accept(&self, pa: u64, len: u64) -> Result<AcceptReport, AcceptMemoryError> {
@@ -267,17 +273,19 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 match self.unit_state(bitmap, u) {
                     None | Some(Unit::Accepted) => break,
                     Some(Unit::Unaccepted) => {
+                        if run.as_ref().is_some_and(|r| !self.joins(bitmap, r, u)) {
+                            // Sent before `u` is claimed: a failure's clean-up
+                            // calls the frame source and shoots down TLBs, so
+                            // it must run holding no unit.
+                            self.flush_run(bitmap, run.take(), &mut report)?;
+                            continue;
+                        }
                         if self
                             .states
                             .claim_code(bitmap.unit_pa(u), Code::Unaccepted, Code::Accepting)
                             .is_ok()
                         {
-                            let (next, flushed) = self.extend_run(bitmap, run.take(), u, &mut report);
-                            if let Err(e) = flushed {
-                                self.release_run(bitmap, next);
-                                return Err(e);
-                            }
-                            run = Some(next);
+                            run = Some(run.map_or(u..u + 1, |r| r.start..u + 1));
                             break;
                         }
                     }
@@ -347,15 +355,18 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 // The wrap: units on either side are not contiguous.
                 keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
             }
-            let claimed = matches!(self.unit_state(bitmap, u), Some(Unit::Unaccepted))
+            let unaccepted = matches!(self.unit_state(bitmap, u), Some(Unit::Unaccepted));
+            if unaccepted && run.as_ref().is_some_and(|r| !self.joins(bitmap, r, u)) {
+                // Sent before `u` is claimed, as in `accept`.
+                keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+            }
+            let claimed = unaccepted
                 && self
                     .states
                     .claim_code(bitmap.unit_pa(u), Code::Unaccepted, Code::Accepting)
                     .is_ok();
             if claimed {
-                let (next, flushed) = self.extend_run(bitmap, run.take(), u, &mut report);
-                keep(flushed.map(|()| None), &mut run);
-                run = Some(next);
+                run = Some(run.map_or(u..u + 1, |r| r.start..u + 1));
             } else {
                 keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
             }
@@ -380,33 +391,21 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         }
     }
 
-    /// Adds claimed unit `u` to `run`, or sends `run` to the platform and
-    /// starts a new one: runs are contiguous and stay within one of the
-    /// platform's calls ([`Platform::accept_call_bytes`]).
-    fn extend_run(
-        &self,
-        bitmap: &UnacceptedBitmap<'_>,
-        run: Option<Range<u64>>,
-        u: u64,
-        report: &mut AcceptReport,
-    ) -> (Range<u64>, Result<(), AcceptMemoryError>) {
+    /// Whether unit `u` may join `run`: runs are contiguous and stay within
+    /// one of the platform's calls ([`Platform::accept_call_bytes`]).
+    fn joins(&self, bitmap: &UnacceptedBitmap<'_>, run: &Range<u64>, u: u64) -> bool {
         let call = self.platform.accept_call_bytes().max(bitmap.unit_size());
         // A power-of-two call size is the platform's largest page (1 GiB on
         // TDX): runs break where one begins, so it stays whole. Otherwise
         // only the length counts (SEV-SNP: entries per exit).
-        let boundary = |u: u64| call.is_power_of_two() && bitmap.unit_pa(u) % call == 0;
-        match run {
-            Some(r) if r.end == u && bitmap.unit_pa(u) - bitmap.unit_pa(r.start) < call && !boundary(u) => {
-                (r.start..u + 1, Ok(()))
-            }
-            // The new run holds `u` whatever became of the old one: its
-            // claim is the caller's to accept or give back.
-            other => (u..u + 1, self.flush_run(bitmap, other, report)),
-        }
+        let boundary = call.is_power_of_two() && bitmap.unit_pa(u) % call == 0;
+        run.end == u && bitmap.unit_pa(u) - bitmap.unit_pa(run.start) < call && !boundary
     }
 
     /// Accepts the claimed units of `run` in one platform call and settles
-    /// them: accepted, or poisoned from the point of failure on.
+    /// them: accepted, or poisoned from the point of failure on. The caller
+    /// holds no other unit: after a failure this takes the poisoned frames
+    /// out of reach, which may call the frame source and shoot down TLBs.
     fn flush_run(
         &self,
         bitmap: &UnacceptedBitmap<'_>,
@@ -454,8 +453,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     }
 
     /// Accepts an edge of a recorded range that fills no unit: claimed
-    /// private frames.
-    fn accept_edge(&self, edge: Range<u64>) -> Result<(), AcceptMemoryError> {
+    /// private frames, settled. On a failure, returns what failed and the
+    /// frames now poisoned.
+    fn accept_edge(&self, edge: Range<u64>) -> Result<(), (PlatformError, Range<u64>)> {
         // SAFETY: the frames are claimed, and the OS does not touch memory
         // it is recording as unaccepted.
         match unsafe { self.platform_accept(edge.start, edge.end - edge.start) } {
@@ -467,7 +467,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                 let bad = failure.accepted_below.clamp(edge.start, edge.end) & !(PAGE - 1);
                 self.settle_frames(edge.start..bad, Code::Private);
                 self.settle_frames(bad..edge.end, Code::Poisoned);
-                Err(self.failed(failure.error, bad..edge.end, 0))
+                Err((failure.error, bad..edge.end))
             }
         }
     }
@@ -555,15 +555,6 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             }
         }
         Ok(())
-    }
-
-    /// Gives back the claims of a run that was never sent.
-    fn release_run(&self, bitmap: &UnacceptedBitmap<'_>, run: Range<u64>) {
-        for u in run {
-            self.states
-                .claim_code(bitmap.unit_pa(u), Code::Accepting, Code::Unaccepted)
-                .ok();
-        }
     }
 
     fn unmark_unit(&self, pa: u64, unit: u64) {

@@ -78,7 +78,10 @@ pub struct Config {
     /// virtual addresses are canonical (48 or 57 bits); a PML5 entry, like
     /// a PML4 entry, always points to a table.
     pub paging: Paging,
-    /// The direct map.
+    /// The direct map. It must be canonical for `paging`, or every
+    /// conversion is refused with [`ConvertError::InvalidRange`] naming it
+    /// (a 5-level direct map with `paging` left at four levels would be
+    /// walked with the wrong indices).
     pub direct_map: DirectMap,
     /// Collapse tables back into huge leaves after a conversion: in the
     /// direct map any table, elsewhere only tables the engine's own splits
@@ -286,6 +289,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             Target::Physical { pa, len } => (pa, len),
             Target::Virtual { va, len } => (va, len),
         };
+        self.check_direct_map()?;
         let invalid = ConvertError::InvalidRange { addr, len };
         if len == 0 || (addr | len) % PAGE != 0 || addr.checked_add(len).is_none() || scratch.is_empty() {
             return Err(invalid);
@@ -312,6 +316,19 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
             Counters::add(&self.counters.conversions, 1);
         }
         report
+    }
+
+    /// Refuses a direct map the configured paging does not translate.
+    pub(super) fn check_direct_map(&self) -> Result<(), ConvertError> {
+        let DirectMap { va, len, .. } = self.config.direct_map;
+        if len == 0
+            || va
+                .checked_add(len)
+                .is_some_and(|_| crate::aliases::canonical_range(va, len, self.config.paging))
+        {
+            return Ok(());
+        }
+        Err(ConvertError::InvalidRange { addr: va, len })
     }
 
     fn tables(&self) -> Tables<'_, M> {

@@ -32,6 +32,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         if frames.is_empty() {
             return Ok(());
         }
+        self.check_direct_map()?;
         let (hold, snapshot) = self.aliases.enter();
         let tx = Tx {
             frames: Frames::Linear {

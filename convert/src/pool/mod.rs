@@ -100,10 +100,10 @@ pub trait Convert {
 
     /// Whether conversions have stopped for good
     /// ([`Engine::unshare_all`]): memory shared before is being made
-    /// private, so none may be handed out as shared any more.
-    fn stopped(&self) -> bool {
-        false
-    }
+    /// private, so none may be handed out as shared any more. Required: a
+    /// wrapper that forgot to forward it would hand out memory that is
+    /// private again.
+    fn stopped(&self) -> bool;
 }
 
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Convert for Engine<'_, M, F, T, P> {

@@ -862,6 +862,10 @@ fn main() {
                             (self.0)(t, to, &mut [0; 1]);
                             Ok(coco_convert::Report::default())
                         }
+
+                        fn stopped(&self) -> bool {
+                            false
+                        }
                     }
                     let chunks = Chunks(std::sync::Mutex::new(
                         (0..48).map(|i| 512 * MIB + i * 2 * MIB).collect(),

@@ -341,6 +341,10 @@ impl<C: Convert> Convert for RefusesPrivate<C> {
         }
         self.inner.convert(target, to)
     }
+
+    fn stopped(&self) -> bool {
+        self.inner.stopped()
+    }
 }
 
 /// A refusal that changed nothing leaves the frames shared and whole: still

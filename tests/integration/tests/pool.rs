@@ -326,6 +326,10 @@ impl<C: Convert> Convert for Flaky<C> {
         }
         self.inner.convert(target, to)
     }
+
+    fn stopped(&self) -> bool {
+        self.inner.stopped()
+    }
 }
 
 /// A chunk whose return to private failed without changing anything is

@@ -78,10 +78,13 @@ fn accepted_by_the_firmware(w: &TdxWorld, pa: u64, len: u64) {
 /// A page allocator as the OS's frame source: it hands out frames from
 /// `[floor, top)` top down and, as `Engine::accept`'s doc asks of a page
 /// allocator, accepts each frame before handing it out.
+/// The OS's acceptance, as the allocator calls it.
+type AcceptHook = Box<dyn Fn(u64) -> Result<(), AcceptMemoryError> + Send + Sync>;
+
 struct AcceptingAllocator {
     next: Mutex<u64>,
     floor: u64,
-    accept: OnceLock<Box<dyn Fn(u64) -> Result<(), AcceptMemoryError> + Send + Sync>>,
+    accept: OnceLock<AcceptHook>,
     zero: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
 }
 
@@ -274,6 +277,9 @@ fn a_direct_map_not_canonical_at_the_configured_depth_is_refused() {
 // `GhcbProvider::slots` required for the same reason), or have the pool
 // treat a chunk whose frames are no longer shared as unusable (e.g. the
 // engine's `Stopped` reported by a gated no-op call).
+//
+// Fixed by making `stopped` required: the wrapper below no longer compiles
+// without saying how it answers, and forwarding is the obvious answer.
 // ---------------------------------------------------------------------
 struct Logged<C>(C, AtomicU64);
 
@@ -281,6 +287,10 @@ impl<C: Convert> Convert for Logged<C> {
     fn convert(&self, target: Target, to: Visibility) -> Result<Report, ConvertError> {
         self.1.fetch_add(1, Ordering::Relaxed);
         self.0.convert(target, to)
+    }
+
+    fn stopped(&self) -> bool {
+        self.0.stopped()
     }
 }
 
