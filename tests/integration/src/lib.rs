@@ -24,8 +24,8 @@ pub const GIB: u64 = 1 << 30;
 
 /// Zeroed storage for an unaccepted-memory bitmap: 4096 units, 8 GiB of
 /// 2 MiB units.
-pub fn bitmap_storage() -> Vec<std::sync::atomic::AtomicU64> {
-    (0..64).map(|_| std::sync::atomic::AtomicU64::new(0)).collect()
+pub fn bitmap_storage() -> Vec<coco_convert::sync::AtomicU64> {
+    (0..64).map(|_| coco_convert::sync::AtomicU64::new(0)).collect()
 }
 
 /// A TD of `size` bytes with the given model configuration.

@@ -2,7 +2,7 @@
 //! map of one 1 GiB page then 2 MiB pages, a vmalloc area, an alias area,
 //! scratch windows, and a TDX or SNP model watching the page tables.
 
-use coco_convert::sync::AtomicU8;
+use coco_convert::sync::{AtomicU64, AtomicU8};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
@@ -12,7 +12,6 @@ use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::SnpOptions;
 use coco_convert::{Config, DirectMap, EncryptionBit, Engine, Level, Paging, StateTable, UnacceptedBitmap, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, MockSnp, MockTdx, SnpConfig, TdxConfig};
-use std::sync::atomic::AtomicU64;
 
 use crate::sim::{current_cpu, Layout, SimFrames, SimPhys, SimTlb, SimWindows, TableBuilder};
 use crate::watch::{Snapshot, Watch};
