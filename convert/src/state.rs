@@ -112,7 +112,7 @@ impl Code {
         })
     }
 
-    pub(crate) fn public(self) -> PageState {
+    fn public(self) -> PageState {
         match self {
             Code::Private => PageState::Private,
             Code::Shared => PageState::Shared,
@@ -177,10 +177,7 @@ impl<'a> StateTable<'a> {
     /// Moves the frame from the settled state `from` to claimed; on failure
     /// returns the state found.
     pub(crate) fn claim(&self, pa: u64, from: Code) -> Result<(), Option<PageState>> {
-        let slot = self.slot(pa).ok_or(None)?;
-        slot.compare_exchange(from as u8, Code::Claimed as u8, Ordering::AcqRel, Ordering::Acquire)
-            .map(|_| ())
-            .map_err(|found| Code::from_bits(found).map(Code::public))
+        self.claim_code(pa, from, Code::Claimed)
     }
 
     /// As [`claim`](Self::claim), marking the frame as claimed by the
@@ -195,7 +192,7 @@ impl<'a> StateTable<'a> {
         ) {
             Ok(_) => Ok(true),
             Err(found) if found == Code::Claimed as u8 | MINE => Ok(false),
-            Err(found) => Err(Code::from_bits(found).map(Code::public)),
+            Err(found) => Err(Some(public_state(found))),
         }
     }
 
@@ -266,11 +263,13 @@ impl<'a> StateTable<'a> {
         self.code(pa) == Some(Code::Table)
     }
 
+    /// Moves the frame from `from` to `to`; on failure returns the state
+    /// found (`None`: not covered).
     pub(crate) fn claim_code(&self, pa: u64, from: Code, to: Code) -> Result<(), Option<PageState>> {
         let slot = self.slot(pa).ok_or(None)?;
         slot.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire)
             .map(|_| ())
-            .map_err(|found| Code::from_bits(found).map(Code::public))
+            .map_err(|found| Some(public_state(found)))
     }
 
     /// Records that the firmware or the loader left `[pa, pa + len)`
@@ -301,14 +300,14 @@ impl<'a> StateTable<'a> {
         Ok(())
     }
 
-    /// The first maximal run of frames at or after `from` whose code
-    /// satisfies `wanted`, as `(pa, len)`.
     /// As [`next_run`](Self::next_run), by public state, as
     /// [`get`](Self::get) and [`census`](Self::census) read it.
     pub(crate) fn next_public_run(&self, from: u64, state: PageState) -> Option<(u64, u64)> {
         self.next_run(from, |code| code.map_or(PageState::Poisoned, Code::public) == state)
     }
 
+    /// The first maximal run of frames at or after `from` whose code
+    /// satisfies `wanted`, as `(pa, len)`.
     pub(crate) fn next_run(&self, from: u64, wanted: impl Fn(Option<Code>) -> bool) -> Option<(u64, u64)> {
         let skip = usize::try_from(from.saturating_sub(self.base) / 4096).ok()?;
         let code = |s: &AtomicU8| Code::from_bits(s.load(Ordering::Acquire));
@@ -377,8 +376,9 @@ pub enum RecordError {
         /// The first frame not covered.
         pa: u64,
     },
-    /// This frame is not private (already shared, converting, poisoned or a
-    /// page-table page; `None`: a state byte the engine does not know).
+    /// This frame is not private (already shared, converting, poisoned, a
+    /// page-table page, or a state byte the engine does not know, which
+    /// reads as poisoned).
     NotPrivate {
         /// The frame.
         pa: u64,

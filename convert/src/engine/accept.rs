@@ -341,24 +341,18 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         }
         let mut report = AcceptReport::default();
         let mut first_error = None;
-        let mut run: Option<Range<u64>> = None;
-        let mut keep =
-            |result: Result<Option<Range<u64>>, AcceptMemoryError>, run: &mut Option<Range<u64>>| match result {
-                Ok(r) => *run = r,
-                Err(e) => {
-                    *run = None;
-                    first_error.get_or_insert(e);
-                }
-            };
-        for u in (start..n).chain(0..start) {
-            if u == 0 {
-                // The wrap: units on either side are not contiguous.
-                keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+        let mut send = |run: &mut Option<Range<u64>>, report: &mut AcceptReport| {
+            if let Err(e) = self.flush_run(bitmap, run.take(), report) {
+                first_error.get_or_insert(e);
             }
+        };
+        let mut run: Option<Range<u64>> = None;
+        for u in (start..n).chain(0..start) {
             let unaccepted = matches!(self.unit_state(bitmap, u), Some(Unit::Unaccepted));
-            if unaccepted && run.as_ref().is_some_and(|r| !self.joins(bitmap, r, u)) {
-                // Sent before `u` is claimed, as in `accept`.
-                keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+            // The run goes when `u` cannot join it (across the wrap too),
+            // and before `u` is claimed, as in `accept`.
+            if !unaccepted || run.as_ref().is_some_and(|r| !self.joins(bitmap, r, u)) {
+                send(&mut run, &mut report);
             }
             let claimed = unaccepted
                 && self
@@ -367,11 +361,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
                     .is_ok();
             if claimed {
                 run = Some(run.map_or(u..u + 1, |r| r.start..u + 1));
-            } else {
-                keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
             }
         }
-        keep(self.flush_run(bitmap, run.take(), &mut report).map(|()| None), &mut run);
+        send(&mut run, &mut report);
         match first_error {
             Some(AcceptMemoryError::Platform {
                 error,

@@ -48,14 +48,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// its splits left inside it (the OS frees only its own), and frees
     /// them after a shootdown.
     pub(super) fn detach_tables(&self, alias: Alias) {
-        loop {
-            let mut lock = self.tables_lock.lock();
-            if self.detach_pass(alias, &mut lock).is_ok() {
-                break;
-            }
-            drop(lock);
-            self.make_room();
-        }
+        drop(self.with_room(self.tables_lock.lock(), |deferred| self.detach_pass(alias, deferred)));
         self.release_deferred_tables();
     }
 

@@ -35,15 +35,27 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         &'l self,
         tx: &Tx<'_>,
         scratch: &mut [u64],
-        mut lock: MutexGuard<'l, Deferred>,
+        lock: MutexGuard<'l, Deferred>,
     ) -> MutexGuard<'l, Deferred> {
         let levels: &[Level] = match (self.config.collapse, self.config.collapse_1g) {
             (false, _) => return lock,
             (true, false) => &[Level::Pd],
             (true, true) => &[Level::Pd, Level::Pdpt],
         };
+        self.with_room(lock, |deferred| self.collapse_pass(tx, scratch, levels, deferred))
+    }
+
+    /// Runs `pass` under the table lock until it finds room in the
+    /// deferred list for every table it replaces: each time it runs out,
+    /// the lock is dropped and room made with none held. Returns with the
+    /// lock held.
+    pub(super) fn with_room<'l>(
+        &'l self,
+        mut lock: MutexGuard<'l, Deferred>,
+        mut pass: impl FnMut(&mut Deferred) -> Result<(), NeedRoom>,
+    ) -> MutexGuard<'l, Deferred> {
         loop {
-            if self.collapse_pass(tx, scratch, levels, &mut lock).is_ok() {
+            if pass(&mut lock).is_ok() {
                 return lock;
             }
             drop(lock);

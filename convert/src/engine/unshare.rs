@@ -203,22 +203,22 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
 
     /// Counts the frames a conversion moved: `converted` to `to`, and on a
     /// failure to private `poisoned` frames that were shared and are lost.
+    /// Wrapping: a count that went below zero (memory shared behind the
+    /// engine's back, then converted) still compares exactly.
     pub(super) fn count_shared(&self, to: Visibility, converted: u64, poisoned: u64) {
-        let _ = self
-            .shared_frames
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| match to {
-                Visibility::Shared => Some(n + converted),
-                Visibility::Private => Some(n.saturating_sub(converted + poisoned)),
-            });
+        match to {
+            Visibility::Shared => self.shared_frames.fetch_add(converted, Ordering::AcqRel),
+            Visibility::Private => self.shared_frames.fetch_sub(converted + poisoned, Ordering::AcqRel),
+        };
     }
 
-    /// Counts a conversion in, unless conversions are stopped.
     /// Whether [`unshare_all`](Self::unshare_all) has stopped conversions:
     /// shared memory handed out before is private now, or soon will be.
     pub fn stopped(&self) -> bool {
         self.gate.load(Ordering::Acquire) & STOPPED != 0
     }
 
+    /// Counts a conversion in, unless conversions are stopped.
     pub(super) fn enter_conversion(&self) -> bool {
         if self.gate.fetch_add(1, Ordering::AcqRel) & STOPPED != 0 {
             self.gate.fetch_sub(1, Ordering::AcqRel);

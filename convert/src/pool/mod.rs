@@ -349,11 +349,14 @@ impl<'a, C: Convert, S: ChunkSource> SharedPool<'a, C, S> {
             Refusal::Ownership => PoolError::Owned(range),
         })?;
         inner.stats.frees += 1;
-        drop(inner);
         // Not only when this free empties a chunk: an earlier return may
         // have failed and left a surplus one. The buffer is free whatever
         // becomes of the chunks.
-        self.return_surplus(slot);
+        let surplus = inner.slots.surplus(self.keep_empty, slot).is_some();
+        drop(inner);
+        if surplus {
+            self.return_surplus(slot);
+        }
         Ok(())
     }
 
