@@ -77,7 +77,7 @@ where
     G: GhcbProvider,
 {
     // The slot is chosen once, before anything changes.
-    let slot = engine.platform().ghcbs().slot().ok_or(GhcbSetupError::NoSlot)?;
+    let slot = crate::platform::snp::own_slot(engine.platform().ghcbs()).ok_or(GhcbSetupError::NoSlot)?;
     engine
         .convert(Target::Physical { pa, len: 4096 }, Visibility::Shared)
         .map_err(GhcbSetupError::Convert)?;

@@ -146,9 +146,31 @@ pub unsafe fn pvalidate<P: Pvalidate + ?Sized>(
     validate: bool,
 ) -> Result<(), PvalidateError> {
     // SAFETY: forwarded to the caller.
+    unsafe { pvalidate_then_evict(p, va, size, validate, needs_eviction(p, validate)) }
+}
+
+/// Whether pages just (in)validated need their cache lines evicted: only
+/// after validating, and only without COHERENCY_SFW_NO.
+fn needs_eviction<P: Pvalidate + ?Sized>(p: &P, validate: bool) -> bool {
+    validate && !p.coherency_sfw_no()
+}
+
+/// # Safety
+///
+/// As for [`Pvalidate::pvalidate`].
+unsafe fn pvalidate_then_evict<P: Pvalidate + ?Sized>(
+    p: &P,
+    va: u64,
+    size: PageSize,
+    validate: bool,
+    evict: bool,
+) -> Result<(), PvalidateError> {
+    // SAFETY: forwarded to the caller.
     decode(unsafe { p.pvalidate(va, size, validate) })?;
-    // SAFETY: `va` maps the page just (in)validated.
-    unsafe { evict_if_needed(p, va, size.bytes() / PageSize::Size4K.bytes(), validate) };
+    if evict {
+        // SAFETY: `va` maps the page just validated, private and readable.
+        unsafe { p.evict_cache_lines(va, size.bytes() / PageSize::Size4K.bytes()) };
+    }
     Ok(())
 }
 
@@ -175,6 +197,7 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
     if len == 0 || (va | len) & (PageSize::Size4K.bytes() - 1) != 0 {
         return Err(invalid);
     }
+    let evict = needs_eviction(p, validate);
     let mut calls = PvalidateCalls::default();
     let mut page = va;
     while page < end {
@@ -182,7 +205,7 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
         if allow_2m && page % huge == 0 && end - page >= huge {
             calls.calls += 1;
             // SAFETY: forwarded to the caller.
-            match unsafe { pvalidate(p, page, PageSize::Size2M, validate) } {
+            match unsafe { pvalidate_then_evict(p, page, PageSize::Size2M, validate, evict) } {
                 Ok(()) => {
                     calls.pages_2m += 1;
                     page += huge;
@@ -201,12 +224,12 @@ pub unsafe fn pvalidate_range<P: Pvalidate + ?Sized>(
             }
             for small in (page..page + huge).step_by(PageSize::Size4K.bytes() as usize) {
                 // SAFETY: forwarded to the caller.
-                unsafe { pvalidate_4k(p, small, validate, &mut calls)? };
+                unsafe { pvalidate_4k(p, small, validate, evict, &mut calls)? };
             }
             page += huge;
         } else {
             // SAFETY: forwarded to the caller.
-            unsafe { pvalidate_4k(p, page, validate, &mut calls)? };
+            unsafe { pvalidate_4k(p, page, validate, evict, &mut calls)? };
             page += PageSize::Size4K.bytes();
         }
     }
@@ -220,25 +243,18 @@ unsafe fn pvalidate_4k<P: Pvalidate + ?Sized>(
     p: &P,
     va: u64,
     validate: bool,
+    evict: bool,
     calls: &mut PvalidateCalls,
 ) -> Result<(), PvalidateRangeError> {
     calls.calls += 1;
     // SAFETY: forwarded to the caller.
-    unsafe { pvalidate(p, va, PageSize::Size4K, validate) }.map_err(|error| PvalidateRangeError::Page {
-        va,
-        size: PageSize::Size4K,
-        error,
+    unsafe { pvalidate_then_evict(p, va, PageSize::Size4K, validate, evict) }.map_err(|error| {
+        PvalidateRangeError::Page {
+            va,
+            size: PageSize::Size4K,
+            error,
+        }
     })?;
     calls.pages_4k += 1;
     Ok(())
-}
-
-/// # Safety
-///
-/// `va` maps `pages` pages private and readable.
-unsafe fn evict_if_needed<P: Pvalidate + ?Sized>(p: &P, va: u64, pages: u64, validated: bool) {
-    if validated && !p.coherency_sfw_no() {
-        // SAFETY: forwarded.
-        unsafe { p.evict_cache_lines(va, pages) };
-    }
 }

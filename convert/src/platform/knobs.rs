@@ -2,9 +2,6 @@
 //! `test-knobs`): batching other than the fewest calls, for comparing with
 //! Linux's strategy. A production guest always gets the fewest calls.
 
-// Without the feature only the fewest-calls options exist.
-#![cfg_attr(not(feature = "test-knobs"), allow(dead_code))]
-
 use snp_ghcb::psc::MAX_ENTRIES;
 
 /// How the backend batches its calls.
@@ -20,6 +17,7 @@ impl TdxOptions {
     /// The fewest calls.
     pub const MINIMAL: TdxOptions = TdxOptions { coalesce_runs: true };
     /// Linux's strategy, for comparison.
+    #[cfg(feature = "test-knobs")]
     pub const LINUX: TdxOptions = TdxOptions { coalesce_runs: false };
 }
 
@@ -49,6 +47,7 @@ impl SnpOptions {
     };
     /// Linux's strategy: 64-entry descriptors, 4 KiB PSC and PVALIDATE for
     /// vmalloc frames (2 MiB for aligned contiguous ranges).
+    #[cfg(feature = "test-knobs")]
     pub const LINUX: SnpOptions = SnpOptions {
         psc_entries_per_exit: 64,
         psc_2m: true,

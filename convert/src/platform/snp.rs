@@ -3,7 +3,8 @@
 //! PVALIDATE validate. PVALIDATE goes through the private scratch window
 //! (the only mapping of the frame while its public aliases are not
 //! present); PSC through the calling CPU's GHCB, or the MSR protocol, one
-//! page per request, before a GHCB exists.
+//! page per request, before a GHCB exists and after
+//! [`Engine::unshare_all`](crate::Engine::unshare_all) retired them.
 
 use snp_ghcb::msr_protocol::PscOp;
 use snp_ghcb::psc::{submit, PscDescriptor, PscEntries};
@@ -17,19 +18,26 @@ use crate::pte::{EncryptionBit, Visibility};
 use crate::sync::Mutex;
 use crate::Platform;
 
-/// Gives the backend the calling CPU's GHCB slot.
+/// Gives the backend the GHCB slots, one per CPU.
 pub trait GhcbProvider {
-    /// The calling CPU's slot, which [`setup_ghcb`](crate::setup_ghcb)
-    /// fills and the backend's page state changes use; `None` if this
-    /// provider keeps no GHCBs or this CPU has no slot. Without a filled
-    /// slot the backend uses the MSR protocol.
-    fn slot(&self) -> Option<&GhcbSlot>;
-
-    /// Every CPU's slot, for taking all GHCBs out of service when
-    /// everything is made private again
-    /// ([`Engine::unshare_all`](crate::Engine::unshare_all)): a GHCB left
-    /// out would be made private while its CPU still uses it.
+    /// Every CPU's slot: the calling CPU's is `slots()[cpu()]`, which
+    /// [`setup_ghcb`](crate::setup_ghcb) fills and the backend's page state
+    /// changes use; all of them are taken out of service when everything
+    /// is made private again
+    /// ([`Engine::unshare_all`](crate::Engine::unshare_all)). Empty if this
+    /// provider keeps no GHCBs. Without a filled slot the backend uses the
+    /// MSR protocol.
     fn slots(&self) -> &[GhcbSlot];
+
+    /// The calling CPU's index into [`slots`](Self::slots) (one past the
+    /// end: this CPU has no slot).
+    fn cpu(&self) -> usize;
+}
+
+/// The calling CPU's slot: derived from the list, so the GHCB a CPU uses
+/// is always one `unshare_all` retires.
+pub(crate) fn own_slot<G: GhcbProvider + ?Sized>(ghcbs: &G) -> Option<&GhcbSlot> {
+    ghcbs.slots().get(ghcbs.cpu())
 }
 
 /// No GHCB (early boot): every page state change goes through the MSR
@@ -38,12 +46,12 @@ pub trait GhcbProvider {
 pub struct NoGhcb;
 
 impl GhcbProvider for NoGhcb {
-    fn slot(&self) -> Option<&GhcbSlot> {
-        None
-    }
-
     fn slots(&self) -> &[GhcbSlot] {
         &[]
+    }
+
+    fn cpu(&self) -> usize {
+        0
     }
 }
 
@@ -102,12 +110,12 @@ impl<'a> PerCpuGhcbs<'a> {
 }
 
 impl GhcbProvider for PerCpuGhcbs<'_> {
-    fn slot(&self) -> Option<&GhcbSlot> {
-        self.slots.get((self.cpu)())
-    }
-
     fn slots(&self) -> &[GhcbSlot] {
         self.slots
+    }
+
+    fn cpu(&self) -> usize {
+        (self.cpu)()
     }
 }
 
@@ -200,7 +208,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
     /// As for [`Platform::convert`].
     unsafe fn page_state_change(&self, runs: Runs<'_>, op: PscOp, counters: &Counters) -> Result<(), PlatformError> {
         // Held across the exits: the GHCB is this CPU's alone.
-        let mut slot = self.ghcbs.slot().map(|slot| slot.0.lock());
+        let mut slot = own_slot(&self.ghcbs).map(|slot| slot.0.lock());
         match slot.as_mut().and_then(|page| (**page).as_mut()) {
             Some(ghcb) => {
                 let mut desc = PscDescriptor::default();

@@ -1,7 +1,8 @@
-//! A guest instruction that exits to the host takes a long time, and other
-//! CPUs run meanwhile. Under the shuttle schedule explorer (`--cfg
-//! shuttle`) each exit into a model is therefore a point where the explorer
-//! may switch CPUs, before and after the model acts; otherwise nothing.
+//! A guest instruction that exits to the host (or, as PVALIDATE, takes as
+//! long without exiting) gives other CPUs time to run. Under the shuttle
+//! schedule explorer (`--cfg shuttle`) each call into a model is therefore
+//! a point where the explorer may switch CPUs: before the model acts, and
+//! after it too for an exit; otherwise nothing.
 
 /// Each model's own, so that explorations on several test threads share
 /// nothing.

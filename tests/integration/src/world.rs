@@ -412,6 +412,17 @@ impl TdxWorld {
         e
     }
 
+    /// The firmware's lie: `[pa, pa + len)`, which the memory map calls
+    /// unaccepted, is accepted already (at `level`: 0 4 KiB, 1 2 MiB), so
+    /// the guest's ACCEPT fails.
+    pub fn accepted_behind_the_guests_back(&self, pa: u64, len: u64, level: u8) {
+        let page = hvmock::TdxPage {
+            state: hvmock::TdxPageState::Accepted,
+            level,
+        };
+        self.tdx.set_pages(pa, len, page);
+    }
+
     /// The side the model holds the frame at `pa` on; `None` while pending.
     pub fn host_side(&self, pa: u64) -> Option<Visibility> {
         match self.tdx.page(pa).state {
@@ -484,6 +495,19 @@ impl SnpWorld {
         let entry = hvmock::RmpEntry {
             assigned: true,
             validated: false,
+            huge: false,
+        };
+        self.snp.set_rmp(pa, len, entry);
+    }
+
+    /// The host's lie: `[pa, pa + len)` is validated already, so the
+    /// guest's PVALIDATE finds nothing to change. (To keep it so, a test
+    /// also has the page state change only pretend:
+    /// `SnpHostile::PscSuccessWithoutRmpChange`.)
+    pub fn validated_behind_the_guests_back(&self, pa: u64, len: u64) {
+        let entry = hvmock::RmpEntry {
+            assigned: true,
+            validated: true,
             huge: false,
         };
         self.snp.set_rmp(pa, len, entry);

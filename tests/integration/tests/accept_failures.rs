@@ -6,7 +6,7 @@
 //! platform did not accept; everything around them stays mapped as it was.
 
 use coco_convert::{AcceptMemoryError, Alias, Level, PageState, PlatformError, Visibility};
-use hvmock::{RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxPage, TdxPageState};
+use hvmock::{RmpEntry, SnpConfig, SnpHostile, TdxConfig};
 use integration::sim::{ALIAS_VA, DIRECT_MAP_VA};
 use integration::world::{Shape, SnpWorld, TdxWorld, DIRECT_MAP_FLAGS};
 use integration::MIB;
@@ -24,14 +24,6 @@ fn mapped(e_translate: impl Fn(u64) -> Option<u64>, start: u64, end: u64) -> Vec
         .collect()
 }
 
-fn accepted_by_the_firmware(w: &TdxWorld, pa: u64, len: u64) {
-    let page = TdxPage {
-        state: TdxPageState::Accepted,
-        level: 0,
-    };
-    w.tdx.set_pages(pa, len, page);
-}
-
 /// Four units in the 1 GiB direct-map leaf at GiB 0; the third one is
 /// accepted behind the guest's back, so its acceptance fails.
 #[test]
@@ -42,7 +34,7 @@ fn tdx_a_failed_unit_inside_a_1g_leaf_is_split_out_and_not_present() {
     let storage = integration::bitmap_storage();
     let e = w.engine_accepting(&storage);
     e.record_unaccepted(base, 4 * UNIT).unwrap();
-    accepted_by_the_firmware(&w, base + 2 * UNIT, UNIT);
+    w.accepted_behind_the_guests_back(base + 2 * UNIT, UNIT, 0);
     let before = e.counters();
     let shootdowns = w.m.tlb.count.load(std::sync::atomic::Ordering::Relaxed);
     let err = e.accept(base + UNIT, UNIT).unwrap_err();
@@ -144,7 +136,7 @@ fn a_failed_edge_is_unmapped_from_the_failing_page_on() {
     // The tail edge [base + UNIT, base + UNIT + 16 pages); its sixth page
     // accepted behind the guest's back.
     let tail = base + UNIT;
-    accepted_by_the_firmware(&w, tail + 5 * PAGE, PAGE);
+    w.accepted_behind_the_guests_back(tail + 5 * PAGE, PAGE, 0);
     let err = e.record_unaccepted(base, UNIT + 16 * PAGE).unwrap_err();
     assert!(
         matches!(err, AcceptMemoryError::Platform { pa, poisoned: 11, left_mapped: false, .. } if pa == tail + 5 * PAGE),
@@ -193,7 +185,7 @@ fn a_registered_alias_of_a_failed_unit_is_not_present_either() {
     })
     .unwrap();
     assert_eq!(e.translate(ALIAS_VA + UNIT), Some(base + UNIT), "the OS maps it");
-    accepted_by_the_firmware(&w, base + UNIT, UNIT);
+    w.accepted_behind_the_guests_back(base + UNIT, UNIT, 0);
     let err = e.accept(base, UNIT).unwrap_err();
     assert!(
         matches!(err, AcceptMemoryError::Platform { pa, left_mapped: false, .. } if pa == base + UNIT),
@@ -215,7 +207,7 @@ fn without_a_table_page_the_failed_unit_is_reported_left_mapped() {
     let storage = integration::bitmap_storage();
     let e = w.engine_accepting(&storage);
     e.record_unaccepted(base, 2 * UNIT).unwrap();
-    accepted_by_the_firmware(&w, base, UNIT);
+    w.accepted_behind_the_guests_back(base, UNIT, 0);
     w.m.frames.set_allowance(Some(0));
     let tables_before = w.m.snapshot().tables;
     let err = e.accept(base, PAGE).unwrap_err();
@@ -246,12 +238,7 @@ fn snp_a_failure_in_a_guard_unit_keeps_the_unit_before_it_accepted() {
     e.record_unaccepted(base, 2 * UNIT).unwrap();
     // The guard unit validated behind the guest's back, and the page state
     // change that would reset it only pretends.
-    let validated = RmpEntry {
-        assigned: true,
-        validated: true,
-        huge: false,
-    };
-    w.snp.set_rmp(base + UNIT, UNIT, validated);
+    w.validated_behind_the_guests_back(base + UNIT, UNIT);
     w.snp.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
     let before = e.counters();
     let err = e.accept(base, UNIT).unwrap_err();
@@ -286,12 +273,7 @@ fn snp_a_failed_edge_is_unmapped_from_the_failing_page_on() {
     let e = w.engine_accepting(&storage);
     w.boot_ghcb(&e, GHCB_PA);
     let tail = base + UNIT;
-    let validated = RmpEntry {
-        assigned: true,
-        validated: true,
-        huge: false,
-    };
-    w.snp.set_rmp(tail + 5 * PAGE, PAGE, validated);
+    w.validated_behind_the_guests_back(tail + 5 * PAGE, PAGE);
     w.snp.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
     let err = e.record_unaccepted(base, UNIT + 16 * PAGE).unwrap_err();
     assert!(

@@ -12,7 +12,7 @@ use coco_convert::{
     AcceptMemoryError, Counters, EncryptionBit, PageState, Platform, PlatformError, Target, UnacceptedBitmap,
     Visibility,
 };
-use hvmock::{MockTdx, SnpConfig, TdxConfig, TdxPage, TdxPageState};
+use hvmock::{MockTdx, SnpConfig, TdxConfig, TdxPageState};
 use integration::sim::{current_cpu, set_cpu};
 use integration::world::{Shape, SnpWorld, TdxWorld};
 use integration::{GIB, MIB};
@@ -47,14 +47,7 @@ fn accept_all_accepts_every_unit_but_the_failed_ones() {
     let e = w.engine_accepting(&storage);
     e.record_unaccepted(start, 4 * UNIT).unwrap();
     // The firmware's lie: the second unit is accepted already.
-    w.tdx.set_pages(
-        start + UNIT,
-        UNIT,
-        TdxPage {
-            state: TdxPageState::Accepted,
-            level: 1,
-        },
-    );
+    w.accepted_behind_the_guests_back(start + UNIT, UNIT, 1);
     let err = e.accept_all(0, 1).unwrap_err();
     assert!(
         matches!(err, AcceptMemoryError::Platform { pa, .. } if pa == start + UNIT),
@@ -164,16 +157,16 @@ fn a_failed_accept_changes_nothing_outside_its_own_run() {
 /// A GHCB provider of the OS's own. (Found by review: with `slots()` a
 /// provided method that listed only the calling CPU's slot, a provider
 /// implementing `slot()` alone compiled and kept the other CPUs' GHCBs in
-/// service; `slots()` is required now.)
+/// service; now the calling CPU's slot is derived from `slots()`.)
 struct OneMethodProvider(&'static [GhcbSlot]);
 
 impl GhcbProvider for OneMethodProvider {
-    fn slot(&self) -> Option<&GhcbSlot> {
-        self.0.get(current_cpu())
-    }
-
     fn slots(&self) -> &[GhcbSlot] {
         self.0
+    }
+
+    fn cpu(&self) -> usize {
+        current_cpu()
     }
 }
 

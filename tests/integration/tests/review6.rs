@@ -17,21 +17,13 @@ use coco_convert::{
     AcceptMemoryError, Config, ConvertError, Engine, FrameSource, PageState, Paging, Report, StateTable, Target,
     UnacceptedBitmap, Visibility,
 };
-use hvmock::{TdxConfig, TdxPage, TdxPageState};
+use hvmock::TdxConfig;
 use integration::sim::{chunk_slots, ChunkStack, Layout};
 use integration::world::{Machine, Shape, TdxWorld, TABLES};
 use integration::MIB;
 
 const PAGE: u64 = 4096;
 const UNIT: u64 = 2 * MIB;
-
-fn accepted_by_the_firmware(w: &TdxWorld, pa: u64, len: u64) {
-    let page = TdxPage {
-        state: TdxPageState::Accepted,
-        level: 0,
-    };
-    w.tdx.set_pages(pa, len, page);
-}
 
 // ---------------------------------------------------------------------
 // Finding 1: a failed acceptance calls the frame source (and shoots
@@ -134,7 +126,7 @@ fn a_failed_acceptance_never_calls_the_frame_source_holding_a_unit_lock() {
     e.accept(base + UNIT, PAGE).unwrap();
     assert!(!e.unaccepted().unwrap().is_unaccepted((base + UNIT) / UNIT));
     // U0's ACCEPT will fail.
-    accepted_by_the_firmware(w, base, UNIT);
+    w.accepted_behind_the_guests_back(base, UNIT, 0);
     let e: &'static _ = Box::leak(Box::new(e));
     let _ = alloc.accept.set(Box::new(move |pa| e.accept(pa, PAGE).map(|_| ())));
 

@@ -6,7 +6,7 @@
 use std::sync::Barrier;
 
 use coco_convert::{AcceptMemoryError, ConvertError, PageState, PlatformError, Target, UnacceptedBitmap, Visibility};
-use hvmock::{RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxEvent, TdxPage, TdxPageState};
+use hvmock::{RmpEntry, SnpConfig, SnpHostile, TdxConfig, TdxEvent, TdxPageState};
 use integration::sim::Layout;
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld, TABLES};
 use integration::{GIB, MIB};
@@ -346,14 +346,7 @@ fn a_unit_the_firmware_accepted_behind_the_guests_back_is_poisoned() {
     let e = w.engine_accepting(&storage);
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     // The memory map says unaccepted; the TD module knows better.
-    w.tdx.set_pages(
-        BASE + UNIT,
-        UNIT,
-        TdxPage {
-            state: TdxPageState::Accepted,
-            level: 1,
-        },
-    );
+    w.accepted_behind_the_guests_back(BASE + UNIT, UNIT, 1);
     let err = e.accept(BASE, UNIT).unwrap_err();
     let AcceptMemoryError::Platform {
         error: PlatformError::Accept(AcceptError::AlreadyAccepted { gpa, .. }),
@@ -555,15 +548,7 @@ fn snp_a_unit_the_host_claims_validated_is_poisoned() {
     e.record_unaccepted(BASE, 8 * MIB).unwrap();
     // Validated behind the guest's back, and the page state change that
     // would reset it only pretends.
-    w.snp.set_rmp(
-        BASE + 2 * UNIT,
-        UNIT,
-        RmpEntry {
-            assigned: true,
-            validated: true,
-            huge: false,
-        },
-    );
+    w.validated_behind_the_guests_back(BASE + 2 * UNIT, UNIT);
     w.snp.set_hostile(Some(SnpHostile::PscSuccessWithoutRmpChange));
     let err = e.accept(BASE + 2 * UNIT, 4096).unwrap_err();
     let AcceptMemoryError::Platform {
