@@ -332,13 +332,7 @@ impl<'f> TableBuilder<'f> {
     /// A new, empty hierarchy of depth `paging`.
     pub fn new(mem: Arc<GuestMemory>, frames: &'f SimFrames, paging: Paging, enc: EncryptionBit) -> Self {
         let root = frames.allocate_frame().expect("root table");
-        TableBuilder {
-            mem,
-            frames,
-            root,
-            paging,
-            enc,
-        }
+        Self::existing(mem, frames, root, paging, enc)
     }
 
     /// A builder over tables that already exist.

@@ -5,10 +5,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use coco_convert::pool::{PoolError, SharedPool};
-use coco_convert::{Alias, ConvertError, PageState, Target, Visibility};
+use coco_convert::{Alias, ConvertError, PageState, Platform, Target, Visibility};
 use hvmock::{GuestMemory, GuestPageTables, SnpConfig, SnpHostile, TdxConfig, TdxHostile};
 use integration::sim::{chunk_slots, set_cpu, ChunkStack, Layout};
-use integration::world::{Machine, Shape, SnpWorld, TdxWorld, TABLES};
+use integration::world::{EngineOf, Machine, Shape, SnpWorld, TdxWorld, TABLES};
 use integration::MIB;
 
 const GHCB_PA: u64 = 1536 * MIB;
@@ -29,35 +29,17 @@ fn every_mapping_private(mem: &GuestMemory, tables: GuestPageTables, private_is_
     );
 }
 
+/// Shares `[pa, pa + len)` through `e`.
+fn share<P: Platform>(e: &EngineOf<'_, P>, pa: u64, len: u64) {
+    e.convert(Target::Physical { pa, len }, Visibility::Shared).unwrap();
+}
+
 /// Shares a mix through `e`: a 2 MiB chunk as a pool takes it, a direct
 /// range, a registered alias's range, and a vmalloc-style buffer of
 /// scattered frames, returned as the target to name.
-fn share_a_mix<P: coco_convert::Platform>(
-    m: &Machine,
-    e: &coco_convert::Engine<
-        '_,
-        &integration::sim::SimPhys,
-        &integration::sim::SimFrames,
-        &integration::sim::SimTlb,
-        P,
-    >,
-) -> (Target, u64) {
-    e.convert(
-        Target::Physical {
-            pa: 256 * MIB,
-            len: 2 * MIB,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
-    e.convert(
-        Target::Physical {
-            pa: 300 * MIB + 4096,
-            len: 40960,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
+fn share_a_mix<P: Platform>(m: &Machine, e: &EngineOf<'_, P>) -> (Target, u64) {
+    share(e, 256 * MIB, 2 * MIB);
+    share(e, 300 * MIB + 4096, 40960);
     let alias = e
         .register_alias(Alias {
             va: m.layout.alias,
@@ -124,14 +106,7 @@ fn tdx_every_shared_frame_goes_private(layout: Layout, config: TdxConfig) {
 fn after_unshare_all_conversions_are_refused_and_change_nothing() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    e.convert(
-        Target::Physical {
-            pa: 64 * MIB,
-            len: 4096,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
+    share(&e, 64 * MIB, 4096);
     assert!(e.unshare_all(&[]).complete());
     let before = w.m.snapshot();
     let err = e
@@ -195,22 +170,8 @@ fn conversions_in_flight_finish_and_later_ones_are_stopped() {
 fn a_failing_host_leaves_poisoned_frames_listed_for_the_next_kernel() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    e.convert(
-        Target::Physical {
-            pa: 64 * MIB,
-            len: 8192,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
-    e.convert(
-        Target::Physical {
-            pa: 96 * MIB,
-            len: 4096,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
+    share(&e, 64 * MIB, 8192);
+    share(&e, 96 * MIB, 4096);
     // The first run's MapGPA is answered honestly, then the VMM lies.
     w.tdx.set_hostile_after(1, TdxHostile::GarbageStatus(0xDEAD));
     let report = e.unshare_all(&[]);
@@ -225,14 +186,7 @@ fn a_failing_host_leaves_poisoned_frames_listed_for_the_next_kernel() {
 fn a_frame_shared_behind_the_engines_back_breaks_the_count() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
-    e.convert(
-        Target::Physical {
-            pa: 64 * MIB,
-            len: 4096,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
+    share(&e, 64 * MIB, 4096);
     // The OS writes a state byte itself: "shared" (1).
     w.m.states[(80 * MIB / 4096) as usize].store(1, Ordering::Release);
     let report = e.unshare_all(&[]);
@@ -345,14 +299,7 @@ fn snp_a_ghcb_the_host_fails_to_take_back_is_poisoned_and_reported() {
     let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
     let e = w.engine();
     w.boot_ghcb(&e, GHCB_PA);
-    e.convert(
-        Target::Physical {
-            pa: 64 * MIB,
-            len: 4096,
-        },
-        Visibility::Shared,
-    )
-    .unwrap();
+    share(&e, 64 * MIB, 4096);
     w.snp.set_hostile(Some(SnpHostile::MsrPscError));
     let report = e.unshare_all(&[]);
     assert_eq!((report.made_private, report.failed), (1, 1), "{report:?}");
