@@ -114,6 +114,10 @@ fn runs_of(frames: &[u64]) -> Vec<(u64, u64)> {
     coco_convert::Runs::Extents(&sorted).iter().collect()
 }
 
+/// `--strategy ours|linux`: measure one strategy only (for profiling; the
+/// other's rows are empty and its targets not met).
+static ONLY_STRATEGY: std::sync::OnceLock<Strategy> = std::sync::OnceLock::new();
+
 /// One measured workload.
 struct Outcome {
     counters: CounterSnapshot,
@@ -122,6 +126,19 @@ struct Outcome {
     layout_before: [u64; 3],
     layout_after: [u64; 3],
     svg_cells: Vec<Cell>,
+}
+
+impl Outcome {
+    fn skipped() -> Outcome {
+        Outcome {
+            counters: CounterSnapshot::default(),
+            ns: f64::NAN,
+            units: 1,
+            layout_before: [0; 3],
+            layout_after: [0; 3],
+            svg_cells: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -253,6 +270,9 @@ fn measure(
     setup: &dyn Fn(&Machine) -> Vec<u64>,
     work: &Workload<'_>,
 ) -> Outcome {
+    if ONLY_STRATEGY.get().is_some_and(|&only| only != strategy) {
+        return Outcome::skipped();
+    }
     let m = machine(plat, levels);
     let data = setup(&m);
     fn go<P: Platform>(e: &SimEngine<'_, P>, m: &Machine, data: &[u64], work: &Workload) -> Outcome {
@@ -672,6 +692,14 @@ fn main() {
                 .is_none_or(|w| format!("{p:?}").eq_ignore_ascii_case(w))
         })
         .collect();
+    if let Some(i) = args.iter().position(|a| a == "--strategy") {
+        let strategy = match args.get(i + 1).map(String::as_str) {
+            Some("ours") => Strategy::Ours,
+            Some("linux") => Strategy::Linux,
+            other => panic!("--strategy ours|linux, not {other:?}"),
+        };
+        ONLY_STRATEGY.set(strategy).expect("set once");
+    }
     let runs = if quick { 1 } else { 5 };
     // Count targets: exact, a miss fails the run.
     let failures = std::cell::RefCell::new(Vec::new());
