@@ -190,8 +190,8 @@ mod tests {
         assert_eq!(leaf_at(&t, LA57_VA + 4096).unwrap().0, Level::Pt);
         assert_eq!(t.translate(LA57_VA + 4096), Some(0x4000_1000));
         assert_eq!(t.translate(LA57_VA + (1 << 29)), Some(0x6000_0000));
-        assert!(try_collapse(&t, LA57_VA, Level::Pd, |_| true).is_some());
-        assert!(try_collapse(&t, LA57_VA, Level::Pdpt, |_| true).is_some());
+        assert!(try_collapse(&t, LA57_VA, Level::Pd, |_| true, |_, _| true).is_some());
+        assert!(try_collapse(&t, LA57_VA, Level::Pdpt, |_| true, |_, _| true).is_some());
         assert_eq!(leaf_at(&t, LA57_VA).unwrap(), (Level::Pdpt, loc, before));
     }
 
@@ -212,8 +212,8 @@ mod tests {
         for i in 0..512 {
             t.store(EntryLoc { table: pml4, index: i }, pdpt | TABLE_POINTER);
         }
-        assert_eq!(try_collapse(&t, LA57_VA, Level::Pml4, |_| true), None);
-        assert_eq!(try_collapse(&t, LA57_VA, Level::Pml5, |_| true), None);
+        assert_eq!(try_collapse(&t, LA57_VA, Level::Pml4, |_| true, |_, _| true), None);
+        assert_eq!(try_collapse(&t, LA57_VA, Level::Pml5, |_| true, |_, _| true), None);
         assert_eq!(t.translate(LA57_VA + (5 << 30)), Some(5 << 30));
     }
 
@@ -311,8 +311,8 @@ mod tests {
         let mut r = reserve(&mem, 2);
         let c = Counters::default();
         assert!(split_at(&t, VA + 4096, &mut r, &c));
-        let pt = try_collapse(&t, VA, Level::Pd, |_| true).expect("2 MiB collapse");
-        let pd = try_collapse(&t, VA, Level::Pdpt, |_| true).expect("1 GiB collapse");
+        let pt = try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true).expect("2 MiB collapse");
+        let pd = try_collapse(&t, VA, Level::Pdpt, |_| true, |_, _| true).expect("1 GiB collapse");
         assert_ne!(pt, pd);
         let (level, loc, _) = leaf_at(&t, VA).unwrap();
         assert_eq!((level, t.load(loc)), (Level::Pdpt, before));
@@ -337,10 +337,10 @@ mod tests {
             let loc = entry_loc(300);
             let original = t.load(loc);
             t.store(loc, change(original));
-            assert_eq!(try_collapse(&t, VA, Level::Pd, |_| true), None, "{what}");
+            assert_eq!(try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true), None, "{what}");
             t.store(loc, original);
             assert!(
-                try_collapse(&t, VA, Level::Pd, |_| true).is_some(),
+                try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true).is_some(),
                 "{what}: collapses once restored"
             );
         }
@@ -350,7 +350,7 @@ mod tests {
         assert!(split_at(&t, VA + 4096, &mut r, &c));
         let loc = entry_loc(7);
         t.store(loc, t.load(loc) | ACCESSED | DIRTY);
-        assert!(try_collapse(&t, VA, Level::Pd, |_| true).is_some());
+        assert!(try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true).is_some());
         let (_, loc, e) = leaf_at(&t, VA).unwrap();
         assert_eq!(e & (ACCESSED | DIRTY), ACCESSED | DIRTY);
         // A read-only pointer restricts the collapsed leaf.
@@ -358,7 +358,7 @@ mod tests {
         assert!(split_at(&t, VA + 4096, &mut r, &c));
         let pointer = t.load(loc);
         t.store(loc, pointer & !WRITABLE);
-        assert!(try_collapse(&t, VA, Level::Pd, |_| true).is_some());
+        assert!(try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true).is_some());
         assert_eq!(t.load(loc) & WRITABLE, 0, "the pointer's restriction survives");
     }
 }

@@ -14,10 +14,11 @@
 //!   OS's frame source: only those go back to it, and none of them can be
 //!   converted.
 
-use crate::sync::AtomicU8;
+use crate::sync::{AtomicU32, AtomicU8};
 use core::sync::atomic::Ordering;
 
 use crate::pte::Visibility;
+use crate::regions::{words_for, Regions};
 
 /// The state of one 4 KiB frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -139,13 +140,58 @@ impl Code {
 pub struct StateTable<'a> {
     base: u64,
     states: &'a [AtomicU8],
+    regions: Option<Regions<'a>>,
 }
 
 impl<'a> StateTable<'a> {
     /// States for the frames from physical address `base` (4 KiB aligned),
     /// one byte each.
     pub const fn new(base: u64, states: &'a [AtomicU8]) -> Self {
-        StateTable { base, states }
+        StateTable {
+            base,
+            states,
+            regions: None,
+        }
+    }
+
+    /// Words of storage [`with_region_counts`](Self::with_region_counts)
+    /// needs for a table of `frames` frames from `base`: one per 2 MiB and
+    /// one per 1 GiB region the frames touch (about 2 KiB per GiB).
+    pub const fn region_words(base: u64, frames: usize) -> usize {
+        let (per_2m, per_1g) = words_for(base, frames);
+        per_2m + per_1g
+    }
+
+    /// Keeps a count of shared frames per 2 MiB and 1 GiB region in
+    /// `words` (any contents: they are set from the states now), so that a
+    /// collapse is tried only where a region's frames are all private or
+    /// all shared. Without it every collapse attempt reads the table's 512
+    /// entries; with it, the attempts that cannot succeed cost O(1).
+    pub fn with_region_counts(mut self, words: &'a [AtomicU32]) -> Result<Self, TooFewWords> {
+        let needed = Self::region_words(self.base, self.states.len());
+        let shared = |i: usize| self.states[i].load(Ordering::Acquire) & CODE_MASK == Code::Shared as u8;
+        match Regions::new(self.base, self.states.len(), words, shared) {
+            Some(regions) => {
+                self.regions = Some(regions);
+                Ok(self)
+            }
+            None => Err(TooFewWords { needed }),
+        }
+    }
+
+    /// Counts `[pa, pa + len)` as now on `side` (frames a conversion has
+    /// just mapped with the new attribute).
+    pub(crate) fn count_converted(&self, pa: u64, len: u64, side: Visibility) {
+        if let Some(regions) = &self.regions {
+            regions.add(pa, len, side == Visibility::Shared);
+        }
+    }
+
+    /// Whether a table mapping the aligned `span`-sized region at `pa` may
+    /// be uniform (all its frames on one side); `true` when not counted.
+    #[inline]
+    pub(crate) fn may_be_uniform(&self, pa: u64, span: u64) -> bool {
+        self.regions.as_ref().is_none_or(|r| r.may_be_uniform(pa, span))
     }
 
     fn slot(&self, pa: u64) -> Option<&AtomicU8> {
@@ -297,6 +343,7 @@ impl<'a> StateTable<'a> {
                 });
             }
         }
+        self.count_converted(pa, len, Visibility::Shared);
         Ok(())
     }
 
@@ -359,6 +406,22 @@ pub struct Census {
     /// Not accepted yet (or being accepted now).
     pub unaccepted: u64,
 }
+
+/// [`StateTable::with_region_counts`] was given fewer words than
+/// [`StateTable::region_words`] asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooFewWords {
+    /// The words it needs.
+    pub needed: usize,
+}
+
+impl core::fmt::Display for TooFewWords {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "region counts need {} words", self.needed)
+    }
+}
+
+impl core::error::Error for TooFewWords {}
 
 /// Why [`StateTable::record_shared`] recorded nothing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -15,7 +15,7 @@
 
 #[cfg(not(shuttle))]
 mod imp {
-    pub use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+    pub use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize};
 
     /// A spinning mutex for `#![no_std]` kernels.
     pub type Mutex<T> = spin::Mutex<T>;
@@ -33,7 +33,7 @@ mod imp {
 mod imp {
     extern crate std;
 
-    pub use shuttle::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize};
+    pub use shuttle::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize};
 
     /// The explorer's mutex with `spin`'s interface: a poisoned lock means
     /// a panic on another thread, which already fails the schedule.

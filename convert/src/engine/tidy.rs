@@ -42,7 +42,30 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             (true, false) => &[Level::Pd],
             (true, true) => &[Level::Pd, Level::Pdpt],
         };
+        if self.nothing_to_collapse(tx, levels) {
+            return lock;
+        }
         self.with_room(lock, |deferred| self.collapse_pass(tx, scratch, levels, deferred))
+    }
+
+    /// Whether the region counts alone show that no region a linear
+    /// conversion touches can collapse: then not one table is walked (the
+    /// common case: most conversions leave their regions mixed).
+    fn nothing_to_collapse(&self, tx: &Tx<'_>, levels: &[Level]) -> bool {
+        let Frames::Linear { pa, len } = tx.frames else {
+            return false;
+        };
+        levels.iter().all(|level| {
+            let span = level.span();
+            let mut region = pa / span * span;
+            while region < pa + len {
+                if self.states.may_be_uniform(region, span) {
+                    return false;
+                }
+                region += span;
+            }
+            true
+        })
     }
 
     /// Runs `pass` under the table lock until it finds room in the
@@ -84,14 +107,16 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                             Linear::Registered(i) => (false, 1 + i),
                         };
                         if let Some((va, vlen)) = virtual_of(alias, pa, len) {
-                            self.collapse_regions(&tables, va, vlen, level, any_table, deferred, &mut last[slot])?;
+                            let linear = Some(alias.va.wrapping_sub(alias.pa));
+                            let last = &mut last[slot];
+                            self.collapse_regions(&tables, va, vlen, level, any_table, linear, deferred, last)?;
                         }
                     }
                 }
                 Ok(())
             })?;
             if let Frames::Mapped { va, len } = tx.frames {
-                self.collapse_regions(&tables, va, len, level, false, deferred, &mut None)?;
+                self.collapse_regions(&tables, va, len, level, false, None, deferred, &mut None)?;
             }
         }
         Ok(())
@@ -99,7 +124,11 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
 
     /// Tries each `level`-sized region `[va, va + len)` touches. Outside the
     /// direct map (`any_table` false) only tables the engine's own splits
-    /// made are replaced: the OS's layout there is the OS's.
+    /// made are replaced: the OS's layout there is the OS's. In a linear
+    /// mapping (`linear`: its virtual minus physical offset) a region is
+    /// tried only if its frames may all be on one side, which the state
+    /// table's region counts tell without a walk; a mapping whose offset is
+    /// not a multiple of the region size can never hold a huge leaf there.
     #[allow(clippy::too_many_arguments)]
     fn collapse_regions(
         &self,
@@ -108,18 +137,24 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         len: u64,
         level: Level,
         any_table: bool,
+        linear: Option<u64>,
         deferred: &mut Deferred,
         last: &mut Option<u64>,
     ) -> Result<(), NeedRoom> {
         let span = level.span();
+        if linear.is_some_and(|offset| offset % span != 0) {
+            return Ok(());
+        }
         let mut region = va / span * span;
         while region < va + len {
-            if *last != Some(region) {
+            let hopeless = linear.is_some_and(|offset| !self.states.may_be_uniform(region.wrapping_sub(offset), span));
+            if *last != Some(region) && !hopeless {
                 if !deferred.has_room(&self.mem) {
                     return Err(NeedRoom);
                 }
                 let replaceable = |table| any_table || self.states.is_table(table);
-                if let Some(table) = try_collapse(tables, region, level, replaceable) {
+                let uniform = |pa, span| self.states.may_be_uniform(pa, span);
+                if let Some(table) = try_collapse(tables, region, level, replaceable, uniform) {
                     self.merges.fetch_add(1, Ordering::AcqRel);
                     self.counters.record_collapse(level);
                     let recorded = deferred.push(Retired { table, region, level }, &self.mem);

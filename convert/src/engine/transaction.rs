@@ -487,6 +487,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                     return 0;
                 }
                 restore_linears(pa, len, tx.to);
+                self.states.count_converted(pa, len, tx.to);
                 len / PAGE
             }
             Frames::Mapped { va, len } => {
@@ -505,7 +506,12 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                         moved += u64::from(ok);
                         ok
                     };
-                    self.for_each_run(tx, scratch, accept, &mut |pa, len| restore_linears(pa, len, side));
+                    self.for_each_run(tx, scratch, accept, &mut |pa, len| {
+                        restore_linears(pa, len, side);
+                        if side == tx.to {
+                            self.states.count_converted(pa, len, side);
+                        }
+                    });
                     if side == tx.to {
                         converted = moved;
                     }

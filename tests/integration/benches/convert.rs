@@ -25,7 +25,7 @@ use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::{SnpOptions, TdxOptions};
 use coco_convert::pool::{ChunkSlot, ChunkSource, SharedPool};
-use coco_convert::{CounterSnapshot, Engine, Level, Platform, StateTable, Target, UnacceptedBitmap, Visibility};
+use coco_convert::{CounterSnapshot, Engine, Level, Platform, Target, UnacceptedBitmap, Visibility};
 use integration::null::{NullSnp, NullTdx};
 use integration::sim::{current_cpu, set_cpu, SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
 use integration::world::Machine;
@@ -193,14 +193,7 @@ fn tdx_engine(m: &Machine, strategy: Strategy) -> SimEngine<'_, Tdx<NullTdx>> {
         collapse: strategy == Strategy::Ours,
         ..m.config()
     };
-    Engine::new(
-        config,
-        &m.phys,
-        &m.frames,
-        &m.tlb,
-        platform,
-        StateTable::new(0, &m.states),
-    )
+    Engine::new(config, &m.phys, &m.frames, &m.tlb, platform, m.state_table())
 }
 
 type SnpEngine<'m> = SimEngine<'m, Snp<&'m NullSnp, &'m NullSnp, PerCpuGhcbs<'static>>>;
@@ -221,15 +214,7 @@ fn snp_engine<'m>(m: &'m Machine, hv: &'m NullSnp, strategy: Strategy, cpus: usi
         collapse: strategy == Strategy::Ours,
         ..m.config()
     };
-    let e = Engine::new(
-        config,
-        &m.phys,
-        &m.frames,
-        &m.tlb,
-        platform,
-        StateTable::new(0, &m.states),
-    )
-    .with_window(&m.windows);
+    let e = Engine::new(config, &m.phys, &m.frames, &m.tlb, platform, m.state_table()).with_window(&m.windows);
     // The GHCBs, shared from the start, just below the table-page region,
     // each set up on its CPU.
     for cpu in (0..cpus).rev() {

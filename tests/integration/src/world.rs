@@ -62,6 +62,8 @@ pub struct Machine {
     pub windows: SimWindows,
     /// Per-frame state storage.
     pub states: Vec<AtomicU8>,
+    /// Shared-frame counts per 2 MiB and 1 GiB region.
+    pub region_words: Vec<std::sync::atomic::AtomicU32>,
     /// CR3.
     pub root: u64,
     /// Where its mappings are, and its tables' depth.
@@ -163,6 +165,9 @@ impl Machine {
         Machine {
             phys: SimPhys(mem.clone()),
             states: crate::sim::state_storage(size),
+            region_words: (0..StateTable::region_words(0, (size / 4096) as usize))
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             mem,
             frames,
             os_frames,
@@ -193,8 +198,16 @@ impl Machine {
             &self.frames,
             &self.tlb,
             platform,
-            StateTable::new(0, &self.states),
+            self.state_table(),
         )
+    }
+
+    /// The state table over this machine's storage, with its region
+    /// counts.
+    pub fn state_table(&self) -> StateTable<'_> {
+        StateTable::new(0, &self.states)
+            .with_region_counts(&self.region_words)
+            .expect("sized by region_words")
     }
 
     /// The engine configuration for this machine.
@@ -263,7 +276,7 @@ impl Machine {
             frames,
             &self.tlb,
             platform,
-            StateTable::new(0, &self.states),
+            self.state_table(),
         )
     }
 
