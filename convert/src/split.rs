@@ -331,18 +331,23 @@ mod tests {
             ("other side", |e| e & !(1 << 51)),
             ("not contiguous", |e| e + 4096),
         ];
+        // Entry 1, one in the middle, and the last: the check reads its
+        // entries eight at a time, and must read every group.
         for (what, change) in cases {
-            let mut r = reserve(&mem, 1);
-            assert!(split_at(&t, VA + 4096, &mut r, &c));
-            let loc = entry_loc(300);
-            let original = t.load(loc);
-            t.store(loc, change(original));
-            assert_eq!(try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true), None, "{what}");
-            t.store(loc, original);
-            assert!(
-                try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true).is_some(),
-                "{what}: collapses once restored"
-            );
+            for index in [1, 300, 511] {
+                let mut r = reserve(&mem, 1);
+                assert!(split_at(&t, VA + 4096, &mut r, &c));
+                let loc = entry_loc(index);
+                let original = t.load(loc);
+                t.store(loc, change(original));
+                let refused = try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true);
+                assert_eq!(refused, None, "{what} at entry {index}");
+                t.store(loc, original);
+                assert!(
+                    try_collapse(&t, VA, Level::Pd, |_| true, |_, _| true).is_some(),
+                    "{what} at entry {index}: collapses once restored"
+                );
+            }
         }
         // Accessed/dirty differences do not block a collapse: they are
         // OR-ed into the new leaf.

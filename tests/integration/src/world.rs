@@ -64,6 +64,9 @@ pub struct Machine {
     pub states: Vec<AtomicU8>,
     /// Shared-frame counts per 2 MiB and 1 GiB region.
     pub region_words: Vec<std::sync::atomic::AtomicU32>,
+    /// Whether engines over this machine keep region counts (they change
+    /// how fast a collapse is ruled out, never what collapses).
+    pub region_counts: bool,
     /// CR3.
     pub root: u64,
     /// Where its mappings are, and its tables' depth.
@@ -168,6 +171,7 @@ impl Machine {
             region_words: (0..StateTable::region_words(0, (size / 4096) as usize))
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
+            region_counts: true,
             mem,
             frames,
             os_frames,
@@ -203,9 +207,13 @@ impl Machine {
     }
 
     /// The state table over this machine's storage, with its region
-    /// counts.
+    /// counts unless `region_counts` is off.
     pub fn state_table(&self) -> StateTable<'_> {
-        StateTable::new(0, &self.states)
+        let table = StateTable::new(0, &self.states);
+        if !self.region_counts {
+            return table;
+        }
+        table
             .with_region_counts(&self.region_words)
             .expect("sized by region_words")
     }

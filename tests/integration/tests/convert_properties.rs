@@ -497,6 +497,18 @@ struct RandomGuest {
 /// A TD: GPAW 48 with four levels, GPAW 52 (shared bit 51) with five, as
 /// a TD that uses LA57 would have.
 fn tdx_case(layout: Layout, g: RandomGuest, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    tdx_case_traced(layout, g, ops, true, None)
+}
+
+/// A TD case with or without region counts, recording the tables and
+/// states after every step in `trace`.
+fn tdx_case_traced(
+    layout: Layout,
+    g: RandomGuest,
+    ops: Vec<Op>,
+    region_counts: bool,
+    trace: Option<&mut Vec<integration::watch::Snapshot>>,
+) -> Result<(), TestCaseError> {
     let gpaw = match layout.paging {
         coco_convert::Paging::Four => 48,
         coco_convert::Paging::Five => 52,
@@ -506,9 +518,13 @@ fn tdx_case(layout: Layout, g: RandomGuest, ops: Vec<Op>) -> Result<(), TestCase
         map_gpa_chunk_pages: Some(97),
         ..TdxConfig::default()
     };
-    let w = TdxWorld::with_machine(config, |enc| machine(layout, enc, g.gib_page, g.small_mask));
+    let w = TdxWorld::with_machine(config, |enc| {
+        let mut m = machine(layout, enc, g.gib_page, g.small_mask);
+        m.region_counts = region_counts;
+        m
+    });
     let e = w.engine();
-    run(&w, &e, &g.holes, &g.buffers, ops)
+    run(&w, &e, &g.holes, &g.buffers, ops, trace)
 }
 
 fn snp_case(layout: Layout, g: RandomGuest, ops: Vec<Op>, per_exit: Option<u64>) -> Result<(), TestCaseError> {
@@ -518,7 +534,7 @@ fn snp_case(layout: Layout, g: RandomGuest, ops: Vec<Op>, per_exit: Option<u64>)
     };
     let w = SnpWorld::with_machine(config, |enc| machine(layout, enc, g.gib_page, g.small_mask));
     let e = w.engine();
-    run(&w, &e, &g.holes, &g.buffers, ops)
+    run(&w, &e, &g.holes, &g.buffers, ops, None)
 }
 
 proptest! {
@@ -547,6 +563,37 @@ proptest! {
         per_exit in prop::option::of(1u64..700),
     ) {
         snp_case(Layout::FOUR, RandomGuest { gib_page, small_mask, holes, buffers }, ops, per_exit)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, max_shrink_iters: 256, max_shrink_time: 60_000, ..ProptestConfig::default() })]
+
+    /// The region counts only rule collapses out where the tables would
+    /// refuse them anyway: with and without them, every step leaves the
+    /// same tables (the same collapses, the same table pages) and states.
+    #[test]
+    fn region_counts_change_nothing_but_the_cost(
+        gib_page in any::<bool>(),
+        small_mask in any::<u64>(),
+        holes in holes(),
+        buffers in buffers(),
+        ops in prop::collection::vec(op(3), 1..14),
+    ) {
+        let mut traces = [Vec::new(), Vec::new()];
+        for (counted, trace) in [true, false].into_iter().zip(&mut traces) {
+            let g = RandomGuest { gib_page, small_mask, holes: holes.clone(), buffers: buffers.clone() };
+            tdx_case_traced(Layout::FOUR, g, ops.clone(), counted, Some(trace))?;
+        }
+        prop_assert_eq!(traces[0].len(), traces[1].len());
+        for (step, (counted, uncounted)) in traces[0].iter().zip(&traces[1]).enumerate() {
+            prop_assert!(
+                counted == uncounted,
+                "step {}: {:?}",
+                step,
+                counted.first_difference(uncounted)
+            );
+        }
     }
 }
 
@@ -586,6 +633,7 @@ fn run<P: Platform>(
     holes: &[Hole],
     buffers: &[Buffer],
     ops: Vec<Op>,
+    mut trace: Option<&mut Vec<integration::watch::Snapshot>>,
 ) -> Result<(), TestCaseError>
 where
     for<'x> SimEngine<'x, P>: Sync,
@@ -771,6 +819,9 @@ where
             );
         }
         check(w, e, &reference)?;
+        if let Some(trace) = trace.as_deref_mut() {
+            trace.push(m.snapshot());
+        }
     }
     // Everything back to private: the original huge layout returns (where
     // no frame was poisoned). Buffers go back through their own address:
@@ -806,6 +857,9 @@ where
         reference.shared.remove(&pa);
     }
     check(w, e, &reference)?;
+    if let Some(trace) = trace.as_deref_mut() {
+        trace.push(m.snapshot());
+    }
     if reference.poisoned.is_empty() && holes.is_empty() {
         huge_layout_restored(&original, tables, m)?;
     }
@@ -844,5 +898,5 @@ fn a_failed_vmalloc_conversion_poisons_only_its_frame_beside_an_os_hole() {
             scratch: 1,
         },
     ];
-    run(&w, &e, &[Hole::Region(789, HoleKind::FrameKept)], &[buffer], ops).unwrap();
+    run(&w, &e, &[Hole::Region(789, HoleKind::FrameKept)], &[buffer], ops, None).unwrap();
 }
