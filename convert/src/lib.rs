@@ -85,7 +85,7 @@
 //! ```no_run
 //! use core::sync::atomic::AtomicU8;
 //! use coco_convert::platform::tdx::Tdx;
-//! use coco_convert::{Config, DirectMap, Engine, Paging, StateTable, Target, VaRange, Visibility};
+//! use coco_convert::{Collapse, Config, DirectMap, Engine, Paging, StateTable, Target, VaRange, Visibility};
 //!
 //! const PHYS_OFFSET: u64 = 0xFFFF_8880_0000_0000; // where the kernel maps all RAM
 //! const RAM: u64 = 1 << 30;
@@ -123,7 +123,7 @@
 //!     root: cr3(),
 //!     paging: Paging::from_cr4(cr4()), // four levels, or five with CR4.LA57
 //!     direct_map: DirectMap { va: PHYS_OFFSET, pa: 0, len: RAM },
-//!     collapse: true,
+//!     collapse: Collapse::AfterEachConversion,
 //!     collapse_1g: true,
 //! };
 //! let engine = Engine::new(config, DirectMapAccess, BootFrames, Ipi, tdx, StateTable::new(0, &STATES));
@@ -165,7 +165,10 @@ pub mod zeropad;
 
 pub use aliases::{Alias, AliasError, DirectMap, MAX_ALIASES};
 pub use counters::{CounterSnapshot, Counters};
-pub use engine::{AcceptMemoryError, AcceptReport, Config, ConvertError, Engine, Report, Target, UnshareReport};
+pub use engine::{
+    AcceptMemoryError, AcceptReport, Collapse, CompactReport, Config, ConvertError, Engine, Report, Target,
+    UnshareReport,
+};
 pub use ghcb_setup::{setup_ghcb, GhcbSetupError};
 pub use platform::{Platform, PlatformError, Runs};
 pub use policy::{FailureAction, FailurePolicy, ReportOnly};

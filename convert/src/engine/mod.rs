@@ -37,6 +37,7 @@ use crate::{Alias, AliasError, DirectMap};
 pub use accept::{AcceptMemoryError, AcceptReport};
 pub use error::{ConvertError, Report};
 use frames::Frames;
+pub use tidy::CompactReport;
 pub use unshare::UnshareReport;
 
 const PAGE: u64 = 4096;
@@ -83,12 +84,37 @@ pub struct Config {
     /// (a 5-level direct map with `paging` left at four levels would be
     /// walked with the wrong indices).
     pub direct_map: DirectMap,
-    /// Collapse tables back into huge leaves after a conversion: in the
-    /// direct map any table, elsewhere only tables the engine's own splits
-    /// made.
-    pub collapse: bool,
+    /// When tables go back into huge leaves: in the direct map any table,
+    /// elsewhere only tables the engine's own splits made. See
+    /// [`Collapse`].
+    pub collapse: Collapse,
     /// Allow collapsing into 1 GiB leaves (the CPU supports them).
     pub collapse_1g: bool,
+}
+
+/// When the engine gives the direct map (and registered aliases) their huge
+/// leaves back after conversions split them.
+///
+/// A table can collapse once all its 512 entries map one aligned region
+/// with one attribute again. Collapsing at once keeps the direct map whole
+/// at every moment, but a region that is converted over and over (buffers
+/// of a driver allocated and freed in the same few megabytes) then pays a
+/// split and a collapse each time it changes between uniform and mixed;
+/// deferring the collapse to [`Engine::compact`], called when the churn
+/// stops (an idle CPU, a periodic worker, after a burst of I/O), splits
+/// such a region once, as an engine that never collapses would, and still
+/// ends with the direct map whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collapse {
+    /// Never: the direct map stays split where conversions split it (what
+    /// Linux does).
+    Never,
+    /// At the end of every conversion, in the regions it touched.
+    AfterEachConversion,
+    /// Only when [`Engine::compact`] is called, except the engine's own
+    /// splits inside a vmalloc-style range, which collapse with the
+    /// conversion that makes them uniform (nothing else can find them).
+    OnCompact,
 }
 
 /// The conversion engine. `Sync`: conversions may run on several CPUs at

@@ -13,15 +13,27 @@ use crate::sync::MutexGuard;
 use super::frames::{for_each_chunk, Chunk, Frames};
 use super::transaction::Tx;
 use super::Engine;
-use crate::aliases::{virtual_of, Linear};
-use crate::collapse::try_collapse;
+use crate::aliases::{virtual_of, Linear, Linears};
+use crate::collapse::{pointer_at, try_collapse};
 use crate::deferred::{Deferred, Retired};
 use crate::platform::Platform;
 use crate::pte::Level;
 use crate::reserve::FrameSource;
 use crate::shootdown::{ShootdownSet, TlbShootdown};
 use crate::tables::{PhysMem, Tables};
-use crate::MAX_ALIASES;
+use crate::{Collapse, MAX_ALIASES};
+
+const GIB: u64 = 1 << 30;
+
+/// What [`Engine::compact`] collapsed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CompactReport {
+    /// Tables replaced by 2 MiB leaves.
+    pub collapses_2m: u64,
+    /// Tables replaced by 1 GiB leaves.
+    pub collapses_1g: u64,
+}
 
 /// The deferred list has no room for one more table.
 pub(super) struct NeedRoom;
@@ -37,15 +49,109 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         scratch: &mut [u64],
         lock: MutexGuard<'l, Deferred>,
     ) -> MutexGuard<'l, Deferred> {
-        let levels: &[Level] = match (self.config.collapse, self.config.collapse_1g) {
-            (false, _) => return lock,
-            (true, false) => &[Level::Pd],
-            (true, true) => &[Level::Pd, Level::Pdpt],
+        let linears = match self.config.collapse {
+            Collapse::Never => return lock,
+            Collapse::AfterEachConversion => true,
+            // The linear mappings wait for `compact`; a mapped range's own
+            // tables cannot be found later.
+            Collapse::OnCompact if matches!(tx.frames, Frames::Mapped { .. }) => false,
+            Collapse::OnCompact => return lock,
         };
-        if self.nothing_to_collapse(tx, levels) {
+        let levels = self.collapse_levels();
+        if linears && self.nothing_to_collapse(tx, levels) {
             return lock;
         }
-        self.with_room(lock, |deferred| self.collapse_pass(tx, scratch, levels, deferred))
+        self.with_room(lock, |deferred| {
+            self.collapse_pass(tx, scratch, levels, linears, deferred)
+        })
+    }
+
+    fn collapse_levels(&self) -> &'static [Level] {
+        if self.config.collapse_1g {
+            &[Level::Pd, Level::Pdpt]
+        } else {
+            &[Level::Pd]
+        }
+    }
+
+    /// Collapses every table of the direct map and of the registered
+    /// aliases that maps a uniform region (whatever made it uniform: the
+    /// conversions since the last call, or the OS), then frees the tables
+    /// it replaced after one shootdown. With [`Collapse::OnCompact`] this
+    /// is what gives the direct map its huge leaves back; with any policy
+    /// it tidies what the OS left collapsible.
+    ///
+    /// It holds the table lock for one 1 GiB region at a time; the cost is
+    /// one read per 1 GiB region, one per 2 MiB region of a 1 GiB region
+    /// that has a table, and a read of each table that may collapse (with
+    /// [`StateTable::with_region_counts`], only of tables whose frames are
+    /// all private or all shared).
+    pub fn compact(&self) -> CompactReport {
+        let before = self.counters.snapshot();
+        let (hold, snapshot) = self.aliases.enter();
+        let linears = Linears {
+            direct_map: self.config.direct_map,
+            registered: snapshot.as_ref(),
+        };
+        let levels = self.collapse_levels();
+        for (kind, alias) in linears.iter() {
+            let any_table = matches!(kind, Linear::DirectMap);
+            let offset = alias.va.wrapping_sub(alias.pa);
+            let end = alias.va.saturating_add(alias.len);
+            let mut gib = alias.va / GIB * GIB;
+            while gib < end {
+                let lock = self.tables_lock.lock();
+                let lock = self.with_room(lock, |deferred| {
+                    let tables = self.tables();
+                    for &level in levels {
+                        // A 1 GiB region mapped by a leaf, or by nothing,
+                        // has no table to collapse at 2 MiB.
+                        if level == Level::Pd && pointer_at(&tables, gib, Level::Pdpt).is_none() {
+                            continue;
+                        }
+                        let span = level.span();
+                        let mut region = gib.max(alias.va).next_multiple_of(span);
+                        while region + span <= (gib + GIB).min(end) {
+                            self.collapse_one(&tables, region, level, any_table, offset, deferred)?;
+                            region += span;
+                        }
+                    }
+                    Ok(())
+                });
+                drop(lock);
+                gib += GIB;
+            }
+        }
+        drop(hold);
+        self.release_deferred_tables();
+        let done = self.counters.snapshot().since(&before);
+        CompactReport {
+            collapses_2m: done.collapses_2m,
+            collapses_1g: done.collapses_1g,
+        }
+    }
+
+    /// Tries the `level`-sized region at `region` of a linear mapping
+    /// (`offset`: its virtual minus physical address).
+    fn collapse_one(
+        &self,
+        tables: &Tables<'_, M>,
+        region: u64,
+        level: Level,
+        any_table: bool,
+        offset: u64,
+        deferred: &mut Deferred,
+    ) -> Result<(), NeedRoom> {
+        self.collapse_regions(
+            tables,
+            region,
+            level.span(),
+            level,
+            any_table,
+            Some(offset),
+            deferred,
+            &mut None,
+        )
     }
 
     /// Whether the region counts alone show that no region a linear
@@ -92,6 +198,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         tx: &Tx<'_>,
         scratch: &mut [u64],
         levels: &[Level],
+        linears: bool,
         deferred: &mut Deferred,
     ) -> Result<(), NeedRoom> {
         let tables = self.tables();
@@ -99,22 +206,24 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             // The last region tried, per linear mapping: ranges come in
             // address order, so neighbours share regions.
             let mut last = [None; 1 + MAX_ALIASES];
-            for_each_chunk(&tables, tx.frames, scratch, |chunk: Chunk<'_>| {
-                for (pa, len) in chunk.runs().iter() {
-                    for (kind, alias) in tx.linears.iter() {
-                        let (any_table, slot) = match kind {
-                            Linear::DirectMap => (true, 0),
-                            Linear::Registered(i) => (false, 1 + i),
-                        };
-                        if let Some((va, vlen)) = virtual_of(alias, pa, len) {
-                            let linear = Some(alias.va.wrapping_sub(alias.pa));
-                            let last = &mut last[slot];
-                            self.collapse_regions(&tables, va, vlen, level, any_table, linear, deferred, last)?;
+            if linears {
+                for_each_chunk(&tables, tx.frames, scratch, |chunk: Chunk<'_>| {
+                    for (pa, len) in chunk.runs().iter() {
+                        for (kind, alias) in tx.linears.iter() {
+                            let (any_table, slot) = match kind {
+                                Linear::DirectMap => (true, 0),
+                                Linear::Registered(i) => (false, 1 + i),
+                            };
+                            if let Some((va, vlen)) = virtual_of(alias, pa, len) {
+                                let linear = Some(alias.va.wrapping_sub(alias.pa));
+                                let last = &mut last[slot];
+                                self.collapse_regions(&tables, va, vlen, level, any_table, linear, deferred, last)?;
+                            }
                         }
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                })?;
+            }
             if let Frames::Mapped { va, len } = tx.frames {
                 self.collapse_regions(&tables, va, len, level, false, None, deferred, &mut None)?;
             }

@@ -77,7 +77,7 @@ pub fn config(cr3: u64, cr4: u64) -> Config {
             pa: 0,
             len: RAM,
         },
-        collapse: true,
+        collapse: coco_convert::Collapse::AfterEachConversion,
         collapse_1g: true,
     }
 }

@@ -101,7 +101,7 @@ fn config(t: &memory::Tables) -> Config {
             pa: 0,
             len: RAM,
         },
-        collapse: true,
+        collapse: coco_convert::Collapse::AfterEachConversion,
         collapse_1g: true,
     }
 }

@@ -67,6 +67,8 @@ pub struct Machine {
     /// Whether engines over this machine keep region counts (they change
     /// how fast a collapse is ruled out, never what collapses).
     pub region_counts: bool,
+    /// When engines over this machine collapse.
+    pub collapse: coco_convert::Collapse,
     /// CR3.
     pub root: u64,
     /// Where its mappings are, and its tables' depth.
@@ -172,6 +174,7 @@ impl Machine {
                 .map(|_| std::sync::atomic::AtomicU32::new(0))
                 .collect(),
             region_counts: true,
+            collapse: coco_convert::Collapse::AfterEachConversion,
             mem,
             frames,
             os_frames,
@@ -228,7 +231,7 @@ impl Machine {
                 pa: 0,
                 len: self.size(),
             },
-            collapse: true,
+            collapse: self.collapse,
             collapse_1g: true,
         }
     }

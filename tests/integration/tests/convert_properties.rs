@@ -857,7 +857,7 @@ where
         reference.shared.remove(&pa);
     }
     check(w, e, &reference)?;
-    if let Some(trace) = trace.as_deref_mut() {
+    if let Some(trace) = trace {
         trace.push(m.snapshot());
     }
     if reference.poisoned.is_empty() && holes.is_empty() {
