@@ -159,6 +159,8 @@ struct Model {
     config: SnpConfig,
     rmp: Vec<RmpEntry>,
     hostile: Option<SnpHostile>,
+    /// PSC exits still answered honestly before `hostile_later` starts.
+    hostile_later: Option<(u32, SnpHostile)>,
     /// One GHCB per vCPU: every page registered so far.
     ghcb_gpas: Vec<u64>,
     terminated: Option<(u8, u8)>,
@@ -203,6 +205,7 @@ impl MockSnp {
                 config,
                 rmp,
                 hostile: None,
+                hostile_later: None,
                 ghcb_gpas: Vec::new(),
                 terminated: None,
                 stats: SnpStats::default(),
@@ -244,6 +247,14 @@ impl MockSnp {
     /// Makes the hypervisor lie (or stop, with `None`).
     pub fn set_hostile(&self, hostile: Option<SnpHostile>) {
         self.model.lock().hostile = hostile;
+    }
+
+    /// Answers the next `exits` page state change exits through a GHCB
+    /// honestly, then lies as `hostile` from then on.
+    pub fn set_hostile_after(&self, exits: u32, hostile: SnpHostile) {
+        let mut model = self.model.lock();
+        model.hostile = None;
+        model.hostile_later = Some((exits, hostile));
     }
 
     /// The RMP entry of the page containing `gpa`.
@@ -414,6 +425,12 @@ impl Model {
         let (mut cur, mut end) = (header & 0xFFFF, (header >> 16) & 0xFFFF);
         if header >> 32 != 0 || end >= PSC_MAX_ENTRIES || cur > end + 1 {
             return (0, PSC_INVALID_HDR);
+        }
+        if let Some((exits, hostile)) = self.hostile_later {
+            self.hostile_later = exits.checked_sub(1).map(|e| (e, hostile));
+            if exits == 0 {
+                self.hostile = Some(hostile);
+            }
         }
         let first_exit = cur == 0;
         match self.hostile {
