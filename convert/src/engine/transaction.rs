@@ -23,10 +23,11 @@ use crate::policy::FailureAction;
 use crate::pte::{Level, Visibility, PRESENT};
 use crate::reserve::{FrameSource, Reserve, ReserveError};
 use crate::shootdown::{ShootdownSet, TlbShootdown};
-use crate::split::{split_at, tables_needed};
+use crate::split::{split_at, tables_needed, SplitCount};
 use crate::state::{Code, Hole, PageState};
 use crate::tables::{PhysMem, Tables};
 use crate::window::WindowMap;
+use crate::MAX_ALIASES;
 
 /// One conversion.
 pub(super) struct Tx<'s> {
@@ -292,18 +293,25 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     }
 
     /// An upper bound on the table pages the splits need: each linear
-    /// alias's boundaries, run by run, and a mapped range's ends.
+    /// alias's boundaries, run after run (runs come in address order, so
+    /// neighbours share leaves), and a mapped range's ends.
     fn plan(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> usize {
         let tables = self.tables();
-        let mut needed = 0;
+        let mut counts = [SplitCount::NONE; 1 + MAX_ALIASES];
         let mut count = |pa: u64, len: u64| {
-            for (_, alias) in tx.linears.iter() {
+            for (kind, alias) in tx.linears.iter() {
+                let slot = match kind {
+                    Linear::DirectMap => 0,
+                    Linear::Registered(i) => 1 + i,
+                };
                 if let Some((va, vlen)) = virtual_of(alias, pa, len) {
-                    needed += tables_needed(&tables, [va, va + vlen].into_iter());
+                    counts[slot].add(&tables, va);
+                    counts[slot].add(&tables, va + vlen);
                 }
             }
         };
         self.for_each_run(tx, scratch, |_| true, &mut count);
+        let mut needed: usize = counts.iter().map(|c| c.pages).sum();
         if let Frames::Mapped { va, len } = tx.frames {
             needed += tables_needed(&tables, [va, va + len].into_iter());
         }

@@ -169,6 +169,34 @@ fn snp_without_a_ghcb_a_list_goes_one_page_a_request() {
     assert!(w.snp.violations().is_empty(), "{:?}", w.snp.violations());
 }
 
+/// 6000 frames, one every 80 pages: the splits need a table per 2 MiB
+/// region touched (and one per GiB), about 940 pages; reserving a table
+/// per run end would ask the frame source for more than the 8192 it has.
+#[test]
+fn a_long_list_reserves_a_table_per_region_not_per_frame() {
+    let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
+    // Every call would walk a million mappings: the other tests check this.
+    w.tdx.set_alias_check(false);
+    let e = w.engine();
+    let list: Vec<u64> = (0..6000).map(|i| i * 80 * PAGE).collect();
+    let tables_before = w.m.frames.in_use();
+    e.convert_frames(&list, Visibility::Shared).unwrap();
+    let c = e.counters();
+    assert_eq!((c.map_gpa, c.shootdowns), (6000, 1), "{c:?}");
+    let splits = c.splits_1g + c.splits_2m;
+    assert!(splits < 1000, "{c:?}");
+    assert_eq!(
+        w.m.frames.in_use() - tables_before,
+        splits as usize,
+        "reserve handed back"
+    );
+    assert_settled(&w.m, |pa| e.state(pa), &list, Visibility::Shared);
+    e.convert_frames(&list, Visibility::Private).unwrap();
+    e.release_deferred_tables();
+    assert_eq!(direct_map_leaves(&w.m), [2, 0, 0]);
+    assert_eq!(w.m.frames.in_use(), tables_before);
+}
+
 /// Input the engine refuses, each with the error it gets: nothing changes
 /// and the host is never asked.
 #[test]
