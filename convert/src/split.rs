@@ -34,36 +34,57 @@ pub(crate) fn leaf_at<M: PhysMem>(t: &Tables<'_, M>, va: u64) -> Option<(Level, 
 }
 
 /// Counts table pages needed so that every VA in `boundaries` (ascending,
-/// 4 KiB aligned) starts a leaf. A boundary inside a 1 GiB leaf needs that
-/// leaf split (one PD), and the 2 MiB piece it then falls in split too
-/// (one PT) unless it is 2 MiB aligned; inside a 2 MiB leaf, one PT. Leaves
-/// shared by several boundaries are counted once.
+/// 4 KiB aligned) starts a leaf (see [`SplitCount`]).
 pub(crate) fn tables_needed<M: PhysMem>(t: &Tables<'_, M>, boundaries: impl Iterator<Item = u64>) -> usize {
-    let (gib, mib2) = (Level::Pdpt.span(), Level::Pd.span());
-    let mut last_1g = None;
-    let mut last_2m = None;
-    let mut count = 0;
+    let mut count = SplitCount::NONE;
     for va in boundaries {
+        count.add(t, va);
+    }
+    count.pages
+}
+
+/// The table pages needed so that every VA added starts a leaf. A boundary
+/// inside a 1 GiB leaf needs that leaf split (one PD), and the 2 MiB piece
+/// it then falls in split too (one PT) unless it is 2 MiB aligned; inside
+/// a 2 MiB leaf, one PT. A leaf shared with the boundary added before is
+/// counted once, so ascending boundaries are counted exactly (the many
+/// runs of a scattered conversion share leaves), and boundaries in any
+/// order at worst more than once.
+#[derive(Clone, Copy)]
+pub(crate) struct SplitCount {
+    last_1g: Option<u64>,
+    last_2m: Option<u64>,
+    pub pages: usize,
+}
+
+impl SplitCount {
+    pub const NONE: SplitCount = SplitCount {
+        last_1g: None,
+        last_2m: None,
+        pages: 0,
+    };
+
+    pub fn add<M: PhysMem>(&mut self, t: &Tables<'_, M>, va: u64) {
+        let (gib, mib2) = (Level::Pdpt.span(), Level::Pd.span());
         let Some((level, _, _)) = present_leaf_at(t, va) else {
-            continue;
+            return;
         };
         let needs_2m_split = match level {
             Level::Pdpt if va % gib != 0 => {
-                if last_1g != Some(va / gib) {
-                    last_1g = Some(va / gib);
-                    count += 1;
+                if self.last_1g != Some(va / gib) {
+                    self.last_1g = Some(va / gib);
+                    self.pages += 1;
                 }
                 va % mib2 != 0
             }
             Level::Pd => va % mib2 != 0,
             _ => false,
         };
-        if needs_2m_split && last_2m != Some(va / mib2) {
-            last_2m = Some(va / mib2);
-            count += 1;
+        if needs_2m_split && self.last_2m != Some(va / mib2) {
+            self.last_2m = Some(va / mib2);
+            self.pages += 1;
         }
     }
-    count
 }
 
 /// Splits whatever huge leaf straddles `va` until a leaf starts at `va`,

@@ -19,7 +19,8 @@ pub struct Report {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ConvertError {
-    /// Empty, unaligned or wrapping range; a virtual range that is not
+    /// Empty, unaligned or wrapping range (an empty frame list is one of
+    /// length 0 at 0); a virtual range that is not
     /// canonical (bits 63..47 all equal with 4-level paging, bits 63..56
     /// with 5-level paging) from its first byte to its last, or that
     /// overlaps the direct map or a registered alias without lying inside
@@ -29,6 +30,15 @@ pub enum ConvertError {
         addr: u64,
         /// Length.
         len: u64,
+    },
+    /// The frame at `index` of a frame list is not 4 KiB aligned, not
+    /// above the frame before it (a list is strictly ascending: sorted, no
+    /// frame twice), or the last page of the address space.
+    InvalidFrame {
+        /// Its position in the list.
+        index: usize,
+        /// The address found there.
+        pa: u64,
     },
     /// A page of a vmalloc-style range is not mapped (or is being converted
     /// through another mapping of its frame right now).
@@ -98,6 +108,9 @@ impl core::fmt::Display for ConvertError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             ConvertError::InvalidRange { addr, len } => write!(f, "invalid range {addr:#x}+{len:#x}"),
+            ConvertError::InvalidFrame { index, pa } => {
+                write!(f, "frame {index} of the list, {pa:#x}, is unaligned or out of order")
+            }
             ConvertError::NotMapped { va } => write!(f, "{va:#x} is not mapped"),
             ConvertError::UnknownFrame { pa } => write!(f, "frame {pa:#x} is outside the state table"),
             ConvertError::Refused { pa, state } => write!(f, "frame {pa:#x} is {state:?}"),

@@ -2,7 +2,9 @@
 //! them.
 //!
 //! A linear range (physical, or in the direct map or a registered alias)
-//! is one physical run. A vmalloc-style range is whatever its entries map:
+//! is one physical run. A frame list is sorted already, each frame an
+//! extent of one page, so every pass reads it as it is. A vmalloc-style
+//! range is whatever its entries map:
 //! each pass walks the range's entries again (they stay in place, present
 //! or made not present by the engine) and hands the frames over in chunks
 //! of sorted, merged extents that fit the caller's scratch, so a range of
@@ -16,11 +18,13 @@ const PAGE: u64 = 4096;
 
 /// The frames of one conversion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Frames {
+pub(crate) enum Frames<'f> {
     /// `[pa, pa + len)`.
     Linear { pa: u64, len: u64 },
     /// The frames the entries of `[va, va + len)` map.
     Mapped { va: u64, len: u64 },
+    /// Strictly ascending 4 KiB aligned frames.
+    List(&'f [u64]),
 }
 
 /// Appends `[pa, pa + len)` to `out[..*n]`, growing the last extent where
@@ -99,6 +103,8 @@ pub(crate) enum Chunk<'s> {
     /// Sorted, disjoint extents of a mapped range, which a pass may rewrite
     /// in place.
     Extents(&'s mut [u64]),
+    /// A whole frame list: one-page extents, distinct, ascending.
+    List(&'s [u64]),
 }
 
 impl Chunk<'_> {
@@ -106,20 +112,22 @@ impl Chunk<'_> {
         match self {
             Chunk::One { pa, len } => Runs::One { pa: *pa, len: *len },
             Chunk::Extents(e) => Runs::Extents(e),
+            Chunk::List(frames) => Runs::Extents(frames),
         }
     }
 }
 
-/// Calls `f` with the frames of `frames`: the linear run at once, a mapped
-/// range chunk by chunk through `scratch`.
+/// Calls `f` with the frames of `frames`: the linear run or the list at
+/// once, a mapped range chunk by chunk through `scratch`.
 pub(crate) fn for_each_chunk<M: PhysMem, E>(
     t: &Tables<'_, M>,
-    frames: Frames,
+    frames: Frames<'_>,
     scratch: &mut [u64],
     mut f: impl FnMut(Chunk<'_>) -> Result<(), E>,
 ) -> Result<(), E> {
     match frames {
         Frames::Linear { pa, len } => f(Chunk::One { pa, len }),
+        Frames::List(list) => f(Chunk::List(list)),
         Frames::Mapped { va, len } => {
             let mut n = 0;
             let mut flush = |chunk: &mut [u64]| f(Chunk::Extents(chunk));

@@ -309,6 +309,93 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         result
     }
 
+    /// Converts a list of frames to `to` in one transaction: a kernel's
+    /// scatterlist or page array, frames anywhere in RAM that no virtual
+    /// range of their own maps.
+    ///
+    /// `frames` holds the physical address of each 4 KiB frame, strictly
+    /// ascending: sorted, no frame twice. (An unordered list can be put
+    /// right in place, without a heap: `frames.sort_unstable()`, then
+    /// `dedup` if a frame may repeat.) Frames adjacent in memory form one
+    /// run, which the host is told about as one.
+    ///
+    /// The list is one transaction, as a range is with
+    /// [`convert`](Self::convert): every frame is claimed or none; every
+    /// linear alias of every frame (the direct map, the registered
+    /// aliases) is split to fit and made not present, under one TLB
+    /// shootdown for the whole list; the host is asked in requests as
+    /// large as its ABI allows (on SEV-SNP up to 253 page state entries an
+    /// exit, on TDX one MapGPA per run), however long the list; then every
+    /// alias is made present with the new attribute and what can be
+    /// collapsed is. The list is read where it is: no scratch, no heap.
+    ///
+    /// The OS promises what it promises for every conversion: it changes
+    /// no entry that maps a listed frame until the call returns, and maps
+    /// the frames nowhere but in the direct map and registered aliases (a
+    /// vmalloc buffer converts through its own address, with
+    /// [`Target::Virtual`], or its mapping keeps the old attribute).
+    ///
+    /// # Errors
+    ///
+    /// Nothing changed (every entry and every frame's state is as before
+    /// the call) with:
+    /// - [`ConvertError::Stopped`]: conversions are stopped for good;
+    /// - [`ConvertError::InvalidRange`] with `len` 0: `frames` is empty
+    ///   (with the direct map's `va` and `len`: the configured paging does
+    ///   not translate the direct map);
+    /// - [`ConvertError::InvalidFrame`]: a frame is not 4 KiB aligned, not
+    ///   above the one before it, or the last page of the address space;
+    /// - [`ConvertError::UnknownFrame`]: the first frame the state table
+    ///   does not cover;
+    /// - [`ConvertError::Refused`]: the first frame not settled on the
+    ///   other side of `to` (converted already, converting now, poisoned,
+    ///   a page-table page, unaccepted);
+    /// - [`ConvertError::OutOfTableMemory`],
+    ///   [`ConvertError::UnusableTableFrame`],
+    ///   [`ConvertError::NoScratchWindow`], as for a range.
+    ///
+    /// [`ConvertError::Platform`] means the host or firmware failed a
+    /// request. Its frames are poisoned: not present in any alias, never
+    /// handed back. Frames of the requests before it are converted and
+    /// mapped with the new attribute; frames after it never reached the
+    /// host and are mapped as they were. A huge leaf of an alias whose
+    /// frames ended up on both sides can be mapped neither way: its frames
+    /// are poisoned too. The error names the failed request's first frame
+    /// and counts the frames poisoned and converted; [`state`](Self::state)
+    /// tells each frame's fate.
+    pub fn convert_frames(&self, frames: &[u64], to: Visibility) -> Result<Report, ConvertError> {
+        if !self.enter_conversion() {
+            return Err(ConvertError::Stopped);
+        }
+        let result = self.convert_list(frames, to);
+        self.leave_conversion();
+        result
+    }
+
+    fn convert_list(&self, frames: &[u64], to: Visibility) -> Result<Report, ConvertError> {
+        self.check_direct_map()?;
+        if frames.is_empty() {
+            return Err(ConvertError::InvalidRange { addr: 0, len: 0 });
+        }
+        let mut floor = 0;
+        for (index, &pa) in frames.iter().enumerate() {
+            let next = pa.checked_add(PAGE).filter(|_| pa % PAGE == 0 && pa >= floor);
+            floor = next.ok_or(ConvertError::InvalidFrame { index, pa })?;
+        }
+        let (hold, snapshot) = self.aliases.enter();
+        let linears = Linears {
+            direct_map: self.config.direct_map,
+            registered: snapshot.as_ref(),
+        };
+        // A list needs no scratch: its passes read it in place.
+        let report = self.transaction(Frames::List(frames), to, linears, &mut []);
+        drop(hold);
+        if report.is_ok() {
+            Counters::add(&self.counters.conversions, 1);
+        }
+        report
+    }
+
     /// A conversion, whether or not conversions are stopped.
     fn convert_ungated(&self, target: Target, to: Visibility, scratch: &mut [u64]) -> Result<Report, ConvertError> {
         let (addr, len) = match target {

@@ -6,7 +6,8 @@
 //! sent, restored), so every pass over a vmalloc-style range can walk its
 //! entries again, meet a frame mapped twice only once, and tell after a
 //! host failure exactly which frames were converted, which are poisoned
-//! and which never reached the host.
+//! and which never reached the host. A frame list, sent in several
+//! requests, keeps its progress the same way.
 
 use super::frames::{for_each_chunk, Chunk, Frames};
 use core::sync::atomic::Ordering;
@@ -22,14 +23,15 @@ use crate::policy::FailureAction;
 use crate::pte::{Level, Visibility, PRESENT};
 use crate::reserve::{FrameSource, Reserve, ReserveError};
 use crate::shootdown::{ShootdownSet, TlbShootdown};
-use crate::split::{split_at, tables_needed};
+use crate::split::{split_at, tables_needed, SplitCount};
 use crate::state::{Code, Hole, PageState};
 use crate::tables::{PhysMem, Tables};
 use crate::window::WindowMap;
+use crate::MAX_ALIASES;
 
 /// One conversion.
 pub(super) struct Tx<'s> {
-    pub frames: Frames,
+    pub frames: Frames<'s>,
     pub to: Visibility,
     pub linears: Linears<'s>,
 }
@@ -39,8 +41,10 @@ impl Tx<'_> {
         self.to.other()
     }
 
-    fn mapped(&self) -> bool {
-        matches!(self.frames, Frames::Mapped { .. })
+    /// Whether each frame keeps its progress in its state byte: a linear
+    /// run goes to the host in one call and moves as one.
+    fn per_frame(&self) -> bool {
+        !matches!(self.frames, Frames::Linear { .. })
     }
 }
 
@@ -54,7 +58,7 @@ pub(super) fn hole_of(kind: Linear) -> Hole {
 impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, T, P> {
     pub(super) fn transaction(
         &self,
-        frames: Frames,
+        frames: Frames<'_>,
         to: Visibility,
         linears: Linears<'_>,
         scratch: &mut [u64],
@@ -86,7 +90,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         let sent = self.send(&tx, scratch);
         let mut lock = self.tables_lock.lock();
         let extra_poisoned = match sent {
-            Err(_) if tx.mapped() => self.poison_mixed_leaves(&tx, scratch),
+            Err(_) if tx.per_frame() => self.poison_mixed_leaves(&tx, scratch),
             _ => 0,
         };
         let converted = self.restore_all(&tx, scratch, sent.is_ok());
@@ -205,6 +209,25 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 }
                 Ok(())
             }
+            Frames::List(list) => {
+                // As for a linear run: an uncovered frame is named before
+                // a refused one.
+                if let Some(&pa) = list.iter().find(|&&f| self.states.get(f).is_none()) {
+                    return Err(ConvertError::UnknownFrame { pa });
+                }
+                for (i, &frame) in list.iter().enumerate() {
+                    if let Err(found) = self.states.claim(frame, from) {
+                        for &claimed in &list[..i] {
+                            self.states.settle(claimed, from);
+                        }
+                        return Err(ConvertError::Refused {
+                            pa: frame,
+                            state: found.unwrap_or(PageState::Poisoned),
+                        });
+                    }
+                }
+                Ok(())
+            }
             Frames::Mapped { va, len } => {
                 let tables = self.tables();
                 let walked = pieces(&tables, va, len, true, |p| {
@@ -260,23 +283,35 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                     self.states.settle(frame, from);
                 }
             }
+            Frames::List(list) => {
+                for &frame in list {
+                    self.states.settle(frame, from);
+                }
+            }
             Frames::Mapped { va, len } => self.release_mapped(&self.tables(), va, len, from),
         }
     }
 
     /// An upper bound on the table pages the splits need: each linear
-    /// alias's boundaries, run by run, and a mapped range's ends.
+    /// alias's boundaries, run after run (runs come in address order, so
+    /// neighbours share leaves), and a mapped range's ends.
     fn plan(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> usize {
         let tables = self.tables();
-        let mut needed = 0;
+        let mut counts = [SplitCount::NONE; 1 + MAX_ALIASES];
         let mut count = |pa: u64, len: u64| {
-            for (_, alias) in tx.linears.iter() {
+            for (kind, alias) in tx.linears.iter() {
+                let slot = match kind {
+                    Linear::DirectMap => 0,
+                    Linear::Registered(i) => 1 + i,
+                };
                 if let Some((va, vlen)) = virtual_of(alias, pa, len) {
-                    needed += tables_needed(&tables, [va, va + vlen].into_iter());
+                    counts[slot].add(&tables, va);
+                    counts[slot].add(&tables, va + vlen);
                 }
             }
         };
         self.for_each_run(tx, scratch, |_| true, &mut count);
+        let mut needed: usize = counts.iter().map(|c| c.pages).sum();
         if let Frames::Mapped { va, len } = tx.frames {
             needed += tables_needed(&tables, [va, va + len].into_iter());
         }
@@ -339,8 +374,8 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// not present.
     fn unmap_all(&self, tx: &Tx<'_>, scratch: &mut [u64], reserve: &mut Reserve, shootdown: &mut ShootdownSet) {
         let tables = self.tables();
-        let mapped = tx.mapped();
-        let fresh = |frame| !mapped || self.states.advance(frame, Code::Claimed, Code::Unmapped);
+        let per_frame = tx.per_frame();
+        let fresh = |frame| !per_frame || self.states.advance(frame, Code::Claimed, Code::Unmapped);
         self.for_each_run(tx, scratch, fresh, &mut |pa, len| {
             for (kind, alias) in tx.linears.iter() {
                 if let Some((va, vlen)) = virtual_of(alias, pa, len) {
@@ -361,8 +396,8 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// The platform's calls, with no lock held (the walks here read only
     /// this conversion's own not-present entries, which nobody else may
     /// change or collapse). On failure the frames of the failed call are
-    /// poisoned; frames of a mapped range not yet sent stay unmapped, to be
-    /// restored as they were.
+    /// poisoned; frames of a mapped range or a list not yet sent stay
+    /// unmapped, to be restored as they were.
     fn send(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> Result<(), Failure> {
         let tables = self.tables();
         let mut window = self.window.and_then(|w| WindowMap::new(&tables, w));
@@ -393,19 +428,31 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 },
                 &mut call,
             ),
+            Chunk::List(mut rest) => {
+                while !rest.is_empty() {
+                    // One request's worth a call: a failure poisons no
+                    // frame another request would have carried.
+                    let take = self.platform.request_frames(Runs::Extents(rest));
+                    let (batch, after) = rest.split_at(take.clamp(1, rest.len()));
+                    for &frame in batch {
+                        self.states.advance(frame, Code::Unmapped, Code::Sent);
+                    }
+                    call(Runs::Extents(batch))?;
+                    rest = after;
+                }
+                Ok(())
+            }
         })
     }
 
     /// After a failure: a huge leaf the conversion made not present (in
     /// the mapped range, the direct map or a registered alias) whose frames
-    /// did not all reach the same state can be mapped neither way, so all
-    /// its frames are poisoned (and never mapped again). Poisoning one leaf
-    /// can mix another that overlaps it, so this runs until nothing
-    /// changes. Returns how many more frames it poisoned.
+    /// did not all reach the same state (a list's request may end inside
+    /// one) can be mapped neither way, so all its frames are poisoned (and
+    /// never mapped again). Poisoning one leaf can mix another that
+    /// overlaps it, so this runs until nothing changes. Returns how many
+    /// more frames it poisoned.
     fn poison_mixed_leaves(&self, tx: &Tx<'_>, scratch: &mut [u64]) -> u64 {
-        let Frames::Mapped { va, len } = tx.frames else {
-            return 0;
-        };
         let tables = self.tables();
         let mut total = 0;
         loop {
@@ -440,7 +487,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                     settle_leaf(first, span);
                 });
             };
-            huge_leaves(va, len, None);
+            if let Frames::Mapped { va, len } = tx.frames {
+                huge_leaves(va, len, None);
+            }
             self.for_each_run(tx, scratch, |_| true, &mut |pa, plen| {
                 for (kind, alias) in tx.linears.iter() {
                     if let Some((lva, llen)) = virtual_of(alias, pa, plen) {
@@ -490,7 +539,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                 self.states.count_converted(pa, len, tx.to);
                 len / PAGE
             }
-            Frames::Mapped { va, len } => {
+            Frames::Mapped { .. } | Frames::List(_) => {
                 let mut converted = 0;
                 // With every frame sent, none is left to restore as it was.
                 let sides: &[Visibility] = if sent_all { &[tx.to] } else { &[tx.to, tx.from()] };
@@ -516,8 +565,10 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                         converted = moved;
                     }
                 }
-                let side = |pa: u64, bytes: u64| self.uniform_side(tx, pa, bytes);
-                leaves::restore(&tables, &self.states, Mapping::Entries, va, len, side, &self.counters);
+                if let Frames::Mapped { va, len } = tx.frames {
+                    let side = |pa: u64, bytes: u64| self.uniform_side(tx, pa, bytes);
+                    leaves::restore(&tables, &self.states, Mapping::Entries, va, len, side, &self.counters);
+                }
                 converted
             }
         }
@@ -554,21 +605,32 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                     }
                 }
             }
+            Frames::List(list) => {
+                for &frame in list {
+                    self.settle_progress(frame, to, from);
+                }
+            }
             Frames::Mapped { va, len } => {
                 // Each frame once: the first visit settles it, a second finds
                 // it settled. No sorting needed.
                 let _ = pieces(&self.tables(), va, len, false, |p| -> Result<(), ()> {
                     for frame in (p.pa..p.pa + p.len).step_by(PAGE as usize) {
-                        match self.states.code(frame) {
-                            Some(Code::RestoredNew) => self.states.settle(frame, to),
-                            Some(Code::RestoredOld) => self.states.settle(frame, from),
-                            Some(Code::Poisoned) => self.states.settle(frame, Code::Poisoned),
-                            _ => {}
-                        }
+                        self.settle_progress(frame, to, from);
                     }
                     Ok(())
                 });
             }
+        }
+    }
+
+    /// A frame's final state from its progress: the side it was restored
+    /// to, or poisoned; a frame settled already is left alone.
+    fn settle_progress(&self, frame: u64, to: Code, from: Code) {
+        match self.states.code(frame) {
+            Some(Code::RestoredNew) => self.states.settle(frame, to),
+            Some(Code::RestoredOld) => self.states.settle(frame, from),
+            Some(Code::Poisoned) => self.states.settle(frame, Code::Poisoned),
+            _ => {}
         }
     }
 }

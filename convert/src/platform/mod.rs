@@ -151,6 +151,16 @@ pub trait Platform {
         counters: &Counters,
     ) -> Result<(), PlatformError>;
 
+    /// How many of the leading frames of `runs` (at least one) one host
+    /// request takes with this backend's batching. The engine sends a
+    /// frame list to [`convert`](Self::convert) that many frames a call,
+    /// so the list costs no more requests than its runs need however long
+    /// it is, and a failed request poisons no frame another request would
+    /// have carried. By default every frame: one call for the whole list.
+    fn request_frames(&self, runs: Runs<'_>) -> usize {
+        usize::try_from(runs.bytes() / 4096).unwrap_or(usize::MAX)
+    }
+
     /// The most one [`accept`](Self::accept) call should take, in bytes (a
     /// multiple of 2 MiB): as much as the platform's biggest single request
     /// covers. A power of two is taken for the largest page size, and calls

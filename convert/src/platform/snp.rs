@@ -344,6 +344,22 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Platform for Snp<H, P, G> {
         self.options.psc_entries_per_exit as u64 * (2 << 20)
     }
 
+    /// One page state change exit's worth of entries through the GHCB;
+    /// one frame through the MSR protocol, which takes a page a request.
+    fn request_frames(&self, runs: Runs<'_>) -> usize {
+        if !own_slot(&self.ghcbs).is_some_and(GhcbSlot::is_filled) {
+            return 1;
+        }
+        // Entries the same as `page_state_change` makes (the direction
+        // does not change their sizes).
+        let huge = self.huge(runs, self.options.psc_2m);
+        let entries = runs
+            .iter()
+            .flat_map(|(pa, len)| PscEntries::new(pa, len, PscOp::Private, huge).into_iter().flatten());
+        let pages: u64 = entries.take(self.options.psc_entries_per_exit).map(|e| e.pages()).sum();
+        usize::try_from(pages).unwrap_or(usize::MAX)
+    }
+
     fn for_each_own_shared(&self, f: &mut dyn FnMut(u64)) {
         self.ghcbs.slots().iter().filter_map(GhcbSlot::gpa).for_each(f);
     }

@@ -84,6 +84,17 @@ impl<T: Tdcall> Platform for Tdx<T> {
             .unwrap_or_else(|| unreachable!("checked in new"))
     }
 
+    /// The first run (one MapGPA, and its ACCEPTs); one frame when runs
+    /// are not coalesced.
+    fn request_frames(&self, runs: Runs<'_>) -> usize {
+        match runs.iter().next() {
+            Some((_, len)) if self.options.coalesce_runs || !runs.is_scattered() => {
+                usize::try_from(len / 4096).unwrap_or(usize::MAX)
+            }
+            _ => 1,
+        }
+    }
+
     unsafe fn convert(
         &self,
         runs: Runs<'_>,

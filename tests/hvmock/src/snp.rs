@@ -159,6 +159,9 @@ struct Model {
     config: SnpConfig,
     rmp: Vec<RmpEntry>,
     hostile: Option<SnpHostile>,
+    /// Page state changes still answered honestly before `hostile_later`
+    /// starts.
+    hostile_later: Option<(u32, SnpHostile)>,
     /// One GHCB per vCPU: every page registered so far.
     ghcb_gpas: Vec<u64>,
     terminated: Option<(u8, u8)>,
@@ -203,6 +206,7 @@ impl MockSnp {
                 config,
                 rmp,
                 hostile: None,
+                hostile_later: None,
                 ghcb_gpas: Vec::new(),
                 terminated: None,
                 stats: SnpStats::default(),
@@ -244,6 +248,15 @@ impl MockSnp {
     /// Makes the hypervisor lie (or stop, with `None`).
     pub fn set_hostile(&self, hostile: Option<SnpHostile>) {
         self.model.lock().hostile = hostile;
+    }
+
+    /// Answers the next `requests` page state changes (exits through a
+    /// GHCB, requests through the MSR protocol) honestly, then lies as
+    /// `hostile` from then on.
+    pub fn set_hostile_after(&self, requests: u32, hostile: SnpHostile) {
+        let mut model = self.model.lock();
+        model.hostile = None;
+        model.hostile_later = Some((requests, hostile));
     }
 
     /// The RMP entry of the page containing `gpa`.
@@ -294,6 +307,16 @@ impl MockSnp {
 }
 
 impl Model {
+    /// One more page state change: the lie set for later may start.
+    fn count_page_state_change(&mut self) {
+        if let Some((requests, hostile)) = self.hostile_later {
+            self.hostile_later = requests.checked_sub(1).map(|r| (r, hostile));
+            if requests == 0 {
+                self.hostile = Some(hostile);
+            }
+        }
+    }
+
     fn msr_protocol(&mut self, memory: &GuestMemory, value: u64) -> u64 {
         self.stats.msr_requests += 1;
         let hostile = self.hostile;
@@ -322,6 +345,8 @@ impl Model {
                 }
             }
             PSC_REQ => {
+                self.count_page_state_change();
+                let hostile = self.hostile;
                 let gfn = (value >> 12) & 0xFF_FFFF_FFFF;
                 let op = (value >> 52) & 0xF;
                 if memory.contains(gfn * PAGE_SIZE, PAGE_SIZE) {
@@ -415,6 +440,7 @@ impl Model {
         if header >> 32 != 0 || end >= PSC_MAX_ENTRIES || cur > end + 1 {
             return (0, PSC_INVALID_HDR);
         }
+        self.count_page_state_change();
         let first_exit = cur == 0;
         match self.hostile {
             Some(SnpHostile::PscStall) => return (0, 0),

@@ -1,9 +1,11 @@
-//! The conversion benchmark (issue 6): workloads W1-W5 on TDX and SEV-SNP
-//! with zero-cost counted hypercalls. W1-W4 convert memory: our engine
+//! The conversion benchmark: workloads W1-W6 on TDX and SEV-SNP with
+//! zero-cost counted hypercalls. W1-W4 and W6 convert memory: our engine
 //! beside a Linux-strategy configuration of the same engine and the lower
 //! bound the ABIs allow. W5 accepts 2 GiB handed over unaccepted, lazily
 //! (an allocator's 10,000 random 4 KiB pages) or eagerly at boot (one CPU,
-//! and two), against the lower bound computed from the page list.
+//! and two), against the lower bound computed from the page list. W6
+//! converts W3's kind of scattered frames as one list
+//! (`Engine::convert_frames`), there and back.
 //!
 //! Run: `scripts/bench-convert` (`--quick`: smaller workloads, one run,
 //! count targets only, for CI). Writes SVG pictures of the direct map to
@@ -62,8 +64,22 @@ impl Strategy {
 
 type SimEngine<'m, P> = Engine<'m, &'m SimPhys, &'m SimFrames, &'m SimTlb, P>;
 
-/// One conversion: target, direction, scratch for the frame list.
-type Conv<'c> = dyn Fn(Target, Visibility, &mut [u64]) + 'c;
+/// What one conversion converts: a range, or a list of frames.
+#[derive(Clone, Copy)]
+enum What<'l> {
+    Range(Target),
+    Frames(&'l [u64]),
+}
+
+impl From<Target> for What<'_> {
+    fn from(target: Target) -> Self {
+        What::Range(target)
+    }
+}
+
+/// One conversion: what, direction, scratch for a vmalloc-style range's
+/// frames.
+type Conv<'c> = dyn Fn(What<'_>, Visibility, &mut [u64]) + 'c;
 /// A workload: runs its conversions through the given one, given what its
 /// setup returned; returns the units (pages, conversions) it did.
 type Workload<'w> = dyn Fn(&Conv<'_>, &[u64]) -> u64 + 'w;
@@ -280,9 +296,13 @@ fn measure(
         let (layout_before, _) = layout(m);
         let before = e.counters();
         let elapsed = std::cell::Cell::new(0u128);
-        let convert = |t: Target, to: Visibility, scratch: &mut [u64]| {
+        let convert = |what: What<'_>, to: Visibility, scratch: &mut [u64]| {
             let start = Instant::now();
-            e.convert_with_scratch(t, to, scratch).expect("conversion");
+            match what {
+                What::Range(t) => e.convert_with_scratch(t, to, scratch),
+                What::Frames(list) => e.convert_frames(list, to),
+            }
+            .expect("conversion");
             elapsed.set(elapsed.get() + start.elapsed().as_nanos());
         };
         let units = work(&convert, data);
@@ -747,7 +767,7 @@ fn main() {
             let mut bound = Bound::default();
             bound.add(&[(pa, len)], Visibility::Shared);
             let [(ns, ours), _, _] = compare(plat, runs, &w1_levels, &|_| vec![], &|conv, _| {
-                conv(Target::Physical { pa, len }, Visibility::Shared, &mut [0; 1]);
+                conv(Target::Physical { pa, len }.into(), Visibility::Shared, &mut [0; 1]);
                 len / PAGE
             });
             print_bound(plat, &bound);
@@ -785,8 +805,8 @@ fn main() {
             &|conv, data| {
                 let (va, len) = (data[0], w2_frames.len() as u64 * PAGE);
                 let mut scratch = vec![0; w2_frames.len()];
-                conv(Target::Virtual { va, len }, Visibility::Shared, &mut scratch);
-                conv(Target::Virtual { va, len }, Visibility::Private, &mut scratch);
+                conv(Target::Virtual { va, len }.into(), Visibility::Shared, &mut scratch);
+                conv(Target::Virtual { va, len }.into(), Visibility::Private, &mut scratch);
                 2 * len / PAGE
             },
         );
@@ -845,7 +865,7 @@ fn main() {
         let [(ns, ours), _, (linux_ns, linux)] = compare(plat, runs, &w3_levels, &|_| vec![], &|conv, _| {
             for to in [Visibility::Shared, Visibility::Private] {
                 for &f in &w3_frames {
-                    conv(Target::Physical { pa: f, len: PAGE }, to, &mut [0; 1]);
+                    conv(Target::Physical { pa: f, len: PAGE }.into(), to, &mut [0; 1]);
                 }
             }
             2 * w3_frames.len() as u64
@@ -909,7 +929,7 @@ fn main() {
                             t: Target,
                             to: Visibility,
                         ) -> Result<coco_convert::Report, coco_convert::ConvertError> {
-                            (self.0)(t, to, &mut [0; 1]);
+                            (self.0)(t.into(), to, &mut [0; 1]);
                             Ok(coco_convert::Report::default())
                         }
 
@@ -942,17 +962,29 @@ fn main() {
                     if live.len() < 64 && (xorshift(&mut x) % 3 != 0 || live.is_empty()) {
                         let slot = free_slots.swap_remove((x >> 20) as usize % free_slots.len());
                         let len = PAGE * (1 + (x >> 40) % 16);
-                        conv(Target::Physical { pa: slot, len }, Visibility::Shared, &mut [0; 1]);
+                        conv(
+                            Target::Physical { pa: slot, len }.into(),
+                            Visibility::Shared,
+                            &mut [0; 1],
+                        );
                         live.push((slot, len));
                         done += 1;
                     } else {
                         let (slot, len) = live.swap_remove((xorshift(&mut x) % live.len() as u64) as usize);
-                        conv(Target::Physical { pa: slot, len }, Visibility::Private, &mut [0; 1]);
+                        conv(
+                            Target::Physical { pa: slot, len }.into(),
+                            Visibility::Private,
+                            &mut [0; 1],
+                        );
                         free_slots.push(slot);
                     }
                 }
                 for (slot, len) in live {
-                    conv(Target::Physical { pa: slot, len }, Visibility::Private, &mut [0; 1]);
+                    conv(
+                        Target::Physical { pa: slot, len }.into(),
+                        Visibility::Private,
+                        &mut [0; 1],
+                    );
                 }
                 allocations
             });
@@ -1091,6 +1123,59 @@ fn main() {
                 eager_ns / 1e6,
                 wall_ns / 1e6
             );
+        }
+    }
+
+    // ---- W6 frame list -------------------------------------------------------
+    let w6_levels = [Level::Pdpt; 4];
+    let w6_count = if quick { 1000 } else { 10_000 };
+    let mut w6_frames = scattered(w6_count, 4 * GIB - 128 * MIB, false, 0x3C6E_F372_FE94_F82B);
+    // A list goes in ascending order.
+    w6_frames.sort_unstable();
+    print_header(
+        &format!(
+            "W6 frame list: {w6_count} random frames of a 4 GiB direct map of 1 GiB pages, as one list, there and back"
+        ),
+        "ns/page",
+    );
+    let w6_runs = runs_of(&w6_frames);
+    for plat in platforms.clone().into_iter().filter(|_| wanted("w6")) {
+        let mut bound = Bound::default();
+        bound.add(&w6_runs, Visibility::Shared);
+        bound.add(&w6_runs, Visibility::Private);
+        let [(_, ours), _, (_, linux)] = compare(plat, runs, &w6_levels, &|_| vec![], &|conv, _| {
+            conv(What::Frames(&w6_frames), Visibility::Shared, &mut []);
+            conv(What::Frames(&w6_frames), Visibility::Private, &mut []);
+            2 * w6_frames.len() as u64
+        });
+        print_bound(plat, &bound);
+        let calls = ours.counters.hypercalls();
+        check(
+            calls == bound.hypercalls(plat),
+            format!(
+                "W6 {plat:?}: hypercalls {calls} = lower bound {}",
+                bound.hypercalls(plat)
+            ),
+        );
+        let shootdowns = ours.counters.shootdowns;
+        check(
+            shootdowns == bound.shootdowns,
+            format!(
+                "W6 {plat:?}: shootdowns {shootdowns} = {}, one per transaction",
+                bound.shootdowns
+            ),
+        );
+        let (before, after) = (ours.layout_before, ours.layout_after);
+        check(
+            after == before,
+            format!("W6 {plat:?}: original layout back ({before:?} -> {after:?})"),
+        );
+        if plat == Plat::Tdx {
+            svgs.push(write_svg(
+                "w6",
+                &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
+                4,
+            ));
         }
     }
 
