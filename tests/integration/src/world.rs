@@ -63,7 +63,7 @@ pub struct Machine {
     /// Per-frame state storage.
     pub states: Vec<AtomicU8>,
     /// Shared-frame counts per 2 MiB and 1 GiB region.
-    pub region_words: Vec<std::sync::atomic::AtomicU32>,
+    pub region_words: Vec<coco_convert::sync::AtomicU32>,
     /// Whether engines over this machine keep region counts (they change
     /// how fast a collapse is ruled out, never what collapses).
     pub region_counts: bool,
@@ -171,7 +171,7 @@ impl Machine {
             phys: SimPhys(mem.clone()),
             states: crate::sim::state_storage(size),
             region_words: (0..StateTable::region_words(0, (size / 4096) as usize))
-                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .map(|_| coco_convert::sync::AtomicU32::new(0))
                 .collect(),
             region_counts: true,
             collapse: coco_convert::Collapse::AfterEachConversion,
