@@ -84,7 +84,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// It holds the table lock for one 1 GiB region at a time; the cost is
     /// one read per 1 GiB region, one per 2 MiB region of a 1 GiB region
     /// that has a table, and a read of each table that may collapse (with
-    /// [`StateTable::with_region_counts`], only of tables whose frames are
+    /// [`StateTable::with_region_counts`](crate::StateTable::with_region_counts), only of tables whose frames are
     /// all private or all shared).
     pub fn compact(&self) -> CompactReport {
         let before = self.counters.snapshot();
