@@ -26,7 +26,16 @@ pub(crate) struct Regions<'a> {
     base_1g: u64,
     counts_2m: &'a [AtomicU32],
     counts_1g: &'a [AtomicU32],
+    /// The frames counted, `[first, end)`: a region not wholly inside has
+    /// frames nobody counts, so its count says nothing.
+    first: u64,
+    end: u64,
 }
+
+/// A count that went below zero (a frame made shared behind the counts'
+/// back, then converted back): unknown from then on, so it never rules a
+/// collapse out again.
+const UNKNOWN: u32 = u32::MAX;
 
 /// Words of storage for the regions of frames `[base, base + 4096 * frames)`.
 pub(crate) const fn words_for(base: u64, frames: usize) -> (usize, usize) {
@@ -61,6 +70,8 @@ impl<'a> Regions<'a> {
             base_1g: base / SPAN_1G * SPAN_1G,
             counts_2m,
             counts_1g,
+            first: base,
+            end: base + frames as u64 * PAGE,
         };
         for w in words {
             w.store(0, Ordering::Relaxed);
@@ -90,11 +101,11 @@ impl<'a> Regions<'a> {
                 let stop = (at / span + 1).saturating_mul(span).min(end);
                 if let Some(count) = self.count(at, span) {
                     let frames = ((stop - at) / PAGE) as u32;
-                    if shared {
-                        count.fetch_add(frames, Ordering::Relaxed);
-                    } else {
-                        count.fetch_sub(frames, Ordering::Relaxed);
-                    }
+                    let _ = count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| match n {
+                        UNKNOWN => None,
+                        n if shared => Some(n.saturating_add(frames).min(UNKNOWN - 1)),
+                        n => Some(n.checked_sub(frames).unwrap_or(UNKNOWN)),
+                    });
                 }
                 at = stop;
             }
@@ -106,9 +117,12 @@ impl<'a> Regions<'a> {
     /// the region is not counted.
     #[inline]
     pub(crate) fn may_be_uniform(&self, pa: u64, span: u64) -> bool {
+        if pa < self.first || pa.saturating_add(span) > self.end {
+            return true;
+        }
         self.count(pa, span).is_none_or(|count| {
-            let shared = u64::from(count.load(Ordering::Relaxed));
-            shared == 0 || shared == span / PAGE
+            let shared = count.load(Ordering::Relaxed);
+            shared == 0 || shared == UNKNOWN || u64::from(shared) == span / PAGE
         })
     }
 }
@@ -140,9 +154,13 @@ mod tests {
         assert!(r.may_be_uniform(SPAN_1G, SPAN_2M));
         r.add(base + PAGE, SPAN_2M - PAGE, true);
         assert!(r.may_be_uniform(base, SPAN_2M), "all shared");
-        assert!(!r.may_be_uniform(0, SPAN_1G), "a GiB with 512 shared frames");
+        assert!(r.may_be_uniform(0, SPAN_1G), "a GiB only partly counted: maybe");
         r.add(base, SPAN_2M, false);
-        assert!(r.may_be_uniform(base, SPAN_2M) && r.may_be_uniform(0, SPAN_1G));
+        assert!(r.may_be_uniform(base, SPAN_2M));
+        // Below zero (a frame shared behind the counts' back): unknown.
+        r.add(base, PAGE, false);
+        r.add(base + PAGE, PAGE, true);
+        assert!(r.may_be_uniform(base, SPAN_2M), "unknown stays maybe");
         assert!(r.may_be_uniform(4 * SPAN_1G, SPAN_2M), "not counted: maybe");
         assert!(Regions::new(base, frames, &words[..a + b - 1], |_| false).is_none());
     }

@@ -97,9 +97,17 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         for (kind, alias) in linears.iter() {
             let any_table = matches!(kind, Linear::DirectMap);
             let offset = alias.va.wrapping_sub(alias.pa);
-            let end = alias.va.saturating_add(alias.len);
+            // The last byte, not the end: a kernel-image alias may end at
+            // the top of the address space.
+            let Some(last) = alias
+                .va
+                .checked_add(alias.len)
+                .map_or(Some(u64::MAX), |e| e.checked_sub(1))
+            else {
+                continue;
+            };
             let mut gib = alias.va / GIB * GIB;
-            while gib < end {
+            while gib <= last {
                 let lock = self.tables_lock.lock();
                 let lock = self.with_room(lock, |deferred| {
                     let tables = self.tables();
@@ -109,17 +117,22 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                         if level == Level::Pd && pointer_at(&tables, gib, Level::Pdpt).is_none() {
                             continue;
                         }
+                        // Every region the mapping touches, those its ends
+                        // fall in too (a conversion there splits them).
                         let span = level.span();
-                        let mut region = gib.max(alias.va).next_multiple_of(span);
-                        while region + span <= (gib + GIB).min(end) {
+                        let stop = gib.saturating_add(GIB - 1).min(last);
+                        let mut region = gib.max(alias.va) / span * span;
+                        while region <= stop {
                             self.collapse_one(&tables, region, level, any_table, offset, deferred)?;
-                            region += span;
+                            let Some(next) = region.checked_add(span) else { break };
+                            region = next;
                         }
                     }
                     Ok(())
                 });
                 drop(lock);
-                gib += GIB;
+                let Some(next) = gib.checked_add(GIB) else { break };
+                gib = next;
             }
         }
         drop(hold);
@@ -255,14 +268,17 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             return Ok(());
         }
         let mut region = va / span * span;
-        while region < va + len {
+        while region < va.saturating_add(len) {
             let hopeless = linear.is_some_and(|offset| !self.states.may_be_uniform(region.wrapping_sub(offset), span));
             if *last != Some(region) && !hopeless {
                 if !deferred.has_room(&self.mem) {
                     return Err(NeedRoom);
                 }
                 let replaceable = |table| any_table || self.states.is_table(table);
-                let uniform = |pa, span| self.states.may_be_uniform(pa, span);
+                // The counts follow the frames' states, which only a linear
+                // mapping's attributes must agree with: a vmalloc-style
+                // range may map a frame with the attribute it had.
+                let uniform = |pa, span| linear.is_none() || self.states.may_be_uniform(pa, span);
                 if let Some(table) = try_collapse(tables, region, level, replaceable, uniform) {
                     self.merges.fetch_add(1, Ordering::AcqRel);
                     self.counters.record_collapse(level);
