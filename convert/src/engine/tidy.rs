@@ -79,7 +79,8 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// conversions since the last call, or the OS), then frees the tables
     /// it replaced after one shootdown. With [`Collapse::OnCompact`] this
     /// is what gives the direct map its huge leaves back; with any policy
-    /// it tidies what the OS left collapsible.
+    /// it tidies what the OS left collapsible. The report counts the
+    /// collapses made while it ran (a conversion's on another CPU too).
     ///
     /// It holds the table lock for one 1 GiB region at a time; the cost is
     /// one read per 1 GiB region, one per 2 MiB region of a 1 GiB region
@@ -119,14 +120,18 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
                         }
                         // Every region the mapping touches, those its ends
                         // fall in too (a conversion there splits them).
-                        let span = level.span();
-                        let stop = gib.saturating_add(GIB - 1).min(last);
-                        let mut region = gib.max(alias.va) / span * span;
-                        while region <= stop {
-                            self.collapse_one(&tables, region, level, any_table, offset, deferred)?;
-                            let Some(next) = region.checked_add(span) else { break };
-                            region = next;
-                        }
+                        let start = gib.max(alias.va);
+                        let len = gib.saturating_add(GIB - 1).min(last) - start + 1;
+                        self.collapse_regions(
+                            &tables,
+                            start,
+                            len,
+                            level,
+                            any_table,
+                            Some(offset),
+                            deferred,
+                            &mut None,
+                        )?;
                     }
                     Ok(())
                 });
@@ -142,29 +147,6 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
             collapses_2m: done.collapses_2m,
             collapses_1g: done.collapses_1g,
         }
-    }
-
-    /// Tries the `level`-sized region at `region` of a linear mapping
-    /// (`offset`: its virtual minus physical address).
-    fn collapse_one(
-        &self,
-        tables: &Tables<'_, M>,
-        region: u64,
-        level: Level,
-        any_table: bool,
-        offset: u64,
-        deferred: &mut Deferred,
-    ) -> Result<(), NeedRoom> {
-        self.collapse_regions(
-            tables,
-            region,
-            level.span(),
-            level,
-            any_table,
-            Some(offset),
-            deferred,
-            &mut None,
-        )
     }
 
     /// Whether the region counts alone show that no region a linear
