@@ -188,7 +188,7 @@ fn tdx_engine(m: &Machine, strategy: Strategy) -> SimEngine<'_, Tdx<NullTdx>> {
     } else {
         TdxOptions::LINUX
     };
-    let platform = Tdx::new(NullTdx, 1 << 47).unwrap().with_options(options);
+    let platform = Tdx::new(NullTdx::default(), 1 << 47).unwrap().with_options(options);
     let config = coco_convert::Config {
         collapse: strategy == Strategy::Ours,
         ..m.config()

@@ -16,7 +16,7 @@ fn tsc() -> u64 {
 #[test]
 fn every_acquisition_is_counted() {
     let m = Machine::new(coco_convert::EncryptionBit::tdx(1 << 47).unwrap(), Shape::Mixed);
-    let e = m.engine(Tdx::new(NullTdx, 1 << 47).unwrap());
+    let e = m.engine(Tdx::new(NullTdx::default(), 1 << 47).unwrap());
     let before = e.lock_stats();
     e.translate(Machine::direct(0));
     e.with_table_lock(|| {});
@@ -39,7 +39,7 @@ fn every_acquisition_is_counted() {
 #[test]
 fn the_whole_hold_is_timed() {
     let m = Machine::new(coco_convert::EncryptionBit::tdx(1 << 47).unwrap(), Shape::Mixed);
-    let e = m.engine(Tdx::new(NullTdx, 1 << 47).unwrap());
+    let e = m.engine(Tdx::new(NullTdx::default(), 1 << 47).unwrap());
     let before = e.lock_stats();
     let outer = tsc();
     let inside = e.with_table_lock(|| {
