@@ -32,7 +32,7 @@
 //!   decoder's tables (the fault path never allocates). Off by default so
 //!   that a kernel or firmware without a heap, or without such loads,
 //!   pays nothing.
-//! - `lock-stats` (off by default): [`Engine::lock_stats`], the table
+//! - `lock-stats` (off by default): `Engine::lock_stats`, the table
 //!   lock's acquisitions and the time it is held, read with the TSC
 //!   (`RDTSC`) as the lock is taken and released. For measuring how much
 //!   of a conversion is serialised across CPUs; it costs two TSC reads and
