@@ -8,7 +8,7 @@
 
 use core::sync::atomic::Ordering;
 
-use crate::sync::MutexGuard;
+use super::table_lock::TableGuard;
 
 use super::frames::{for_each_chunk, Chunk, Frames};
 use super::transaction::Tx;
@@ -43,12 +43,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// all of it first, since a 1 GiB region qualifies only once its 2 MiB
     /// regions have collapsed. Called and returns with the table lock held;
     /// drops it only to make room for deferred frees.
-    pub(super) fn collapse_all<'l>(
-        &'l self,
-        tx: &Tx<'_>,
-        scratch: &mut [u64],
-        lock: MutexGuard<'l, Deferred>,
-    ) -> MutexGuard<'l, Deferred> {
+    pub(super) fn collapse_all<'l>(&'l self, tx: &Tx<'_>, scratch: &mut [u64], lock: TableGuard<'l>) -> TableGuard<'l> {
         let linears = match self.config.collapse {
             Collapse::Never => return lock,
             Collapse::AfterEachConversion => true,
@@ -175,9 +170,9 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
     /// lock held.
     pub(super) fn with_room<'l>(
         &'l self,
-        mut lock: MutexGuard<'l, Deferred>,
+        mut lock: TableGuard<'l>,
         mut pass: impl FnMut(&mut Deferred) -> Result<(), NeedRoom>,
-    ) -> MutexGuard<'l, Deferred> {
+    ) -> TableGuard<'l> {
         loop {
             if pass(&mut lock).is_ok() {
                 return lock;

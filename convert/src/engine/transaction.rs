@@ -12,7 +12,7 @@
 use super::frames::{for_each_chunk, Chunk, Frames};
 use core::sync::atomic::Ordering;
 
-use crate::sync::MutexGuard;
+use super::table_lock::TableGuard;
 
 use super::{ConvertError, Engine, Report, PAGE};
 use crate::aliases::{virtual_of, Linear, Linears};
@@ -129,8 +129,8 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         &'l self,
         tx: &Tx<'_>,
         scratch: &mut [u64],
-        mut lock: MutexGuard<'l, Deferred>,
-    ) -> (MutexGuard<'l, Deferred>, Reserved) {
+        mut lock: TableGuard<'l>,
+    ) -> (TableGuard<'l>, Reserved) {
         let mut reserve = Reserve::new();
         loop {
             let needed = self.plan(tx, scratch);
@@ -170,7 +170,7 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         tx: &Tx<'_>,
         scratch: &mut [u64],
         mut reserve: Reserve,
-        mut lock: MutexGuard<'_, Deferred>,
+        mut lock: TableGuard<'_>,
     ) {
         let mut shootdown = ShootdownSet::new();
         self.unmap_all(tx, scratch, &mut reserve, &mut shootdown);

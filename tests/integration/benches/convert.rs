@@ -1,11 +1,14 @@
-//! The conversion benchmark: workloads W1-W6 on TDX and SEV-SNP with
+//! The conversion benchmark: workloads W1-W7 on TDX and SEV-SNP with
 //! zero-cost counted hypercalls. W1-W4 and W6 convert memory: our engine
 //! beside a Linux-strategy configuration of the same engine and the lower
 //! bound the ABIs allow. W5 accepts 2 GiB handed over unaccepted, lazily
 //! (an allocator's 10,000 random 4 KiB pages) or eagerly at boot (one CPU,
 //! and two), against the lower bound computed from the page list. W6
 //! converts W3's kind of scattered frames as one list
-//! (`Engine::convert_frames`), there and back.
+//! (`Engine::convert_frames`), there and back. W7 has two CPUs convert
+//! their own random frames at once against one CPU alone, with free
+//! hypercalls and with a modelled cost per hypercall, and times the table
+//! lock (the engine's `lock-stats` feature).
 //!
 //! Run: `scripts/bench-convert` (`--quick`: smaller workloads, one run,
 //! count targets only, for CI). Writes SVG pictures of the direct map to
@@ -15,19 +18,20 @@
 //! Two kinds of target: count targets (hypercalls against the lower bound,
 //! splits, the layout afterwards; for W5 also the units accepted, each
 //! once, and per call the units it needed) are exact and fail the run when
-//! missed; timing targets (engine CPU time, full runs only) are reported
-//! as met or not met with the figure, and never fail the run: they depend
-//! on the machine and its load.
+//! missed; timing targets (engine time, full runs only) are reported as
+//! met or not met with the figure, and never fail the run: they depend on
+//! the machine and its load. A timed figure is shown as min/median/max
+//! over the runs; targets hold the median.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::Barrier;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::platform::{SnpOptions, TdxOptions};
 use coco_convert::pool::{ChunkSlot, ChunkSource, SharedPool};
-use coco_convert::{CounterSnapshot, Engine, Level, Platform, Target, UnacceptedBitmap, Visibility};
+use coco_convert::{CounterSnapshot, Engine, Level, LockStats, Platform, Target, UnacceptedBitmap, Visibility};
 use integration::null::{NullSnp, NullTdx};
 use integration::sim::{current_cpu, set_cpu, SimFrames, SimPhys, SimTlb, DIRECT_MAP_VA};
 use integration::world::Machine;
@@ -216,13 +220,14 @@ fn layout(m: &Machine) -> ([u64; 3], Vec<Cell>) {
     (counts, cells)
 }
 
-fn tdx_engine(m: &Machine, strategy: Strategy) -> SimEngine<'_, Tdx<NullTdx>> {
+/// The TDX engine, its every call taking `cost` (zero: free).
+fn tdx_engine(m: &Machine, strategy: Strategy, cost: Duration) -> SimEngine<'_, Tdx<NullTdx>> {
     let options = if strategy == Strategy::Linux {
         TdxOptions::LINUX
     } else {
         TdxOptions::MINIMAL
     };
-    let platform = Tdx::new(NullTdx, 1 << 47).unwrap().with_options(options);
+    let platform = Tdx::new(NullTdx::costing(cost), 1 << 47).unwrap().with_options(options);
     let config = coco_convert::Config {
         collapse: strategy.collapse(),
         ..m.config()
@@ -330,7 +335,7 @@ fn measure(
         }
     }
     match plat {
-        Plat::Tdx => go(&tdx_engine(&m, strategy), &m, &data, work, compact),
+        Plat::Tdx => go(&tdx_engine(&m, strategy, Duration::ZERO), &m, &data, work, compact),
         Plat::Snp => {
             let hv = NullSnp::new(m.mem.clone());
             go(&snp_engine(&m, &hv, strategy, 1), &m, &data, work, compact)
@@ -339,19 +344,19 @@ fn measure(
 }
 
 /// Runs `work` `runs` times with each strategy, prints a row for each, and
-/// returns (median ns per unit, last outcome) for [ours, eager, Linux].
+/// returns (ns per unit over the runs, last outcome) for [ours, eager, Linux].
 fn compare(
     plat: Plat,
     runs: usize,
     levels: &[Level],
     setup: &dyn Fn(&Machine) -> Vec<u64>,
     work: &Workload<'_>,
-) -> [(f64, Outcome); 3] {
+) -> [(Spread, Outcome); 3] {
     [Strategy::Ours, Strategy::Eager, Strategy::Linux].map(|strategy| {
         let mut outcomes: Vec<Outcome> = (0..runs)
             .map(|_| measure(plat, strategy, levels, setup, work))
             .collect();
-        let ns = median(outcomes.iter().map(|o| o.ns / o.units as f64).collect());
+        let ns = Spread::of(outcomes.iter().map(|o| o.ns / o.units as f64));
         let o = outcomes.pop().expect("at least one run");
         print_row(&Row {
             label: format!("{plat:?} {strategy:?}"),
@@ -387,22 +392,78 @@ fn scattered(n: usize, limit: u64, runs: bool, seed: u64) -> Vec<u64> {
     frames
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// A timed figure over the runs: the median is the figure (what timing
+/// targets are held to), min and max show the spread the machine's load
+/// gave it.
+#[derive(Clone, Copy, Debug)]
+struct Spread {
+    min: f64,
+    med: f64,
+    max: f64,
+    runs: usize,
+}
+
+impl Spread {
+    fn of(values: impl IntoIterator<Item = f64>) -> Spread {
+        let mut v: Vec<f64> = values.into_iter().collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        Spread {
+            min: v[0],
+            med: v[v.len() / 2],
+            max: v[v.len() - 1],
+            runs: v.len(),
+        }
+    }
+
+    /// `min/med/max` with `precision` decimals; one figure after one run.
+    fn show(&self, precision: usize) -> String {
+        if self.runs == 1 {
+            return format!("{:.precision$}", self.med);
+        }
+        format!(
+            "{:.precision$}/{:.precision$}/{:.precision$}",
+            self.min, self.med, self.max
+        )
+    }
+}
+
+/// The timing target of W2, W3 and W4: the median engine CPU of ours at
+/// most 1.10 times the Linux strategy's; the verdict and its line.
+fn ratio_target(what: &str, ours: &Spread, linux: &Spread) -> (bool, String) {
+    let ratio = ours.med / linux.med;
+    (
+        ratio <= 1.10,
+        format!(
+            "{what}: engine CPU ours / Linux strategy, medians, {:.0} / {:.0} ns = {ratio:.2} <= 1.10 (min/med/max ours {}, Linux strategy {})",
+            ours.med,
+            linux.med,
+            ours.show(0),
+            linux.show(0)
+        ),
+    )
+}
+
+/// The heading of a timed column: `ns/page min/med/max`, or the unit alone
+/// after one run.
+fn timed(unit: &str, runs: usize) -> String {
+    if runs == 1 {
+        unit.to_string()
+    } else {
+        format!("{unit} min/med/max")
+    }
 }
 
 struct Row {
     label: String,
     c: CounterSnapshot,
-    ns_per_unit: f64,
+    ns_per_unit: Spread,
     layout: ([u64; 3], [u64; 3]),
 }
 
 fn print_header(title: &str, unit: &str) {
     println!("\n{title}");
     println!(
-        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>22} {:>10}",
+        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>22} {:>23}",
         "",
         "MapGPA",
         "ACCEPT",
@@ -423,7 +484,7 @@ fn print_header(title: &str, unit: &str) {
 fn print_row(r: &Row) {
     let c = &r.c;
     println!(
-        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>22} {:>10.1}",
+        "  {:<26} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>5} {:>5} {:>5} {:>5} {:>6} {:>22} {:>23}",
         r.label,
         c.map_gpa,
         c.accept,
@@ -440,7 +501,7 @@ fn print_row(r: &Row) {
             "{}/{}/{} (was {}/{}/{})",
             r.layout.1[0], r.layout.1[1], r.layout.1[2], r.layout.0[0], r.layout.0[1], r.layout.0[2]
         ),
-        r.ns_per_unit
+        r.ns_per_unit.show(1)
     );
 }
 
@@ -627,7 +688,7 @@ fn measure_accept(plat: Plat, how: Acceptance<'_>) -> Accepted {
         }
     }
     match plat {
-        Plat::Tdx => go(tdx_engine(&m, Strategy::Ours), &bits, &m, how),
+        Plat::Tdx => go(tdx_engine(&m, Strategy::Ours, Duration::ZERO), &bits, &m, how),
         Plat::Snp => {
             let hv = NullSnp::new(m.mem.clone());
             let cpus = match how {
@@ -688,6 +749,128 @@ fn eager_bound() -> Bound {
         pvalidate: W5_UNITS,
         ..Bound::default()
     }
+}
+
+/// W7's machine: as W3's, 4 GiB of 1 GiB pages.
+const W7_LEVELS: [Level; 4] = [Level::Pdpt; 4];
+
+/// One W7 run: CPU `i` converts `sets[i]`.
+struct Parallel {
+    counters: CounterSnapshot,
+    lock: LockStats,
+    /// From the first CPU's start to the last CPU's return.
+    wall_ns: f64,
+    /// Each CPU's time from its start to its return, summed: the time
+    /// spent in conversions.
+    busy_ns: f64,
+    conversions: u64,
+    layout_before: [u64; 3],
+    layout_after: [u64; 3],
+}
+
+/// A fresh engine of `plat`/`strategy` on W7's machine, every hypercall
+/// taking `cost`; simulated CPU `i` converts the frames of `sets[i]` one by
+/// one to shared, then one by one back, all CPUs starting together.
+fn measure_parallel(plat: Plat, strategy: Strategy, sets: &[&[u64]], cost: Duration) -> Option<Parallel> {
+    if ONLY_STRATEGY.get().is_some_and(|&only| only != strategy) {
+        return None;
+    }
+    let m = machine(plat, &W7_LEVELS);
+    let compact = strategy == Strategy::Ours;
+    fn go<P: Platform + Sync>(e: &SimEngine<'_, P>, m: &Machine, sets: &[&[u64]], compact: bool) -> Parallel {
+        let (layout_before, _) = layout(m);
+        e.record_lock_stats(true);
+        let (before, lock_before) = (e.counters(), e.lock_stats());
+        // Each thread on a CPU of its own, and a spinning start: left to
+        // the scheduler, two new threads may share a CPU until it moves one
+        // (2 ms late in a run measured, longer than a quick run lasts).
+        let arrived = std::sync::atomic::AtomicUsize::new(0);
+        let spans: Vec<(Instant, Instant)> = std::thread::scope(|s| {
+            let workers: Vec<_> = sets
+                .iter()
+                .enumerate()
+                .map(|(cpu, &frames)| {
+                    let arrived = &arrived;
+                    s.spawn(move || {
+                        set_cpu(cpu);
+                        pin_to_cpu(cpu);
+                        arrived.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                        while arrived.load(std::sync::atomic::Ordering::Acquire) < sets.len() {
+                            std::hint::spin_loop();
+                        }
+                        let start = Instant::now();
+                        for to in [Visibility::Shared, Visibility::Private] {
+                            for &pa in frames {
+                                let target = Target::Physical { pa, len: PAGE };
+                                e.convert_with_scratch(target, to, &mut [0; 1]).expect("conversion");
+                            }
+                        }
+                        (start, Instant::now())
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let first = spans.iter().map(|s| s.0).min().expect("a CPU");
+        let last = spans.iter().map(|s| s.1).max().expect("a CPU");
+        let lock = e.lock_stats().since(&lock_before);
+        if compact {
+            // After the clock stopped: W7 times the conversions, and W3
+            // times compaction after the same kind of work.
+            e.compact();
+        }
+        let (layout_after, _) = layout(m);
+        Parallel {
+            counters: e.counters().since(&before),
+            lock,
+            wall_ns: (last - first).as_nanos() as f64,
+            busy_ns: spans.iter().map(|s| (s.1 - s.0).as_nanos() as f64).sum(),
+            conversions: 2 * sets.iter().map(|s| s.len() as u64).sum::<u64>(),
+            layout_before,
+            layout_after,
+        }
+    }
+    Some(match plat {
+        Plat::Tdx => go(&tdx_engine(&m, strategy, cost), &m, sets, compact),
+        Plat::Snp => {
+            let hv = NullSnp::new(m.mem.clone()).costing(cost);
+            go(&snp_engine(&m, &hv, strategy, sets.len()), &m, sets, compact)
+        }
+    })
+}
+
+/// Runs the calling thread on host CPU `cpu` only (if it has one).
+fn pin_to_cpu(cpu: usize) {
+    if std::thread::available_parallelism().is_ok_and(|n| cpu >= n.get()) {
+        return;
+    }
+    // SAFETY: a zeroed cpu_set_t is an empty set; the calls read and write
+    // only the set given, and change only this thread's affinity.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// The TSC's rate, from a stretch of it against the OS clock: what turns
+/// the engine's lock-hold ticks into time.
+#[cfg(target_arch = "x86_64")]
+fn ns_per_tsc_tick() -> f64 {
+    // SAFETY: RDTSC reads a counter and changes nothing.
+    let tsc = || unsafe { core::arch::x86_64::_rdtsc() };
+    let (t0, start) = (tsc(), Instant::now());
+    while start.elapsed() < Duration::from_millis(100) {
+        std::hint::spin_loop();
+    }
+    let (t1, elapsed) = (tsc(), start.elapsed());
+    elapsed.as_nanos() as f64 / (t1 - t0) as f64
+}
+
+/// No TSC: the engine counts acquisitions only, and holds read as zero.
+#[cfg(not(target_arch = "x86_64"))]
+fn ns_per_tsc_tick() -> f64 {
+    0.0
 }
 
 struct Chunks(std::sync::Mutex<Vec<u64>>);
@@ -760,7 +943,15 @@ fn main() {
         }
     };
     let mut svgs = Vec::new();
-    println!("Conversion benchmark: zero-cost counted hypercalls; engine CPU time is the median of {runs} run(s).");
+    if runs == 1 {
+        println!(
+            "Conversion benchmark: zero-cost counted hypercalls (W7 also at a modelled cost); engine time of one run."
+        );
+    } else {
+        println!(
+            "Conversion benchmark: zero-cost counted hypercalls (W7 also at a modelled cost); engine time over {runs} runs as min/med/max, targets on the median."
+        );
+    }
 
     // ---- W1 boot ----------------------------------------------------------
     let w1_levels = [Level::Pdpt, Level::Pt, Level::Pdpt];
@@ -769,7 +960,7 @@ fn main() {
         ("W1b boot: 1 GiB of 4 KiB pages to shared", (GIB, GIB)),
     ];
     for (name, (pa, len)) in w1.into_iter().filter(|_| wanted("w1")) {
-        print_header(name, "ns/page");
+        print_header(name, &timed("ns/page", runs));
         for &plat in &platforms {
             let mut bound = Bound::default();
             bound.add(&[(pa, len)], Visibility::Shared);
@@ -787,7 +978,14 @@ fn main() {
                 ),
             );
             if len == GIB && !quick {
-                check_time(ns <= 10.0, format!("{name}, {plat:?}: {ns:.1} ns per 4 KiB page <= 10"));
+                check_time(
+                    ns.med <= 10.0,
+                    format!(
+                        "{name}, {plat:?}: {:.1} ns per 4 KiB page <= 10 (min/med/max {})",
+                        ns.med,
+                        ns.show(1)
+                    ),
+                );
             }
         }
     }
@@ -795,10 +993,12 @@ fn main() {
     // ---- W2 driver buffer ---------------------------------------------------
     let w2_levels = [Level::Pdpt, Level::Pd];
     let w2_frames = scattered(4096, 2 * GIB - 128 * MIB, true, 0x9E37_79B9_7F4A_7C15);
-    print_header(
-        "W2 driver buffer: 16 MiB vmalloc of scattered frames, to shared and back",
-        "ns/page",
-    );
+    if wanted("w2") {
+        print_header(
+            "W2 driver buffer: 16 MiB vmalloc of scattered frames, to shared and back",
+            &timed("ns/page", runs),
+        );
+    }
     let w2_runs = runs_of(&w2_frames);
     for plat in platforms.clone().into_iter().filter(|_| wanted("w2")) {
         let mut bound = Bound::default();
@@ -835,13 +1035,8 @@ fn main() {
             ),
         );
         if !quick {
-            let ratio = ns / linux_ns;
-            check_time(
-                ratio <= 1.10,
-                format!(
-                    "W2 {plat:?}: engine CPU ours / Linux strategy {ns:.0} / {linux_ns:.0} ns = {ratio:.2} <= 1.10"
-                ),
-            );
+            let (ok, what) = ratio_target(&format!("W2 {plat:?}"), &ns, &linux_ns);
+            check_time(ok, what);
         }
         if plat == Plat::Tdx {
             svgs.push(write_svg(
@@ -856,12 +1051,14 @@ fn main() {
     let w3_levels = [Level::Pdpt; 4];
     let w3_count = if quick { 1000 } else { 10_000 };
     let w3_frames = scattered(w3_count, 4 * GIB - 128 * MIB, false, 0x2545_F491_4F6C_DD1D);
-    print_header(
-        &format!(
-            "W3 scattered: {w3_count} random frames of a 4 GiB direct map of 1 GiB pages, one by one, there and back"
-        ),
-        "ns/conv",
-    );
+    if wanted("w3") {
+        print_header(
+            &format!(
+                "W3 scattered: {w3_count} random frames of a 4 GiB direct map of 1 GiB pages, one by one, there and back"
+            ),
+            &timed("ns/conv", runs),
+        );
+    }
     for plat in platforms.clone().into_iter().filter(|_| wanted("w3")) {
         let mut bound = Bound::default();
         for to in [Visibility::Shared, Visibility::Private] {
@@ -892,13 +1089,8 @@ fn main() {
             format!("W3 {plat:?}: original layout back ({before:?} -> {after:?})"),
         );
         if !quick {
-            let ratio = ns / linux_ns;
-            check_time(
-                ratio <= 1.10,
-                format!(
-                    "W3 {plat:?}: engine CPU ours / Linux strategy {ns:.0} / {linux_ns:.0} ns = {ratio:.2} <= 1.10"
-                ),
-            );
+            let (ok, what) = ratio_target(&format!("W3 {plat:?}"), &ns, &linux_ns);
+            check_time(ok, what);
         }
         if plat == Plat::Tdx {
             svgs.push(write_svg(
@@ -912,10 +1104,12 @@ fn main() {
     // ---- W4 churn -----------------------------------------------------------
     let allocations = if quick { 10_000u64 } else { 100_000 };
     let w4_levels = [Level::Pd, Level::Pd];
-    print_header(
-        &format!("W4 churn: {allocations} allocations of 4-64 KiB shared buffers"),
-        "ns/alloc",
-    );
+    if wanted("w4") {
+        print_header(
+            &format!("W4 churn: {allocations} allocations of 4-64 KiB shared buffers"),
+            &timed("ns/alloc", runs),
+        );
+    }
     for plat in platforms.clone().into_iter().filter(|_| wanted("w4")) {
         let mut direct = Vec::new();
         for (label, strategy, pooled) in [
@@ -924,7 +1118,7 @@ fn main() {
             ("direct", Strategy::Linux, false),
             ("pool", Strategy::Ours, true),
         ] {
-            let o = measure(plat, strategy, &w4_levels, &|_| vec![], &|conv, _| {
+            let churn = |conv: &Conv<'_>, _: &[u64]| {
                 let mut x = 0xDEAD_BEEFu64;
                 let mut live: Vec<(u64, u64)> = Vec::new();
                 let mut done = 0;
@@ -994,16 +1188,21 @@ fn main() {
                     );
                 }
                 allocations
-            });
+            };
+            let mut outcomes: Vec<Outcome> = (0..runs)
+                .map(|_| measure(plat, strategy, &w4_levels, &|_| vec![], &churn))
+                .collect();
+            let ns = Spread::of(outcomes.iter().map(|o| o.ns / o.units as f64));
+            let o = outcomes.pop().expect("at least one run");
             print_row(&Row {
                 label: format!("{plat:?} {label} {strategy:?}"),
                 c: o.counters,
-                ns_per_unit: o.ns / o.units as f64,
+                ns_per_unit: ns,
                 layout: (o.layout_before, o.layout_after),
             });
             if !pooled {
                 let splits = o.counters.splits_1g + o.counters.splits_2m;
-                direct.push((strategy, splits, o.ns / o.units as f64, o.layout_before, o.layout_after));
+                direct.push((strategy, splits, ns, o.layout_before, o.layout_after));
             }
             if pooled {
                 let per_100 = o.counters.hypercalls() as f64 * 100.0 / allocations as f64;
@@ -1029,13 +1228,8 @@ fn main() {
                 format!("W4 {plat:?} direct: the direct map ends whole ({before:?} -> {after:?})"),
             );
             if !quick {
-                let ratio = ours_ns / linux_ns;
-                check_time(
-                    ratio <= 1.10,
-                    format!(
-                        "W4 {plat:?} direct: engine CPU ours / Linux strategy {ours_ns:.0} / {linux_ns:.0} ns = {ratio:.2} <= 1.10"
-                    ),
-                );
+                let (ok, what) = ratio_target(&format!("W4 {plat:?} direct"), &ours_ns, &linux_ns);
+                check_time(ok, what);
             }
         }
     }
@@ -1048,12 +1242,14 @@ fn main() {
         .collect();
     let (lazy, lazy_calls) = lazy_bound(&w5_pages);
     let lazy_units = lazy.pvalidate;
-    print_header(
-        &format!(
-            "W5 unaccepted memory: 2 GiB handed over unaccepted; {w5_count} random 4 KiB pages accepted as an allocator hands them out (lazy) vs all at boot (eager)"
-        ),
-        "ns/unit",
-    );
+    if wanted("w5") {
+        print_header(
+            &format!(
+                "W5 unaccepted memory: 2 GiB handed over unaccepted; {w5_count} random 4 KiB pages accepted as an allocator hands them out (lazy) vs all at boot (eager)"
+            ),
+            &timed("ns/unit", runs),
+        );
+    }
     for plat in platforms.clone().into_iter().filter(|_| wanted("w5")) {
         let mut totals = Vec::new();
         for (label, how, bound, units) in [
@@ -1062,8 +1258,8 @@ fn main() {
             ("eager 2 CPUs", Acceptance::Eager { cpus: 2 }, eager_bound(), W5_UNITS),
         ] {
             let outcomes: Vec<Accepted> = (0..runs).map(|_| measure_accept(plat, how)).collect();
-            let ns = median(outcomes.iter().map(|o| o.ns / units as f64).collect());
-            let total = median(outcomes.iter().map(|o| o.ns).collect());
+            let ns = Spread::of(outcomes.iter().map(|o| o.ns / units as f64));
+            let total = Spread::of(outcomes.iter().map(|o| o.ns / 1e6));
             let o = outcomes.last().expect("at least one run");
             let name = format!("W5 {plat:?} {label}");
             let wall = matches!(how, Acceptance::Eager { cpus: 2.. });
@@ -1076,13 +1272,13 @@ fn main() {
             print_bound(plat, &bound);
             let reported: u64 = o.reported.iter().sum();
             println!(
-                "  {:<26} {reported} (expected {units}), {} still unaccepted; {:.3} ms {}",
+                "  {:<26} {reported} (expected {units}), {} still unaccepted; {} ms {}",
                 "  units accepted",
                 o.left,
-                total / 1e6,
+                total.show(3),
                 if wall { "wall" } else { "engine" }
             );
-            totals.push((label, total));
+            totals.push((label, total.med));
             let calls = o.counters.hypercalls();
             if wall {
                 // Where one CPU runs into the other's share depends on
@@ -1123,12 +1319,9 @@ fn main() {
                 );
             }
         }
-        if let [(_, lazy_ns), (_, eager_ns), (_, wall_ns)] = totals[..] {
+        if let [(_, lazy_ms), (_, eager_ms), (_, wall_ms)] = totals[..] {
             println!(
-                "  W5 {plat:?}: lazy {:.3} ms for {lazy_units} units in {w5_count} calls, eager {:.3} ms for {W5_UNITS} units ({:.3} ms wall on 2 CPUs)",
-                lazy_ns / 1e6,
-                eager_ns / 1e6,
-                wall_ns / 1e6
+                "  W5 {plat:?} (medians): lazy {lazy_ms:.3} ms for {lazy_units} units in {w5_count} calls, eager {eager_ms:.3} ms for {W5_UNITS} units ({wall_ms:.3} ms wall on 2 CPUs)",
             );
         }
     }
@@ -1184,6 +1377,140 @@ fn main() {
                 &[("ours", &ours.svg_cells), ("Linux strategy", &linux.svg_cells)],
                 4,
             ));
+        }
+    }
+
+    // ---- W7 two CPUs -------------------------------------------------------
+    let w7_count = if quick { 500 } else { 5000 };
+    let w7_frames = scattered(2 * w7_count, 4 * GIB - 128 * MIB, false, 0xB504_F333_F9DE_6484);
+    let w7_sets: [&[u64]; 2] = [&w7_frames[..w7_count], &w7_frames[w7_count..]];
+    let w7_cost = Duration::from_micros(2);
+    let ns_per_tick = if wanted("w7") { ns_per_tsc_tick() } else { 0.0 };
+    if wanted("w7") && ns_per_tick > 0.0 {
+        println!(
+            "\nW7: the table lock's hold time is read with the TSC, {:.3} GHz against the OS clock",
+            1.0 / ns_per_tick
+        );
+    }
+    for cost in [Duration::ZERO, w7_cost].into_iter().filter(|_| wanted("w7")) {
+        print_header(
+            &format!(
+                "W7 two CPUs: each converts its own {w7_count} random frames (4 GiB of 1 GiB pages) one by one, there and back, {}; against one CPU doing the same",
+                if cost.is_zero() {
+                    "zero-cost hypercalls".to_string()
+                } else {
+                    format!("every hypercall (MapGPA, ACCEPT, PSC exit, PVALIDATE) spinning {} ns", cost.as_nanos())
+                }
+            ),
+            &timed("wall ns/conv", runs),
+        );
+        for &plat in &platforms {
+            for strategy in [Strategy::Ours, Strategy::Linux] {
+                // Per run, one CPU then two, so a run's ratio compares
+                // neighbours in time.
+                let outcomes: Vec<[Parallel; 2]> = (0..runs)
+                    .filter_map(|_| {
+                        let one = measure_parallel(plat, strategy, &w7_sets[..1], cost)?;
+                        let two = measure_parallel(plat, strategy, &w7_sets, cost)?;
+                        Some([one, two])
+                    })
+                    .collect();
+                let Some(last) = outcomes.last() else { continue };
+                let name = format!(
+                    "W7 {plat:?} {strategy:?}{}",
+                    if cost.is_zero() { "" } else { " costed" }
+                );
+                for (cpus, o) in [1, 2].into_iter().zip(last) {
+                    print_row(&Row {
+                        label: format!("{plat:?} {strategy:?} {cpus} CPU{}", if cpus == 1 { "" } else { "s" }),
+                        c: o.counters,
+                        ns_per_unit: Spread::of(
+                            outcomes
+                                .iter()
+                                .map(|r| r[cpus - 1].wall_ns / r[cpus - 1].conversions as f64),
+                        ),
+                        layout: (o.layout_before, o.layout_after),
+                    });
+                    let mut bound = Bound::default();
+                    for to in [Visibility::Shared, Visibility::Private] {
+                        for &f in w7_sets[..cpus].iter().copied().flatten() {
+                            bound.add(&[(f, PAGE)], to);
+                        }
+                    }
+                    print_bound(plat, &bound);
+                    // Every run, not only the last: two CPUs interleave
+                    // differently each time.
+                    let calls: Vec<u64> = outcomes.iter().map(|r| r[cpus - 1].counters.hypercalls()).collect();
+                    check(
+                        calls.iter().all(|&c| c == bound.hypercalls(plat)),
+                        format!(
+                            "{name}, {cpus} CPU(s): hypercalls {calls:?} = lower bound {} in every run",
+                            bound.hypercalls(plat)
+                        ),
+                    );
+                    if strategy == Strategy::Ours {
+                        let changed = outcomes
+                            .iter()
+                            .map(|r| &r[cpus - 1])
+                            .find(|o| o.layout_after != o.layout_before);
+                        check(
+                            changed.is_none(),
+                            format!(
+                                "{name}, {cpus} CPU(s): original layout back in every run{}",
+                                changed.map_or(String::new(), |o| format!(
+                                    " ({:?} -> {:?})",
+                                    o.layout_before, o.layout_after
+                                ))
+                            ),
+                        );
+                    }
+                }
+                let throughput = |r: &Parallel| r.conversions as f64 / r.wall_ns * 1e3;
+                let one = Spread::of(outcomes.iter().map(|r| throughput(&r[0])));
+                let two = Spread::of(outcomes.iter().map(|r| throughput(&r[1])));
+                let efficiency = Spread::of(outcomes.iter().map(|r| throughput(&r[1]) / (2.0 * throughput(&r[0]))));
+                println!(
+                    "  {:<26} 1 CPU {} M conv/s, 2 CPUs {} M conv/s; scaling efficiency {}",
+                    "  throughput",
+                    one.show(3),
+                    two.show(3),
+                    efficiency.show(2)
+                );
+                for cpus in [1, 2] {
+                    let over = |f: &dyn Fn(&Parallel) -> f64| Spread::of(outcomes.iter().map(|r| f(&r[cpus - 1])));
+                    let held = |r: &Parallel| r.lock.held_ticks as f64 * ns_per_tick;
+                    // The same in every run but for the odd extra
+                    // collapse: one figure.
+                    let acquisitions = over(&|r| r.lock.acquisitions as f64 / r.conversions as f64).med;
+                    let per_acq = over(&|r| held(r) / r.lock.acquisitions as f64);
+                    let per_conv = over(&|r| held(r) / r.conversions as f64);
+                    let share = over(&|r| 100.0 * held(r) / r.busy_ns);
+                    println!(
+                        "  {:<26} {cpus} CPU{}: {acquisitions:.2} acquisitions/conv, held {} ns each, {} ns per conversion, {} % of conversion time",
+                        "  table lock",
+                        if cpus == 1 { " " } else { "s" },
+                        per_acq.show(0),
+                        per_conv.show(0),
+                        share.show(1)
+                    );
+                }
+                // With 2 us per call, a conversion spends most of its time
+                // in host calls, outside the lock (held for about a
+                // quarter of it in the runs measured): two CPUs can overlap
+                // those, so near 1 is possible, and 0.8 leaves room for
+                // the waits where their locked phases meet.
+                if !quick && !cost.is_zero() {
+                    check_time(
+                        efficiency.med >= 0.8,
+                        format!(
+                            "{name}: 2-CPU scaling efficiency {:.2} >= 0.8 with {} ns per hypercall (min/med/max {})",
+                            efficiency.med,
+                            cost.as_nanos(),
+                            efficiency.show(2)
+                        ),
+                    );
+                }
+            }
         }
     }
 
