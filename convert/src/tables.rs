@@ -19,12 +19,29 @@ pub unsafe trait PhysMem {
     /// aligned): the OS's `phys_to_virt` for page-table pages and the
     /// frames the engine keeps its free lists in.
     fn page_ptr(&self, pa: u64) -> *mut u64;
+
+    /// The physical address of the memory at `ptr`: the OS's
+    /// `virt_to_phys`, asked for the frame list and the scratch a caller
+    /// hands a conversion (the engine refuses them where they lie in a frame
+    /// that is not private). The default, `None`, has the engine walk its
+    /// own page tables for `ptr` as a virtual address, which is right
+    /// whenever the engine was given the tables the caller runs on;
+    /// override it where they differ (a simulation of guest memory in a
+    /// host process).
+    fn phys_of(&self, ptr: *const u8) -> Option<u64> {
+        let _ = ptr;
+        None
+    }
 }
 
 // SAFETY: forwarding keeps the implementation's guarantees.
 unsafe impl<T: PhysMem + ?Sized> PhysMem for &T {
     fn page_ptr(&self, pa: u64) -> *mut u64 {
         (**self).page_ptr(pa)
+    }
+
+    fn phys_of(&self, ptr: *const u8) -> Option<u64> {
+        (**self).phys_of(ptr)
     }
 }
 

@@ -60,6 +60,17 @@ pub enum ConvertError {
         /// Its state.
         state: PageState,
     },
+    /// The frame list, or the scratch of a vmalloc-style range, lies in a
+    /// frame that is not private: one this conversion converts (it would be
+    /// unmapped while the engine still reads it), one shared with the host
+    /// (which could rewrite it between the engine's passes), or one another
+    /// conversion has in flight. Nothing was changed.
+    CallerMemoryNotPrivate {
+        /// The frame the list or scratch lies in.
+        pa: u64,
+        /// Its state (`Converting` for one of this conversion's frames).
+        state: PageState,
+    },
     /// The frame source could not supply the table pages the splits need.
     OutOfTableMemory {
         /// Pages needed.
@@ -114,6 +125,12 @@ impl core::fmt::Display for ConvertError {
             ConvertError::NotMapped { va } => write!(f, "{va:#x} is not mapped"),
             ConvertError::UnknownFrame { pa } => write!(f, "frame {pa:#x} is outside the state table"),
             ConvertError::Refused { pa, state } => write!(f, "frame {pa:#x} is {state:?}"),
+            ConvertError::CallerMemoryNotPrivate { pa, state } => {
+                write!(
+                    f,
+                    "the frame list or scratch lies in frame {pa:#x}, which is {state:?}, not private"
+                )
+            }
             ConvertError::OutOfTableMemory { needed } => write!(f, "{needed} page-table pages could not be had"),
             ConvertError::UnusableTableFrame { pa } => {
                 write!(f, "the frame source handed out {pa:#x}, which is not private")

@@ -11,6 +11,7 @@
 //! conversions overlap their expensive parts.
 
 mod accept;
+mod caller_memory;
 mod error;
 mod frames;
 mod quarantine;
@@ -317,7 +318,11 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// The scratch size sets the number of host calls; the conversion is
     /// the same one transaction (a small scratch may only split, and later
     /// collapse, a direct-map leaf between physically adjacent frames the
-    /// range maps far apart).
+    /// range maps far apart). The engine writes and reads the scratch after
+    /// the frames are unmapped, so a vmalloc-style range's scratch must lie
+    /// in private memory outside the range's frames, or the conversion is
+    /// refused with [`ConvertError::CallerMemoryNotPrivate`] (a linear
+    /// range does not use it).
     pub fn convert_with_scratch(
         &self,
         target: Target,
@@ -358,6 +363,14 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// vmalloc buffer converts through its own address, with
     /// [`Target::Virtual`], or its mapping keeps the old attribute).
     ///
+    /// The list itself must lie in private memory outside its own frames:
+    /// the engine reads it on every pass, after the frames are unmapped and
+    /// while the host holds them, and memory shared with the host could be
+    /// rewritten between passes. The engine refuses a list that does not
+    /// (it finds the list's frames with [`PhysMem::phys_of`], or else by
+    /// walking its tables); the OS must not convert the list's frames while
+    /// the call runs.
+    ///
     /// # Errors
     ///
     /// Nothing changed (every entry and every frame's state is as before
@@ -373,6 +386,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// - [`ConvertError::Refused`]: the first frame not settled on the
     ///   other side of `to` (converted already, converting now, poisoned,
     ///   a page-table page, unaccepted);
+    /// - [`ConvertError::CallerMemoryNotPrivate`]: the list lies in one of
+    ///   its own frames, in shared memory, or in a frame another conversion
+    ///   has in flight;
     /// - [`ConvertError::OutOfTableMemory`],
     ///   [`ConvertError::UnusableTableFrame`],
     ///   [`ConvertError::NoScratchWindow`], as for a range.

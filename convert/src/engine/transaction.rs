@@ -73,6 +73,10 @@ impl<M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'_, M, F, 
         // shootdown protects the hardware's walkers, not this code's.
         let lock = self.tables_lock.lock();
         self.claim(&tx)?;
+        if let Err(error) = self.check_caller_memory(&tables, &tx, scratch) {
+            self.release_claims(&tx);
+            return Err(error);
+        }
         let (lock, reserved) = self.reserve_splits(&tx, scratch, lock);
         let reserve = match reserved {
             Ok(reserve) => reserve,

@@ -138,10 +138,54 @@ pub fn vmalloc<P: Platform>(e: &GuestEngine<P>, t: &mut Tables) {
             "vmalloc: not private again",
         );
     }
+    frame_list(e, t);
     show(
-        "3 vmalloc (scattered frames, their direct-map aliases)",
+        "3 vmalloc (scattered frames, their direct-map aliases; a frame list)",
         &e.counters().since(&before),
         format_args!("{} scattered frames there and back", frames.len()),
+    );
+}
+
+/// A frame list is read where it lies, on every pass: stored in one of its
+/// own frames it would be unmapped under the engine (a real #PF here), so
+/// the engine, walking these tables for the list's address, refuses it;
+/// stored elsewhere it converts there and back.
+fn frame_list<P: Platform>(e: &GuestEngine<P>, t: &Tables) {
+    let list: [u64; 8] = core::array::from_fn(|i| (1 << 30) + 400 * MIB + i as u64 * 3 * 4096);
+    let own = (direct_map() + list[0]) as *mut u64;
+    for (i, &f) in list.iter().enumerate() {
+        // SAFETY: the first listed frame is private RAM, mapped in the
+        // direct map and used by nothing else.
+        unsafe { own.add(i).write_volatile(f) };
+    }
+    // SAFETY: as above; nothing writes it while the slice lives.
+    let in_own_frame = unsafe { core::slice::from_raw_parts(own, list.len()) };
+    check(
+        matches!(
+            e.convert_frames(in_own_frame, Visibility::Shared),
+            Err(ConvertError::CallerMemoryNotPrivate {
+                state: PageState::Converting,
+                ..
+            })
+        ),
+        "frame list: one stored in its own frame was not refused",
+    );
+    check(
+        list.iter()
+            .all(|&f| e.state(f) == Some(PageState::Private) && mapped(t, f, Visibility::Private)),
+        "frame list: a refused list changed something",
+    );
+    check(
+        e.convert_frames(&list, Visibility::Shared).is_ok(),
+        "frame list: to shared failed",
+    );
+    check(
+        list.iter().all(|&f| mapped(t, f, Visibility::Shared)),
+        "frame list: not shared",
+    );
+    check(
+        e.convert_frames(&list, Visibility::Private).is_ok(),
+        "frame list: back failed",
     );
 }
 

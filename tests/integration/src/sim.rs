@@ -83,6 +83,12 @@ unsafe impl PhysMem for SimPhys {
     fn page_ptr(&self, pa: u64) -> *mut u64 {
         self.0.ptr(pa).cast()
     }
+
+    // The engine's tables map guest addresses, not this process's: a
+    // pointer into the simulated memory is found by its offset.
+    fn phys_of(&self, ptr: *const u8) -> Option<u64> {
+        self.0.gpa_of(ptr as u64)
+    }
 }
 
 #[derive(Debug)]

@@ -406,8 +406,10 @@ fn a_vmalloc_split_collapses_when_its_entries_are_alike_again() {
 // The model's MapGPA scribbles the converted page, as a real VMM may.)
 // ---------------------------------------------------------------------
 
+// Mended: a list (or a vmalloc-style range's scratch) that lies in a
+// frame that is not private after the claim is refused before anything
+// changes (`ConvertError::CallerMemoryNotPrivate`; engine/caller_memory.rs).
 #[test]
-#[ignore = "known: a frame list stored in one of its own frames is neither refused nor read once (next session)"]
 fn a_list_stored_in_one_of_its_frames_converts_or_is_refused() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
     let e = w.engine();
@@ -433,7 +435,12 @@ fn a_list_stored_in_one_of_its_frames_converts_or_is_refused() {
         stuck.len()
     );
     assert!(
-        result.is_ok() || matches!(result, Err(coco_convert::ConvertError::InvalidFrame { .. })),
+        result.is_ok()
+            || matches!(
+                result,
+                Err(coco_convert::ConvertError::InvalidFrame { .. }
+                    | coco_convert::ConvertError::CallerMemoryNotPrivate { .. })
+            ),
         "{result:?}"
     );
 }
