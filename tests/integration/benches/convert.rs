@@ -1332,12 +1332,14 @@ fn main() {
     let mut w6_frames = scattered(w6_count, 4 * GIB - 128 * MIB, false, 0x3C6E_F372_FE94_F82B);
     // A list goes in ascending order.
     w6_frames.sort_unstable();
-    print_header(
-        &format!(
-            "W6 frame list: {w6_count} random frames of a 4 GiB direct map of 1 GiB pages, as one list, there and back"
-        ),
-        "ns/page",
-    );
+    if wanted("w6") {
+        print_header(
+            &format!(
+                "W6 frame list: {w6_count} random frames of a 4 GiB direct map of 1 GiB pages, as one list, there and back"
+            ),
+            &timed("ns/page", runs),
+        );
+    }
     let w6_runs = runs_of(&w6_frames);
     for plat in platforms.clone().into_iter().filter(|_| wanted("w6")) {
         let mut bound = Bound::default();
