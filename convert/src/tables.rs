@@ -20,14 +20,15 @@ pub unsafe trait PhysMem {
     /// frames the engine keeps its free lists in.
     fn page_ptr(&self, pa: u64) -> *mut u64;
 
-    /// The physical address of the memory at `ptr`: the OS's
-    /// `virt_to_phys`, asked for the frame list and the scratch a caller
-    /// hands a conversion (the engine refuses them where they lie in a frame
-    /// that is not private). The default, `None`, has the engine walk its
-    /// own page tables for `ptr` as a virtual address, which is right
-    /// whenever the engine was given the tables the caller runs on;
-    /// override it where they differ (a simulation of guest memory in a
-    /// host process).
+    /// The physical address of the memory at `ptr`, whatever maps it (the
+    /// direct map, a vmalloc-style mapping such as a kernel stack), asked
+    /// for the frame list and the scratch a caller hands a conversion: the
+    /// engine refuses them where they lie in a frame that is not private.
+    /// The default, `None`, has the engine walk its own page tables for
+    /// `ptr` as a virtual address, which is right whenever the engine was
+    /// given the tables the caller runs on; override it where they differ
+    /// (a simulation of guest memory in a host process). Called with the
+    /// table lock held: it must not call into the engine.
     fn phys_of(&self, ptr: *const u8) -> Option<u64> {
         let _ = ptr;
         None

@@ -322,7 +322,8 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// the frames are unmapped, so a vmalloc-style range's scratch must lie
     /// in private memory outside the range's frames, or the conversion is
     /// refused with [`ConvertError::CallerMemoryNotPrivate`] (a linear
-    /// range does not use it).
+    /// range does not use it); the OS must not convert the scratch's frame
+    /// while the call runs.
     pub fn convert_with_scratch(
         &self,
         target: Target,
@@ -368,8 +369,9 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
     /// while the host holds them, and memory shared with the host could be
     /// rewritten between passes. The engine refuses a list that does not
     /// (it finds the list's frames with [`PhysMem::phys_of`], or else by
-    /// walking its tables); the OS must not convert the list's frames while
-    /// the call runs.
+    /// walking its tables), before it reads a word of it where the frame is
+    /// not private; the OS must not start converting the list's frames
+    /// while the call runs.
     ///
     /// # Errors
     ///
@@ -416,6 +418,7 @@ impl<'a, M: PhysMem, F: FrameSource, T: TlbShootdown, P: Platform> Engine<'a, M,
         if frames.is_empty() {
             return Err(ConvertError::InvalidRange { addr: 0, len: 0 });
         }
+        self.check_list_before_reading(frames)?;
         let mut floor = 0;
         for (index, &pa) in frames.iter().enumerate() {
             let next = pa.checked_add(PAGE).filter(|_| pa % PAGE == 0 && pa >= floor);
