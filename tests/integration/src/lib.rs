@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod invariants;
+pub mod lent;
 pub mod null;
 pub mod signals;
 pub mod sim;

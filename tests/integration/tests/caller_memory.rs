@@ -6,35 +6,14 @@
 //! it lies in a frame that is not private: one of the conversion's own
 //! frames, a frame shared with the host, or one another CPU is converting.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Barrier;
-
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::{ConvertError, Engine, Level, PageState, PhysMem, Target, Visibility};
 use hvmock::{SnpConfig, TdxConfig};
-use integration::null::NullTdx;
-use integration::sim::SimPhys;
+use integration::lent::{spaced, store_list, PausingTdx, WalkedPhys};
 use integration::world::{Machine, Shape, SnpWorld, TdxWorld};
 use integration::{GIB, MIB};
-use tdcall::{leaf, subfunction, Registers, Tdcall};
 
 const PAGE: u64 = 4096;
-
-/// `count` frames, one every 7 pages from `first`.
-fn spaced(first: u64, count: u64) -> Vec<u64> {
-    (0..count).map(|i| first + i * 7 * PAGE).collect()
-}
-
-/// Writes `list` into simulated guest memory at `pa` and returns it as the
-/// slice the engine is handed.
-fn store_list<'m>(m: &'m Machine, pa: u64, list: &[u64]) -> &'m [u64] {
-    for (i, &frame) in list.iter().enumerate() {
-        m.mem.write_u64(pa + 8 * i as u64, frame);
-    }
-    // SAFETY: `list.len()` words of simulated guest memory, 8-byte
-    // aligned, which the test uses for nothing else while the slice lives.
-    unsafe { std::slice::from_raw_parts(m.mem.ptr(pa).cast::<u64>(), list.len()) }
-}
 
 fn states(
     e: &Engine<
@@ -57,7 +36,7 @@ fn a_list_reaching_into_one_of_its_own_frames_is_refused_and_nothing_changes() {
     // listed, the list's second page is the first listed frame.
     let store = GIB + 40 * MIB;
     let list = spaced(store + PAGE, 600);
-    let in_place = store_list(&w.m, store + 2048, &list);
+    let in_place = store_list(&w.m.mem, store + 2048, &list);
     let before = w.m.snapshot();
     let calls = e.counters().hypercalls();
     let result = e.convert_frames(in_place, Visibility::Shared);
@@ -85,7 +64,7 @@ fn a_list_in_memory_shared_with_the_host_is_refused() {
     e.convert(Target::Physical { pa: store, len: PAGE }, Visibility::Shared)
         .expect("the page the list will be in, shared");
     let list = spaced(store + PAGE, 8);
-    let in_place = store_list(&w.m, store, &list);
+    let in_place = store_list(&w.m.mem, store, &list);
     let calls = e.counters().hypercalls();
     assert_eq!(
         e.convert_frames(in_place, Visibility::Shared),
@@ -106,7 +85,7 @@ fn a_list_in_private_guest_memory_outside_its_frames_converts() {
     let store = GIB + 40 * MIB;
     // Two pages of list, and the frames after them.
     let list = spaced(store + 2 * PAGE, 600);
-    let in_place = store_list(&w.m, store, &list);
+    let in_place = store_list(&w.m.mem, store, &list);
     let report = e.convert_frames(in_place, Visibility::Shared).expect("conversion");
     assert_eq!(report.frames, 600);
     e.convert_frames(in_place, Visibility::Private).expect("and back");
@@ -137,40 +116,14 @@ fn a_vmalloc_scratch_in_one_of_the_ranges_frames_is_refused() {
         .expect("with scratch of its own");
 }
 
-/// TDX whose first MapGPA after arming pauses until the test has looked.
-#[derive(Debug)]
-struct PausingTdx {
-    armed: AtomicBool,
-    in_call: Barrier,
-    resume: Barrier,
-    answers: NullTdx,
-}
-
-// SAFETY: answers as the null TDX does, and changes no memory.
-unsafe impl Tdcall for PausingTdx {
-    unsafe fn tdcall(&self, regs: &mut Registers) {
-        if regs.rax == leaf::VP_VMCALL && regs.r11 == subfunction::MAP_GPA && self.armed.swap(false, Ordering::AcqRel) {
-            self.in_call.wait();
-            self.resume.wait();
-        }
-        // SAFETY: forwarded.
-        unsafe { self.answers.tdcall(regs) }
-    }
-}
-
 #[test]
 fn a_list_in_a_frame_another_cpu_is_converting_is_refused() {
     let m = Machine::new(coco_convert::EncryptionBit::tdx(1 << 47).unwrap(), Shape::Mixed);
-    let tdx = PausingTdx {
-        armed: AtomicBool::new(true),
-        in_call: Barrier::new(2),
-        resume: Barrier::new(2),
-        answers: NullTdx::default(),
-    };
+    let tdx = PausingTdx::new();
     let e = m.engine(Tdx::new(&tdx, 1 << 47).unwrap());
     let store = GIB + 40 * MIB;
     let list = spaced(store + PAGE, 8);
-    let in_place = store_list(&m, store, &list);
+    let in_place = store_list(&m.mem, store, &list);
     let refused = std::thread::scope(|s| {
         let other = s.spawn(|| e.convert(Target::Physical { pa: store, len: PAGE }, Visibility::Shared));
         tdx.in_call.wait();
@@ -190,17 +143,6 @@ fn a_list_in_a_frame_another_cpu_is_converting_is_refused() {
     assert!(states(&e, &list).iter().all(|&s| s == Some(PageState::Private)));
 }
 
-/// Simulated memory with no reverse translation of its own, as a kernel's
-/// `PhysMem` may be: the engine walks its tables for the list's address.
-struct WalkedPhys<'a>(&'a SimPhys);
-
-// SAFETY: forwards `page_ptr`, whose guarantees `SimPhys` keeps.
-unsafe impl PhysMem for WalkedPhys<'_> {
-    fn page_ptr(&self, pa: u64) -> *mut u64 {
-        self.0.page_ptr(pa)
-    }
-}
-
 #[test]
 fn without_the_oss_translation_the_engine_walks_its_tables_for_the_list() {
     let w = TdxWorld::new(TdxConfig::default(), Shape::Mixed);
@@ -215,7 +157,7 @@ fn without_the_oss_translation_the_engine_walks_its_tables_for_the_list() {
     );
     let store = GIB + 40 * MIB;
     let list = spaced(store, 8);
-    let in_place = store_list(&w.m, store, &list);
+    let in_place = store_list(&w.m.mem, store, &list);
     // The guest's tables map the list's address (this process's, standing
     // in for a kernel virtual address) to the frame it is stored in.
     let va = in_place.as_ptr() as u64 / PAGE * PAGE;

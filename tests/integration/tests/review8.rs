@@ -6,67 +6,16 @@
 //! written.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Barrier;
 
 use coco_convert::platform::tdx::Tdx;
 use coco_convert::{Alias, ConvertError, Engine, Level, PageState, PhysMem, Target, Visibility};
-use hvmock::{GuestMemory, TdxConfig};
-use integration::null::NullTdx;
+use hvmock::TdxConfig;
+use integration::lent::{spaced, store_list, PausingTdx, WalkedPhys};
 use integration::sim::SimPhys;
 use integration::world::{Machine, Shape, TdxWorld};
 use integration::{GIB, MIB};
-use tdcall::{leaf, subfunction, Registers, Tdcall};
 
 const PAGE: u64 = 4096;
-
-/// `count` frames, one every 7 pages from `first`.
-fn spaced(first: u64, count: u64) -> Vec<u64> {
-    (0..count).map(|i| first + i * 7 * PAGE).collect()
-}
-
-/// Writes `list` into simulated guest memory at `pa` and returns it as the
-/// slice the engine is handed (the list as the guest reaches it).
-fn store_list<'m>(mem: &'m GuestMemory, pa: u64, list: &[u64]) -> &'m [u64] {
-    for (i, &frame) in list.iter().enumerate() {
-        mem.write_u64(pa + 8 * i as u64, frame);
-    }
-    // SAFETY: `list.len()` words of simulated guest memory, 8-byte
-    // aligned, which the test uses for nothing else while the slice lives.
-    unsafe { std::slice::from_raw_parts(mem.ptr(pa).cast::<u64>(), list.len()) }
-}
-
-/// TDX whose first MapGPA after arming pauses until the test has looked
-/// (as in `caller_memory.rs`).
-#[derive(Debug)]
-struct PausingTdx {
-    armed: AtomicBool,
-    in_call: Barrier,
-    resume: Barrier,
-    answers: NullTdx,
-}
-
-impl PausingTdx {
-    fn new() -> Self {
-        PausingTdx {
-            armed: AtomicBool::new(true),
-            in_call: Barrier::new(2),
-            resume: Barrier::new(2),
-            answers: NullTdx::default(),
-        }
-    }
-}
-
-// SAFETY: answers as the null TDX does, and changes no memory.
-unsafe impl Tdcall for PausingTdx {
-    unsafe fn tdcall(&self, regs: &mut Registers) {
-        if regs.rax == leaf::VP_VMCALL && regs.r11 == subfunction::MAP_GPA && self.armed.swap(false, Ordering::AcqRel) {
-            self.in_call.wait();
-            self.resume.wait();
-        }
-        // SAFETY: forwarded.
-        unsafe { self.answers.tdcall(regs) }
-    }
-}
 
 // ---------------------------------------------------------------------
 // Finding 1: a frame list in memory shared with the host is "refused,
@@ -342,17 +291,6 @@ fn a_list_in_a_frame_another_cpu_has_unmapped_is_refused_without_being_read() {
 // kept address and check its state; a page of the list with no entry at
 // all is not readable either and should be refused, not skipped.
 // ---------------------------------------------------------------------
-
-/// Simulated memory with no reverse translation of its own, as a
-/// kernel's `PhysMem` may be (as in `caller_memory.rs`).
-struct WalkedPhys<'a>(&'a SimPhys);
-
-// SAFETY: forwards `page_ptr`, whose guarantees `SimPhys` keeps.
-unsafe impl PhysMem for WalkedPhys<'_> {
-    fn page_ptr(&self, pa: u64) -> *mut u64 {
-        self.0.page_ptr(pa)
-    }
-}
 
 #[test]
 fn without_the_oss_translation_a_list_in_another_cpus_frame_is_refused() {
