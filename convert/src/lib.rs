@@ -150,6 +150,7 @@ mod collapse;
 mod counters;
 mod deferred;
 mod engine;
+pub mod exception;
 mod ghcb_setup;
 mod leaves;
 pub mod platform;

@@ -4,7 +4,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, OpKind, Register};
 
-use super::frame::{Gpr, RegisterAccess};
+use crate::exception::{Gpr, RegisterAccess};
 
 static INITIALISED: AtomicBool = AtomicBool::new(false);
 

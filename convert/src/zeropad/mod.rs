@@ -27,11 +27,10 @@
 //! nothing.
 
 mod fixup;
-mod frame;
 pub mod site;
 mod ve;
 
+pub use crate::exception::{FaultFrame, Gpr, RegisterAccess};
 pub use fixup::{fixup_with, handle_fault, init, is_initialised, FaultKind, NotHandled};
-pub use frame::{FaultFrame, Gpr, RegisterAccess};
 pub use site::{is_zeropad_site, load_unaligned_zeropad};
 pub use ve::{classify_ve, VeClass};

@@ -2,7 +2,7 @@
 //! exception may land on the interrupted stack), and the saved-register
 //! frame every handler works on.
 
-use coco_convert::zeropad::{Gpr, RegisterAccess};
+use coco_convert::exception::{Gpr, RegisterAccess};
 
 /// All GPRs as the entry stub pushes them, then the vector, the error
 /// code, and what the CPU pushed.

@@ -1,4 +1,4 @@
-//! The saved registers a fault handler works on.
+//! The saved registers an exception handler works on.
 
 /// A general-purpose register, numbered as the hardware encodes it
 /// (ModRM.reg / REX.R, Intel SDM vol. 2, table 2-2).

@@ -1,0 +1,1 @@
+//! The TDX #VE handler.
