@@ -1,5 +1,6 @@
-//! The GHCB page layout (GHCB spec #56421 v2, "GHCB Layout" and "GHCB Save
-//! Area"), with every offset the guest uses checked at compile time.
+//! The GHCB page layout (GHCB spec #56421 rev 2.03, section 2.6, "GHCB
+//! Layout", and its save-area table), with every offset the guest uses
+//! checked at compile time.
 //!
 //! The fields are private: the page is shared with the hypervisor, which may
 //! write it at any time, so a `&Ghcb` or `&mut Ghcb` must never exist while
@@ -35,7 +36,8 @@ pub struct Ghcb {
     sw_exit_info_1: u64,
     sw_exit_info_2: u64,
     sw_scratch: u64,
-    reserved_3: [u8; 0x3F0 - 0x3B0],
+    reserved_3: [u8; 0x3E8 - 0x3B0],
+    xcr0: u64,
     valid_bitmap: [u8; 16],
     reserved_4: [u8; 0x800 - 0x400],
     shared_buffer: [u8; SHARED_BUFFER_SIZE],
@@ -54,6 +56,7 @@ const _: () = {
     assert!(offset_of!(Ghcb, sw_exit_info_1) == 0x398);
     assert!(offset_of!(Ghcb, sw_exit_info_2) == 0x3A0);
     assert!(offset_of!(Ghcb, sw_scratch) == 0x3A8);
+    assert!(offset_of!(Ghcb, xcr0) == 0x3E8);
     assert!(offset_of!(Ghcb, valid_bitmap) == 0x3F0);
     assert!(offset_of!(Ghcb, shared_buffer) == 0x800);
     assert!(offset_of!(Ghcb, protocol_version) == 0xFFA);
@@ -105,6 +108,9 @@ pub enum Field {
     SwExitInfo2,
     /// SW_SCRATCH: GPA of the event's data (for PSC, the shared buffer).
     SwScratch,
+    /// XCR0: the guest's, for CPUID leaf 0xD, whose answer (the XSAVE
+    /// area's size) depends on the features XCR0 enables.
+    Xcr0,
 }
 
 impl Field {
@@ -119,6 +125,7 @@ impl Field {
             Field::SwExitInfo1 => offset_of!(Ghcb, sw_exit_info_1),
             Field::SwExitInfo2 => offset_of!(Ghcb, sw_exit_info_2),
             Field::SwScratch => offset_of!(Ghcb, sw_scratch),
+            Field::Xcr0 => offset_of!(Ghcb, xcr0),
         }
     }
 
@@ -137,6 +144,7 @@ mod tests {
         assert_eq!(Field::SwExitCode.valid_bit(), 0x390 / 8);
         assert_eq!(Field::SwScratch.valid_bit(), 117);
         assert_eq!(Field::Rax.valid_bit(), 63);
+        assert_eq!(Field::Xcr0.valid_bit(), 125);
         // Every field's bit fits the 128-bit bitmap.
         for f in [
             Field::Rax,
@@ -147,6 +155,7 @@ mod tests {
             Field::SwExitInfo1,
             Field::SwExitInfo2,
             Field::SwScratch,
+            Field::Xcr0,
         ] {
             assert!(f.valid_bit() < 128);
         }
