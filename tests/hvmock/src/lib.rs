@@ -6,8 +6,10 @@
 //!   [`tdcall::Tdcall`].
 //! - [`MockSnp`]: an SEV-SNP hypervisor and the RMP. Keeps one RMP entry
 //!   per 4 KiB page (assigned, validated, part of a 2 MiB entry); answers
-//!   the GHCB MSR protocol and the Page State Change NAE event by reading
-//!   the GHCB out of guest memory; implements [`snp_ghcb::GhcbMsr`] and
+//!   the GHCB MSR protocol, the Page State Change NAE event and the events
+//!   a #VC handler forwards (port I/O to a console and an exit device,
+//!   CPUID from a table, MSRs from a map: [`snp::nae`]) by reading the
+//!   GHCB out of guest memory; implements [`snp_ghcb::GhcbMsr`] and
 //!   [`snp_ghcb::Pvalidate`].
 //! - [`GuestMemory`]: the guest's physical memory both of them read and
 //!   write (contents are scribbled on every conversion, zeroed on ACCEPT).
@@ -38,7 +40,7 @@ pub mod tdx;
 
 pub use memory::GuestMemory;
 pub use pagewalk::{GuestPageTables, Mapping};
-pub use snp::{MockSnp, RmpEntry, SnpConfig, SnpHostile};
+pub use snp::{GhcbReg, MockSnp, NaeInputs, RmpEntry, SnpConfig, SnpHostile};
 pub use tdx::{MockTdx, TdxConfig, TdxEvent, TdxHostile, TdxPage, TdxPageState};
 
 /// 4 KiB.

@@ -3,6 +3,10 @@
 //! As for the TDX model, the ABI constants and GHCB offsets are transcribed
 //! from the GHCB spec (#56421 v2) and the APM independently of the `snp-ghcb`
 //! crate, so the two check each other.
+//!
+//! Besides page state changes, the model answers the NAE events a #VC
+//! handler forwards (port I/O, CPUID, RDMSR/WRMSR) from devices and tables
+//! of its own: see [`nae`].
 
 use alloc::collections::BTreeSet;
 use alloc::sync::Arc;
@@ -16,6 +20,10 @@ use crate::memory::GuestMemory;
 use crate::pagewalk::{AliasCheck, GuestPageTables, Violation};
 use crate::{PAGE_SIZE, SCRIBBLE};
 
+pub mod nae;
+
+pub use nae::{GhcbReg, NaeInputs};
+
 // GHCB MSR protocol function codes, GHCBData[11:0].
 const SEV_INFO_REQ: u64 = 0x002;
 const SEV_INFO_RESP: u64 = 0x001;
@@ -28,11 +36,11 @@ const FEATURES_RESP: u64 = 0x081;
 const TERMINATE_REQ: u64 = 0x100;
 
 // GHCB layout.
-const OFF_SW_EXIT_CODE: u64 = 0x390;
-const OFF_SW_EXIT_INFO_1: u64 = 0x398;
+pub(crate) const OFF_SW_EXIT_CODE: u64 = 0x390;
+pub(crate) const OFF_SW_EXIT_INFO_1: u64 = 0x398;
 const OFF_SW_EXIT_INFO_2: u64 = 0x3A0;
 const OFF_SW_SCRATCH: u64 = 0x3A8;
-const OFF_VALID_BITMAP: u64 = 0x3F0;
+pub(crate) const OFF_VALID_BITMAP: u64 = 0x3F0;
 const OFF_SHARED_BUFFER: u64 = 0x800;
 const SHARED_BUFFER_END: u64 = 0xFF0;
 const OFF_VERSION_USAGE: u64 = 0xFF8; // protocol_version at 0xFFA, usage at 0xFFC
@@ -98,6 +106,22 @@ pub enum SnpHostile {
     MsrPscError,
     /// MSR page state changes answer success without changing the RMP.
     MsrPscWithoutRmpChange,
+    /// Port I/O, CPUID, MSR events: the answer is written, but no register
+    /// of it is marked valid.
+    NaeNothingValid,
+    /// Port I/O, CPUID, MSR events: this register of the answer is written
+    /// but not marked valid.
+    NaeNotValid(GhcbReg),
+    /// Port I/O, CPUID, MSR events: bits of each answer register the
+    /// instruction does not write (above an IN's size, above bit 31 for
+    /// CPUID and RDMSR) are set where this value has them.
+    NaeGarbageAbove(u64),
+    /// Port I/O, CPUID, MSR events: SW_EXITINFO1 is this value (and
+    /// SW_EXITINFO2 0), registers answered as usual.
+    NaeExitInfo1(u64),
+    /// Port I/O, CPUID, MSR events: SW_EXITINFO1 is 1 (inject an exception)
+    /// and SW_EXITINFO2 this value.
+    NaeInject(u64),
 }
 
 /// Configuration of the model.
@@ -169,6 +193,8 @@ struct Model {
     aliases: AliasCheck,
     /// Pages validated private whose cache lines were not evicted since.
     unevicted: BTreeSet<u64>,
+    /// Ports, CPUID table, MSRs.
+    devices: nae::Devices,
 }
 
 /// The hypervisor + RMP model. Implements [`GhcbMsr`] and [`Pvalidate`]
@@ -212,6 +238,7 @@ impl MockSnp {
                 stats: SnpStats::default(),
                 aliases: AliasCheck::default(),
                 unevicted: BTreeSet::new(),
+                devices: nae::Devices::new(config.c_bit),
             }),
         }
     }
@@ -303,6 +330,40 @@ impl MockSnp {
     /// (reason set, reason) of a termination request, if one came.
     pub fn terminated(&self) -> Option<(u8, u8)> {
         self.model.lock().terminated
+    }
+
+    /// Every byte written to COM1 ([`nae::COM1`]), in order.
+    pub fn console(&self) -> Vec<u8> {
+        self.model.lock().devices.console.clone()
+    }
+
+    /// The last value written to isa-debug-exit ([`nae::DEBUG_EXIT`]).
+    pub fn debug_exit(&self) -> Option<u32> {
+        self.model.lock().devices.debug_exit
+    }
+
+    /// Sets what CPUID `leaf` answers (EAX, EBX, ECX, EDX) for `subleaf`,
+    /// or for every subleaf not set on its own (`None`). Leaves never set
+    /// answer zeros; leaf 0xD subleaf 0's EBX is computed from the XCR0
+    /// the guest sends.
+    pub fn set_cpuid(&self, leaf: u32, subleaf: Option<u32>, regs: [u32; 4]) {
+        self.model.lock().devices.cpuid.insert((leaf, subleaf), regs);
+    }
+
+    /// Makes MSR `msr` known, with this value. Reads and writes of an MSR
+    /// not known are answered with a #GP to inject.
+    pub fn set_msr(&self, msr: u32, value: u64) {
+        self.model.lock().devices.msrs.insert(msr, value);
+    }
+
+    /// MSR `msr`'s value, if known.
+    pub fn msr(&self, msr: u32) -> Option<u64> {
+        self.model.lock().devices.msrs.get(&msr).copied()
+    }
+
+    /// What the guest sent with the last port I/O, CPUID or MSR event.
+    pub fn last_nae_inputs(&self) -> Option<NaeInputs> {
+        self.model.lock().devices.last
     }
 }
 
@@ -417,17 +478,23 @@ impl Model {
             .iter()
             .all(|&f| valid(f));
         let scratch = memory.read_u64(gpa + OFF_SW_SCRATCH);
-        let well_formed = fields_valid
-            && version == 2
-            && usage == 0
-            && memory.read_u64(gpa + OFF_SW_EXIT_CODE) == PSC_EXIT
-            && valid(OFF_SW_SCRATCH)
-            && scratch == gpa + OFF_SHARED_BUFFER;
-        let (info1, info2) = if well_formed {
-            self.psc(memory, scratch)
-        } else {
-            self.stats.protocol_violations += 1;
-            (1, GHCB_MALFORMED)
+        let exit_code = memory.read_u64(gpa + OFF_SW_EXIT_CODE);
+        let header_ok = fields_valid && version == 2 && usage == 0;
+        let (info1, info2) = match exit_code {
+            PSC_EXIT if header_ok && valid(OFF_SW_SCRATCH) && scratch == gpa + OFF_SHARED_BUFFER => {
+                self.psc(memory, scratch)
+            }
+            nae::IOIO_EXIT | nae::CPUID_EXIT | nae::MSR_EXIT if header_ok => nae::answer(
+                &mut self.devices,
+                self.hostile,
+                memory,
+                gpa,
+                &mut self.stats.protocol_violations,
+            ),
+            _ => {
+                self.stats.protocol_violations += 1;
+                (1, GHCB_MALFORMED)
+            }
         };
         memory.write_u64(gpa + OFF_SW_EXIT_INFO_1, info1);
         memory.write_u64(gpa + OFF_SW_EXIT_INFO_2, info2);
