@@ -58,6 +58,15 @@ mod imp {
         pub fn is_locked(&self) -> bool {
             self.0.try_lock().is_err()
         }
+
+        /// The lock if free now.
+        pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+            match self.0.try_lock() {
+                Ok(guard) => Some(guard),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
     }
 
     /// Waiting for another CPU: a point where the explorer must switch.

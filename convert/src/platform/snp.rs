@@ -87,6 +87,23 @@ impl GhcbSlot {
         self.0.lock().as_ref().map(GhcbPage::gpa)
     }
 
+    /// Lends the slot's GHCB to `f`, for this CPU's #VC handler
+    /// ([`handle_vc`](crate::exception::vc::handle_vc)), which must use the
+    /// page registered for the CPU. `None` if the slot is empty, or if a
+    /// page state change of this CPU holds the page: the #VC interrupted
+    /// it (an interrupt handler's port I/O in the middle of a conversion),
+    /// and the page holds that request. Never waits, so a #VC cannot
+    /// deadlock on its own CPU's conversion.
+    ///
+    /// The engine itself executes no instruction that raises #VC while it
+    /// holds the page. An OS whose interrupt handlers may take a #VC during
+    /// a conversion either keeps them off the CPU meanwhile, or, on `None`,
+    /// does as Linux's backup GHCB: copies the page it registered to
+    /// private memory, handles the #VC through it, and copies it back.
+    pub fn try_with<T>(&self, f: impl FnOnce(&mut GhcbPage) -> T) -> Option<T> {
+        self.0.try_lock()?.as_mut().map(f)
+    }
+
     /// Empties the slot: the CPU uses the MSR protocol from now on.
     pub(crate) fn take(&self) -> Option<GhcbPage> {
         self.0.lock().take()
