@@ -1,5 +1,5 @@
-"""Planting one bug and checking that a test catches it: shared by
-scripts/pool-mutants, scripts/la57-mutants and scripts/lifecycle-mutants."""
+"""Planting one bug and checking that a test catches it: shared by the
+scripts/*-mutants scripts."""
 import pathlib, subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
