@@ -21,6 +21,9 @@
 //! ([`platform::snp::GhcbSlot`]). The engine never allocates from a heap;
 //! only the optional `zeropad` feature needs one, once (see below).
 //!
+//! Also here: the SEV-SNP #VC handler ([`exception::vc::handle_vc`]), for
+//! the CPUID, MSR and port accesses the hypervisor must carry out.
+//!
 //! # Features
 //!
 //! - `zeropad` (off by default): the [`zeropad`] module, the fault fix-up
