@@ -2,7 +2,9 @@
 //! memory, against the model's devices and tables: what reaches the
 //! hypervisor, what comes back, and every lie about the answer.
 
-use hvmock::snp::nae::{COM1, COM1_LSR, DEBUG_EXIT, GHCB_ERR_INVALID_INPUT, INJECT_GP, IOIO_EXIT, MSR_EXIT};
+use hvmock::snp::nae::{
+    COM1, COM1_LSR, DEBUG_EXIT, GHCB_ERR_INVALID_INPUT, GHCB_ERR_MISSING_INPUT, INJECT_GP, IOIO_EXIT, MSR_EXIT,
+};
 use hvmock::{GhcbReg, MockSnp, SnpConfig, SnpHostile};
 use integration::{boot_ghcb, snp, MIB};
 use snp_ghcb::cpuid::{cpuid, CpuidResult, CPUID_EXIT_CODE};
@@ -343,7 +345,11 @@ fn the_model_refuses_malformed_requests() {
         assert_eq!(done, Err(NaeError::Unexpected { info1: 2 }), "{info1:#x}");
         assert_eq!(
             ghcb.field(Field::SwExitInfo2),
-            if rax.is_some() { GHCB_ERR_INVALID_INPUT } else { 4 }
+            if rax.is_some() {
+                GHCB_ERR_INVALID_INPUT
+            } else {
+                GHCB_ERR_MISSING_INPUT
+            }
         );
     }
     assert_eq!(hv.stats().protocol_violations, 5);
