@@ -10,7 +10,7 @@
 
 extern crate alloc;
 
-mod boot;
+pub mod boot;
 mod emulate;
 mod heap;
 mod io;
@@ -39,19 +39,22 @@ pub fn fail(what: &str) -> ! {
     io::exit(io::FAIL)
 }
 
-extern "C" {
-    static __bss_end: u8;
-}
-
-#[no_mangle]
-extern "C" fn kernel_main() -> ! {
+/// The common kernel, entered from either boot path on the boot stack,
+/// with interrupts off and the guest's GDT loaded.
+pub fn kernel_main(boot: boot::BootInfo) -> ! {
     trap::init(0);
-    // A linker-script symbol; only its address is taken.
-    let end = core::ptr::addr_of!(__bss_end) as u64;
-    scenarios::check(end < 24 << 20, "kernel image runs into the page-table frames");
+    let (image_start, image_end) = boot.image;
+    scenarios::check(
+        image_end <= memory::TABLE_FRAMES.0 || image_start >= memory::TABLE_FRAMES.1,
+        "kernel image runs into the page-table frames",
+    );
+    memory::set_image(boot.image);
+    boot::check_free(memory::TABLE_FRAMES.0, memory::TABLE_FRAMES.1, "page-table frames");
+    boot::check_free(scenarios::SPAN.0, scenarios::SPAN.1, "the memory the scenarios convert");
+    smp::set_trampoline_page(boot.trampoline);
     coco_convert::zeropad::init();
     emulate::host_memory();
-    let la57 = boot::la57_requested();
+    let la57 = boot.la57_requested;
     if la57 && !boot::cpu_has_la57() {
         fail("5-level paging asked for (la57), but the CPU lacks LA57: CPUID.(EAX=7,ECX=0):ECX[16] is clear");
     }
@@ -60,9 +63,11 @@ extern "C" fn kernel_main() -> ! {
         "the paging depth is not the one the command line asked for",
     );
     println!(
-        "guest: long mode ({}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel ends at {:#x}",
+        "guest: booted by {}, long mode ({}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel at [{:#x}, {:#x})",
+        boot.firmware.name(),
         if la57 { 5 } else { 4 },
-        end
+        image_start,
+        image_end
     );
 
     if la57 {
@@ -315,7 +320,7 @@ static WINDOWS_SNP: WindowsCell = WindowsCell(spin::Mutex::new(None));
 
 /// CPU 1, from the trampoline: the kernel's GDT, its own TSS and IST
 /// stacks, interrupts on (for shootdown IPIs), then the race loop.
-extern "C" fn ap_main() -> ! {
+extern "sysv64" fn ap_main() -> ! {
     // SAFETY: CPU 0 filled GDT_PTR at boot; the code selector is the same.
     unsafe { core::arch::asm!("lgdt [{0}]", in(reg) core::ptr::addr_of!(boot::GDT_PTR), options(nostack)) };
     trap::init(1);
