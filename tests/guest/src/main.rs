@@ -16,6 +16,7 @@ mod heap;
 mod io;
 mod lifecycle;
 mod memory;
+mod platform;
 mod race;
 mod rt;
 mod scenarios;
@@ -54,6 +55,12 @@ pub fn kernel_main(boot: boot::BootInfo) -> ! {
     smp::set_trampoline_page(boot.trampoline);
     coco_convert::zeropad::init();
     emulate::host_memory();
+    if platform::detect_platform() != coco_convert::platform::detect::Detected::Neither {
+        // What a real TD or SNP guest needs (I/O through the host, #VE and
+        // #VC handlers, the real encryption bit, no emulators) is not in
+        // this build: stop before anything pretends otherwise.
+        fail("a real TDX or SEV-SNP platform: this build runs the emulated scenarios only");
+    }
     let la57 = boot.la57_requested;
     if la57 && !boot::cpu_has_la57() {
         fail("5-level paging asked for (la57), but the CPU lacks LA57: CPUID.(EAX=7,ECX=0):ECX[16] is clear");
@@ -150,6 +157,7 @@ fn tdx(gpaw: u8) {
     .with_window(WINDOWS_TDX.init(&tables));
     e.adopt_unaccepted(lifecycle::bitmap())
         .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    boot::record_unaccepted(&e);
     println!(
         "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
         info.gpaw,
@@ -234,6 +242,7 @@ fn snp() {
     .with_window(WINDOWS_SNP.init(&tables));
     e.adopt_unaccepted(lifecycle::bitmap())
         .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    boot::record_unaccepted(&e);
     println!(
         "  SEV info: protocol {}..{}, C-bit {}",
         info.min_version, info.max_version, info.c_bit
@@ -332,6 +341,9 @@ extern "sysv64" fn ap_main() -> ! {
 
 fn handle_trap(frame: &mut trap::Frame) {
     let vector = frame.vector;
+    if platform::rdmsr_fault(frame) {
+        return;
+    }
     if (vector == 6 || vector == 13) && emulate::emulate(frame) {
         return;
     }

@@ -43,6 +43,21 @@ pub fn check_free(start: u64, end: u64, what: &str) {
     let _ = (start, end, what);
 }
 
+/// Gives the engine the memory the firmware's map hands over unaccepted
+/// (UEFI type 15): whole units go into its bitmap, the edges are accepted
+/// at once. OVMF in a plain VM reports none; TDVF and the OVMF AMD SEV
+/// build do, for memory not accepted or validated at launch.
+pub fn record_unaccepted<P: coco_convert::Platform>(e: &crate::scenarios::GuestEngine<P>) {
+    #[cfg(target_os = "uefi")]
+    for (start, end, _) in firmware_map::ranges().filter(|&(_, _, u)| u == firmware_map::Use::Unaccepted) {
+        if let Err(why) = e.record_unaccepted(start, end - start) {
+            crate::println!("  unaccepted memory [{start:#x}, {end:#x}): {why:?}");
+            crate::fail("the firmware's unaccepted memory could not be recorded");
+        }
+    }
+    let _ = e;
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Firmware {
     Pvh,
