@@ -29,6 +29,10 @@
 //! the length the TDX module reported) or nothing in the registers changes
 //! and a [`VeError`] says why.
 //!
+//! The handler does not know the privilege level of the interrupted
+//! context: an OS whose user space can raise #VEs (CPUID is the one Linux
+//! emulates there) hands over only those it allows.
+//!
 //! ```no_run
 //! use coco_convert::exception::ve::{VeHandler, VeOutcome};
 //! use coco_convert::exception::FaultFrame;
@@ -181,8 +185,9 @@ impl core::error::Error for VeError {
     }
 }
 
-/// The longest x86 instruction: Intel SDM vol. 2A, "Instruction Format"
-/// (a longer one raises #GP and never executes).
+/// The longest x86 instruction: "the maximum length of an Intel 64 and
+/// IA-32 instruction remains 15 bytes" (Intel SDM vol. 2A, 2.3.11); the
+/// CPU refuses a longer one (#GP) before it executes.
 const MAX_INSTRUCTION_LENGTH: u32 = 15;
 
 /// Registers an emulated instruction writes, applied only once everything
