@@ -78,16 +78,25 @@ pub fn record(bytes: &[u8], descriptor_size: usize, version: u32) -> Result<u64,
         return Err(MapError::TooMany);
     }
     let word = |d: &[u8], at: usize| u64::from_le_bytes(d[at..at + 8].try_into().unwrap_or([0; 8]));
-    for (i, d) in bytes.chunks_exact(descriptor_size).enumerate() {
-        // EFI_MEMORY_DESCRIPTOR: Type (u32), pad, PhysicalStart, VirtualStart,
-        // NumberOfPages, Attribute.
+    // EFI_MEMORY_DESCRIPTOR: Type (u32), pad, PhysicalStart, VirtualStart,
+    // NumberOfPages, Attribute.
+    let decode = |d: &[u8]| {
         let kind = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
         let (start, pages) = (word(d, 8), word(d, 24));
-        let end = pages
+        pages
             .checked_mul(4096)
             .and_then(|len| start.checked_add(len))
             .filter(|_| start.is_multiple_of(4096))
-            .ok_or(MapError::Range { start, pages })?;
+            .map(|end| (start, end, kind))
+            .ok_or(MapError::Range { start, pages })
+    };
+    // All checked before any is kept: a refused map leaves the last good
+    // one whole.
+    for d in bytes.chunks_exact(descriptor_size) {
+        decode(d)?;
+    }
+    for (i, d) in bytes.chunks_exact(descriptor_size).enumerate() {
+        let (start, end, kind) = decode(d)?;
         STARTS[i].store(start, Ordering::Relaxed);
         ENDS[i].store(end, Ordering::Relaxed);
         KINDS[i].store(kind as u64, Ordering::Relaxed);
