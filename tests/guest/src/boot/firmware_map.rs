@@ -67,7 +67,7 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 /// `version`). Takes no lock and allocates nothing: it runs between
 /// GetMemoryMap and ExitBootServices.
 pub fn record(bytes: &[u8], descriptor_size: usize, version: u32) -> Result<u64, MapError> {
-    if descriptor_size < 40 || !descriptor_size.is_multiple_of(8) {
+    if descriptor_size < 40 || descriptor_size & 7 != 0 {
         return Err(MapError::DescriptorSize(descriptor_size));
     }
     if version != 1 {
@@ -86,7 +86,7 @@ pub fn record(bytes: &[u8], descriptor_size: usize, version: u32) -> Result<u64,
         pages
             .checked_mul(4096)
             .and_then(|len| start.checked_add(len))
-            .filter(|_| start.is_multiple_of(4096))
+            .filter(|_| start & 0xFFF == 0)
             .map(|end| (start, end, kind))
             .ok_or(MapError::Range { start, pages })
     };
