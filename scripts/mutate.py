@@ -16,12 +16,16 @@ def plant(name, command, edits, keep=()):
     the files in `keep`, which a failing run may write to), and reports.
     True if the command failed as it should."""
     originals = {ROOT / path: (ROOT / path).read_text() for path in keep}
+    # Each edit applies to the file as the edits before it left it: two
+    # edits of one file must both land, not the last one alone.
+    mutated = {}
     try:
         for path, old, new in edits:
             file = ROOT / path
-            current = originals.setdefault(file, file.read_text())
+            current = mutated.get(file, originals.setdefault(file, file.read_text()))
             assert current.count(old) == 1, f"{name}: the code to mutate is not in {path} exactly once"
-            file.write_text(current.replace(old, new))
+            mutated[file] = current.replace(old, new)
+            file.write_text(mutated[file])
         out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     finally:
         for file, text in originals.items():

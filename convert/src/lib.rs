@@ -26,12 +26,12 @@
 //!
 //! # Features
 //!
-//! - `zeropad` (off by default): the [`zeropad`] module, the fault fix-up
+//! - `zeropad` (off by default): the `zeropad` module, the fault fix-up
 //!   that makes `load_unaligned_zeropad` safe next to conversions, for
 //!   kernels that read strings a word at a time across page ends. It
 //!   brings the iced-x86 decoder: about 85 KB of code and 33 KB of
 //!   read-only data in a release `x86_64-unknown-none` kernel, and about
-//!   330 KB of heap that [`zeropad::init`] allocates once for the
+//!   330 KB of heap that `zeropad::init` allocates once for the
 //!   decoder's tables (the fault path never allocates). Off by default so
 //!   that a kernel or firmware without a heap, or without such loads,
 //!   pays nothing.

@@ -14,14 +14,26 @@ pub struct VeInfo {
     pub gla: u64,
     /// The guest physical address of the access.
     pub gpa: u64,
-    /// Length of the instruction that caused the #VE.
+    /// Length of the instruction that caused the #VE. Defined for the
+    /// #VEs an instruction raises (CPUID, port I/O, RDMSR, WRMSR), not for
+    /// EPT violations.
     pub instruction_length: u32,
     /// VMX instruction information.
     pub instruction_info: u32,
 }
 
+/// Basic exit reasons (Intel SDM vol. 3C, appendix C, "VMX Basic Exit
+/// Reasons") of the #VEs a guest handles.
 impl VeInfo {
-    /// Basic exit reason of an EPT violation.
+    /// CPUID.
+    pub const EXIT_REASON_CPUID: u32 = 10;
+    /// IN, INS, OUT or OUTS; the exit qualification says which.
+    pub const EXIT_REASON_IO_INSTRUCTION: u32 = 30;
+    /// RDMSR.
+    pub const EXIT_REASON_RDMSR: u32 = 31;
+    /// WRMSR.
+    pub const EXIT_REASON_WRMSR: u32 = 32;
+    /// An EPT violation.
     pub const EXIT_REASON_EPT_VIOLATION: u32 = 48;
 }
 

@@ -4,8 +4,23 @@ use crate::regs::{leaf, Registers, Tdcall};
 use crate::status::{TdxError, TdxStatus};
 
 /// TDG.VP.VMCALL sub-function numbers, passed in R11 (GHCI v1.5, "TDG.VP.VMCALL
-/// Interface": vendor-specific leaves start at 0x10000).
+/// Interface"). Below 0x10000 a sub-function asks the VMM to carry out an
+/// instruction, and its number is that instruction's VMX basic exit reason
+/// (Intel SDM vol. 3C, appendix C, "VMX Basic Exit Reasons"); the TDX
+/// services start at 0x10000.
 pub mod subfunction {
+    /// `\<Instruction.CPUID\>`: exit reason 10 (GHCI v1.5,
+    /// "TDG.VP.VMCALL\<Instruction.CPUID\>").
+    pub const INSTRUCTION_CPUID: u64 = 10;
+    /// `\<Instruction.IO\>`: exit reason 30, "I/O instruction" (GHCI v1.5,
+    /// "TDG.VP.VMCALL\<Instruction.IO\>").
+    pub const INSTRUCTION_IO: u64 = 30;
+    /// `\<Instruction.RDMSR\>`: exit reason 31 (GHCI v1.5,
+    /// "TDG.VP.VMCALL\<Instruction.RDMSR\>").
+    pub const INSTRUCTION_RDMSR: u64 = 31;
+    /// `\<Instruction.WRMSR\>`: exit reason 32 (GHCI v1.5,
+    /// "TDG.VP.VMCALL\<Instruction.WRMSR\>").
+    pub const INSTRUCTION_WRMSR: u64 = 32;
     /// `\<MapGPA\>`: change a GPA range between private and shared.
     pub const MAP_GPA: u64 = 0x10001;
     /// `\<ReportFatalError\>`: tell the VMM the TD cannot continue.
@@ -119,6 +134,26 @@ pub unsafe fn tdvmcall<T: Tdcall + ?Sized>(
     unsafe { tdcall.tdcall(&mut regs) };
     TdxStatus(regs.rax).into_result()?;
     Ok((VmcallStatus::from_raw(regs.r10), regs))
+}
+
+/// Issues one of the `Instruction.*` sub-functions and requires
+/// `TDG.VP.VMCALL_SUCCESS`. Returns the registers as the VMM left them: the
+/// caller takes its outputs from them and trusts none of their bits beyond
+/// what the instruction could have produced.
+pub(crate) fn instruction_vmcall<T: Tdcall + ?Sized>(
+    tdcall: &T,
+    subfunction: u64,
+    args: [u64; 4],
+) -> Result<Registers, VmcallError> {
+    // SAFETY: the instruction sub-functions cannot change private guest
+    // memory: the VMM reaches only shared memory (an emulated device's DMA,
+    // a paravirtual MSR naming a GPA), which it may rewrite at any time
+    // anyway, so no invariant of Rust code can rest on it.
+    let (status, regs) = unsafe { tdvmcall(tdcall, subfunction, args) }.map_err(VmcallError::Tdcall)?;
+    match status {
+        VmcallStatus::Success => Ok(regs),
+        other => Err(VmcallError::Status(other)),
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! The engine calls [`Platform::convert`] only while every alias of every
 //! frame is not present, with the frames as sorted physical runs.
 
+pub mod detect;
 mod knobs;
 mod runs;
 pub mod snp;

@@ -87,6 +87,23 @@ pub fn handle_fault<R: RegisterAccess + ?Sized>(regs: &mut R, fault: u64, kind: 
     })
 }
 
+/// Where the recorded load at RIP reads from, decoded and checked as
+/// [`handle_fault`] decodes and checks it: `Ok(None)` if RIP is not a
+/// recorded load. For a #VE handler, which must know whether the access
+/// runs across a page before it calls [`handle_fault`].
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn site_load_address<R: RegisterAccess + ?Sized>(regs: &R) -> Result<Option<u64>, NotHandled> {
+    let Some(site) = super::site::find(regs.rip()) else {
+        return Ok(None);
+    };
+    if !is_initialised() {
+        return Err(NotHandled::NotInitialised);
+    }
+    // SAFETY: as in `handle_fault`.
+    let code = unsafe { core::slice::from_raw_parts(regs.rip() as *const u8, site.len()) };
+    decode_load(regs, code).map(|load| Some(load.address))
+}
+
 /// The checks and the fix-up, given the instruction bytes at RIP and a way
 /// to load the aligned word: everything [`handle_fault`] does but the site
 /// lookup and the memory reads, so that any bytes and register state can be
@@ -100,6 +117,30 @@ pub fn fixup_with<R: RegisterAccess + ?Sized>(
     if !is_initialised() {
         return Err(NotHandled::NotInitialised);
     }
+    let Load { dest, address, next_ip } = decode_load(regs, code)?;
+    let aligned = address & !7;
+    if address & 7 == 0 || aligned.checked_add(8) != Some(fault) {
+        return Err(NotHandled::NotAtNextWord { address, fault });
+    }
+    let word = load_aligned(aligned);
+    regs.set_gpr(dest, word >> ((address & 7) * 8));
+    regs.set_rip(next_ip);
+    Ok(())
+}
+
+/// A decoded `MOV r64, m64`.
+struct Load {
+    dest: Gpr,
+    /// Its effective address.
+    address: u64,
+    /// The RIP after it.
+    next_ip: u64,
+}
+
+/// Decodes `code` (the bytes at RIP) as a `MOV r64, m64` this fix-up
+/// finishes, and computes its effective address from the saved registers.
+/// The caller has checked [`is_initialised`].
+fn decode_load<R: RegisterAccess + ?Sized>(regs: &R, code: &[u8]) -> Result<Load, NotHandled> {
     let mut decoder =
         Decoder::try_with_ip(64, code, regs.rip(), DecoderOptions::NONE).map_err(|_| NotHandled::Undecodable)?;
     let mut insn = Instruction::default();
@@ -125,14 +166,11 @@ pub fn fixup_with<R: RegisterAccess + ?Sized>(
     }
     let dest = gpr(insn.op0_register()).ok_or(NotHandled::NotMovR64M64)?;
     let address = effective_address(&insn, regs)?;
-    let aligned = address & !7;
-    if address & 7 == 0 || aligned.checked_add(8) != Some(fault) {
-        return Err(NotHandled::NotAtNextWord { address, fault });
-    }
-    let word = load_aligned(aligned);
-    regs.set_gpr(dest, word >> ((address & 7) * 8));
-    regs.set_rip(insn.next_ip());
-    Ok(())
+    Ok(Load {
+        dest,
+        address,
+        next_ip: insn.next_ip(),
+    })
 }
 
 /// base + index * scale + displacement, from the saved registers.

@@ -3,9 +3,10 @@
 //! Every load is emitted with [`zeropad_asm!`](crate::zeropad_asm), which
 //! records, in the linker section `zeropad_sites`, the load's address
 //! (relative to the entry, so the table needs no relocation in a PIE
-//! executable or a relocatable kernel) and its length. A host ELF linker
-//! defines `__start_zeropad_sites` and `__stop_zeropad_sites` by itself; a
-//! kernel linker script must keep the section and define them:
+//! executable or a relocatable kernel) and its length. (In a UEFI image
+//! the section is `zpsites`, found through the image's PE headers.) A host
+//! ELF linker defines `__start_zeropad_sites` and `__stop_zeropad_sites` by
+//! itself; a kernel linker script must keep the section and define them:
 //!
 //! ```text
 //! .rodata : {
@@ -50,6 +51,7 @@ impl Site {
 /// ```text
 /// zeropad_asm!(; "mov {v}, qword ptr [{p}]" ; ; v = lateout(reg) value, p = in(reg) ptr, options(nostack));
 /// ```
+#[cfg(not(target_os = "uefi"))]
 #[macro_export]
 macro_rules! zeropad_asm {
     ($($before:expr),* ; $load:expr ; $($after:expr),* ; $($operands:tt)*) => {
@@ -69,9 +71,32 @@ macro_rules! zeropad_asm {
     };
 }
 
+/// Emits `asm!` whose load is recorded as a zeropad site; in a UEFI (PE)
+/// image, whose section names are at most eight bytes and whose linker
+/// brackets no section with symbols, in the section `zpsites`.
+#[cfg(target_os = "uefi")]
+#[macro_export]
+macro_rules! zeropad_asm {
+    ($($before:expr),* ; $load:expr ; $($after:expr),* ; $($operands:tt)*) => {
+        core::arch::asm!(
+            $($before,)*
+            "8471:",
+            $load,
+            "8472:",
+            ".pushsection zpsites, \"dr\"",
+            ".balign 4",
+            ".long 8471b - .",
+            ".byte 8472b - 8471b, 0, 0, 0",
+            ".popsection",
+            $($after,)*
+            $($operands)*
+        )
+    };
+}
+
 // A sentinel entry, so the section (and its start/stop symbols) exists even
 // in a program that never loads through a site.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(target_os = "uefi")))]
 core::arch::global_asm!(
     ".pushsection zeropad_sites, \"aR\"",
     ".balign 4",
@@ -80,7 +105,16 @@ core::arch::global_asm!(
     ".popsection"
 );
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_os = "uefi"))]
+core::arch::global_asm!(
+    ".pushsection zpsites, \"dr\"",
+    ".balign 4",
+    ".long 0",
+    ".byte 0, 0, 0, 0",
+    ".popsection"
+);
+
+#[cfg(all(target_arch = "x86_64", not(target_os = "uefi")))]
 extern "C" {
     #[link_name = "__start_zeropad_sites"]
     static SITES_START: Site;
@@ -89,7 +123,7 @@ extern "C" {
 }
 
 /// Every recorded site.
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", not(target_os = "uefi")))]
 pub fn sites() -> &'static [Site] {
     // SAFETY: the linker (or the kernel linker script) brackets the
     // section, which holds only `Site` entries, with these symbols.
@@ -98,6 +132,36 @@ pub fn sites() -> &'static [Site] {
         let stop = core::ptr::addr_of!(SITES_STOP);
         let count = (stop as usize - start as usize) / core::mem::size_of::<Site>();
         core::slice::from_raw_parts(start, count)
+    }
+}
+
+/// Every recorded site, in a UEFI image: the linker merges every object's
+/// `zpsites` section into one image section, found through the image's
+/// own PE headers (Microsoft PE/COFF specification, "Section Table").
+#[cfg(all(target_arch = "x86_64", target_os = "uefi"))]
+pub fn sites() -> &'static [Site] {
+    extern "C" {
+        // Defined by the PE linker at the image's first byte.
+        static __ImageBase: u8;
+    }
+    // SAFETY: the image's headers are loaded with it, read-only, and
+    // describe its sections; the section found holds only `Site` entries
+    // (and zero padding, which reads as sentinels).
+    unsafe {
+        let base = core::ptr::addr_of!(__ImageBase);
+        let read16 = |at: usize| base.add(at).cast::<u16>().read_unaligned() as usize;
+        let read32 = |at: usize| base.add(at).cast::<u32>().read_unaligned() as usize;
+        let coff = read32(0x3C) + 4;
+        let sections = coff + 20 + read16(coff + 16);
+        for i in 0..read16(coff + 2) {
+            let header = sections + 40 * i;
+            let name = core::slice::from_raw_parts(base.add(header), 8);
+            if name == b"zpsites\0" {
+                let count = read32(header + 8) / core::mem::size_of::<Site>();
+                return core::slice::from_raw_parts(base.add(read32(header + 12)).cast::<Site>(), count);
+            }
+        }
+        &[]
     }
 }
 

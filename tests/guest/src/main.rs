@@ -10,12 +10,13 @@
 
 extern crate alloc;
 
-mod boot;
+pub mod boot;
 mod emulate;
 mod heap;
 mod io;
 mod lifecycle;
 mod memory;
+mod platform;
 mod race;
 mod rt;
 mod scenarios;
@@ -39,19 +40,28 @@ pub fn fail(what: &str) -> ! {
     io::exit(io::FAIL)
 }
 
-extern "C" {
-    static __bss_end: u8;
-}
-
-#[no_mangle]
-extern "C" fn kernel_main() -> ! {
+/// The common kernel, entered from either boot path on the boot stack,
+/// with interrupts off and the guest's GDT loaded.
+pub fn kernel_main(boot: boot::BootInfo) -> ! {
     trap::init(0);
-    // A linker-script symbol; only its address is taken.
-    let end = core::ptr::addr_of!(__bss_end) as u64;
-    scenarios::check(end < 24 << 20, "kernel image runs into the page-table frames");
+    let (image_start, image_end) = boot.image;
+    scenarios::check(
+        image_end <= memory::TABLE_FRAMES.0 || image_start >= memory::TABLE_FRAMES.1,
+        "kernel image runs into the page-table frames",
+    );
+    memory::set_image(boot.image);
+    boot::check_free(memory::TABLE_FRAMES.0, memory::TABLE_FRAMES.1, "page-table frames");
+    boot::check_free(scenarios::SPAN.0, scenarios::SPAN.1, "the memory the scenarios convert");
+    smp::set_trampoline_page(boot.trampoline);
     coco_convert::zeropad::init();
     emulate::host_memory();
-    let la57 = boot::la57_requested();
+    if platform::detect_platform() != coco_convert::platform::detect::Detected::Neither {
+        // What a real TD or SNP guest needs (I/O through the host, #VE and
+        // #VC handlers, the real encryption bit, no emulators) is not in
+        // this build: stop before anything pretends otherwise.
+        fail("a real TDX or SEV-SNP platform: this build runs the emulated scenarios only");
+    }
+    let la57 = boot.la57_requested;
     if la57 && !boot::cpu_has_la57() {
         fail("5-level paging asked for (la57), but the CPU lacks LA57: CPUID.(EAX=7,ECX=0):ECX[16] is clear");
     }
@@ -60,9 +70,11 @@ extern "C" fn kernel_main() -> ! {
         "the paging depth is not the one the command line asked for",
     );
     println!(
-        "guest: long mode ({}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel ends at {:#x}",
+        "guest: booted by {}, long mode ({}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel at [{:#x}, {:#x})",
+        boot.firmware.name(),
         if la57 { 5 } else { 4 },
-        end
+        image_start,
+        image_end
     );
 
     if la57 {
@@ -145,6 +157,7 @@ fn tdx(gpaw: u8) {
     .with_window(WINDOWS_TDX.init(&tables));
     e.adopt_unaccepted(lifecycle::bitmap())
         .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    boot::record_unaccepted(&e);
     println!(
         "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
         info.gpaw,
@@ -229,6 +242,7 @@ fn snp() {
     .with_window(WINDOWS_SNP.init(&tables));
     e.adopt_unaccepted(lifecycle::bitmap())
         .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    boot::record_unaccepted(&e);
     println!(
         "  SEV info: protocol {}..{}, C-bit {}",
         info.min_version, info.max_version, info.c_bit
@@ -315,7 +329,7 @@ static WINDOWS_SNP: WindowsCell = WindowsCell(spin::Mutex::new(None));
 
 /// CPU 1, from the trampoline: the kernel's GDT, its own TSS and IST
 /// stacks, interrupts on (for shootdown IPIs), then the race loop.
-extern "C" fn ap_main() -> ! {
+extern "sysv64" fn ap_main() -> ! {
     // SAFETY: CPU 0 filled GDT_PTR at boot; the code selector is the same.
     unsafe { core::arch::asm!("lgdt [{0}]", in(reg) core::ptr::addr_of!(boot::GDT_PTR), options(nostack)) };
     trap::init(1);
@@ -327,6 +341,9 @@ extern "C" fn ap_main() -> ! {
 
 fn handle_trap(frame: &mut trap::Frame) {
     let vector = frame.vector;
+    if platform::rdmsr_fault(frame) {
+        return;
+    }
     if (vector == 6 || vector == 13) && emulate::emulate(frame) {
         return;
     }

@@ -3,9 +3,9 @@
 //! scratch windows).
 //!
 //! Layout: RAM [0, 2 GiB).
-//! - identity map of [0, 32 MiB) with 2 MiB pages: the kernel image, its
-//!   heap and stacks, and the page-table frames [24 MiB, 32 MiB); never
-//!   converted;
+//! - identity map of [0, 32 MiB) with 2 MiB pages: the PVH kernel image,
+//!   its heap and stacks, and the page-table frames [24 MiB, 32 MiB); and
+//!   of a UEFI-loaded image wherever the firmware put it; never converted;
 //! - the direct map of all RAM ([`Layout::direct_map`]): GiB 0 one 1 GiB
 //!   leaf, GiB 1 512 2 MiB leaves;
 //! - the host view at `HOST_VIEW`, 1 GiB leaves: how the in-guest
@@ -26,7 +26,20 @@ pub const RAM: u64 = 2 << 30;
 /// Canonical at either depth: the emulators reach memory through it before
 /// and after the switch to the guest's own tables.
 pub const HOST_VIEW: u64 = 0xFFFF_C000_0000_0000;
-const TABLE_FRAMES: (u64, u64) = (24 << 20, 32 << 20);
+pub const TABLE_FRAMES: (u64, u64) = (24 << 20, 32 << 20);
+/// The identity map's low part: the trampoline page, the PVH kernel, and
+/// the page-table frames.
+const LOW_IDENTITY: u64 = 32 << 20;
+
+/// The loaded image, `[start, end)`; a UEFI firmware puts it wherever it
+/// likes, so it is identity-mapped on its own when it lies above the low
+/// part.
+static IMAGE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+pub fn set_image((start, end): (u64, u64)) {
+    IMAGE[0].store(start, Ordering::Relaxed);
+    IMAGE[1].store(end, Ordering::Relaxed);
+}
 
 /// The tables' depth and where the engine's mappings are.
 pub struct Layout {
@@ -246,7 +259,13 @@ pub fn build(enc: EncryptionBit) -> Tables {
         next_vmalloc: layout.vmalloc,
     };
     let data = WRITABLE | NO_EXECUTE | ACCESSED | DIRTY;
-    t.map(0, 0, 32 << 20, Level::Pd, WRITABLE | ACCESSED | DIRTY);
+    t.map(0, 0, LOW_IDENTITY, Level::Pd, WRITABLE | ACCESSED | DIRTY);
+    let (image_start, image_end) = (IMAGE[0].load(Ordering::Relaxed), IMAGE[1].load(Ordering::Relaxed));
+    if image_end > LOW_IDENTITY {
+        let start = (image_start & !((2 << 20) - 1)).max(LOW_IDENTITY);
+        let end = image_end.next_multiple_of(2 << 20);
+        t.map(start, start, end - start, Level::Pd, WRITABLE | ACCESSED | DIRTY);
+    }
     t.map(layout.direct_map, 0, 1 << 30, Level::Pdpt, data);
     t.map(layout.direct_map + (1 << 30), 1 << 30, 1 << 30, Level::Pd, data);
     t.map(HOST_VIEW, 0, RAM, Level::Pdpt, data);

@@ -16,6 +16,10 @@ pub static STATES: [AtomicU8; (crate::memory::RAM / 4096) as usize] =
 
 const MIB: u64 = 1 << 20;
 
+/// Every frame any scenario converts, accepts or hands to the host lies
+/// in `[SPAN.0, SPAN.1)`: the boot checks the firmware left it free.
+pub const SPAN: (u64, u64) = (64 * MIB, (1 << 30) + 902 * MIB);
+
 pub fn check(ok: bool, what: &str) {
     if !ok {
         fail(what);

@@ -121,7 +121,9 @@ extern "C" {
     fn trap_stub_240();
 }
 
-extern "C" fn dispatch(frame: &mut Frame) {
+// The System V ABI on both builds (a UEFI target's "C" is Microsoft's): the
+// stub passes the frame in RDI.
+extern "sysv64" fn dispatch(frame: &mut Frame) {
     crate::handle_trap(frame);
 }
 

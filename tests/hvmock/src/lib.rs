@@ -13,9 +13,14 @@
 //!   [`snp_ghcb::Pvalidate`].
 //! - [`GuestMemory`]: the guest's physical memory both of them read and
 //!   write (contents are scribbled on every conversion, zeroed on ACCEPT).
+//! - [`emulation`]: what the VMM emulates when the guest has it carry out
+//!   an instruction: a port space (a serial console, isa-debug-exit), a
+//!   CPUID table, MSRs. [`MockTdx`] answers TDG.VP.VMCALL\<Instruction.*\>
+//!   from it.
 //!
-//! Each has hostile modes ([`TdxHostile`], [`SnpHostile`]) that make the
-//! host lie in the ways the guest crates must survive.
+//! Each has hostile modes ([`TdxHostile`], [`TdxEmulationHostile`],
+//! [`SnpHostile`]) that make the host lie in the ways the guest crates must
+//! survive.
 //!
 //! Where real hardware answers a bad request with an exit to the host that
 //! the host may decline to resolve (TDX: ACCEPT of a GPA with no private
@@ -32,6 +37,7 @@
 
 extern crate alloc;
 
+pub mod emulation;
 mod memory;
 pub mod pagewalk;
 mod preemption;
@@ -41,7 +47,7 @@ pub mod tdx;
 pub use memory::GuestMemory;
 pub use pagewalk::{GuestPageTables, Mapping};
 pub use snp::{GhcbReg, MockSnp, NaeInputs, RmpEntry, SnpConfig, SnpHostile};
-pub use tdx::{MockTdx, TdxConfig, TdxEvent, TdxHostile, TdxPage, TdxPageState};
+pub use tdx::{MockTdx, TdxConfig, TdxEmulationHostile, TdxEvent, TdxHostile, TdxPage, TdxPageState};
 
 /// 4 KiB.
 pub const PAGE_SIZE: u64 = 4096;

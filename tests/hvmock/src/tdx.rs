@@ -11,6 +11,7 @@ use alloc::vec::Vec;
 use spin::Mutex;
 use tdcall::{Registers, Tdcall};
 
+use crate::emulation::Emulated;
 use crate::memory::GuestMemory;
 use crate::pagewalk::{AliasCheck, GuestPageTables, Violation};
 use crate::{PAGE_SIZE, SCRIBBLE};
@@ -30,7 +31,13 @@ const TDX_NO_VALID_VE_INFO: u64 = 0xC000_0704_0000_0000;
 /// Operand id of RCX in status bits 31:0.
 const OPERAND_RCX: u64 = 1;
 
-// GHCI v1.5: TDG.VP.VMCALL sub-functions and status codes.
+// GHCI v1.5: TDG.VP.VMCALL sub-functions and status codes. The
+// Instruction.* sub-functions are VMX basic exit reasons (Intel SDM vol. 3C,
+// appendix C).
+const INSTRUCTION_CPUID: u64 = 10;
+const INSTRUCTION_IO: u64 = 30;
+const INSTRUCTION_RDMSR: u64 = 31;
+const INSTRUCTION_WRMSR: u64 = 32;
 const MAP_GPA: u64 = 0x10001;
 const REPORT_FATAL_ERROR: u64 = 0x10003;
 const VMCALL_SUCCESS: u64 = 0;
@@ -92,6 +99,27 @@ pub enum TdxHostile {
     SuccessWithoutConverting,
     /// Answers with this status, not defined by the GHCI.
     GarbageStatus(u64),
+}
+
+/// Ways the VMM lies when it carries out an instruction for the guest
+/// (TDG.VP.VMCALL\<Instruction.IO\>, \<Instruction.CPUID\>,
+/// \<Instruction.RDMSR\>, \<Instruction.WRMSR\>). Each applies to every
+/// such call while set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TdxEmulationHostile {
+    /// The honest answer, with every bit above the access set: an `IN`'s
+    /// R11 above its 1, 2 or 4 bytes, CPUID's R12-R15 above 32 bits. (An
+    /// MSR has 64 bits: RDMSR is answered honestly.)
+    GarbageAboveAccess,
+    /// Every read is answered with this raw value, whatever was asked: an
+    /// `IN`'s R11, RDMSR's R11 (even for an MSR the VMM does not emulate),
+    /// and each of CPUID's R12-R15.
+    Answer(u64),
+    /// Every call is answered with this status in R10 and not carried out.
+    Status(u64),
+    /// The TDCALL itself fails with this status in RAX: the TDX module
+    /// turned the call down and the VMM never saw it.
+    TdcallFails(u64),
 }
 
 /// Configuration of the model.
@@ -159,6 +187,44 @@ pub enum TdxEvent {
         /// R12.
         code: u64,
     },
+    /// TDG.VP.VMCALL\<Instruction.IO\>.
+    Io {
+        /// R12: the access size in bytes.
+        size: u64,
+        /// R13: 0 read, 1 write.
+        direction: u64,
+        /// R14: the port.
+        port: u64,
+        /// R15 as sent for a write; R11 as returned for a read.
+        data: u64,
+        /// R10 returned.
+        status: u64,
+    },
+    /// TDG.VP.VMCALL\<Instruction.CPUID\>.
+    Cpuid {
+        /// R12: the leaf.
+        leaf: u64,
+        /// R13: the sub-leaf.
+        subleaf: u64,
+        /// R10 returned.
+        status: u64,
+    },
+    /// TDG.VP.VMCALL\<Instruction.RDMSR\>.
+    Rdmsr {
+        /// R12: the MSR.
+        index: u64,
+        /// R10 returned.
+        status: u64,
+    },
+    /// TDG.VP.VMCALL\<Instruction.WRMSR\>.
+    Wrmsr {
+        /// R12: the MSR.
+        index: u64,
+        /// R13: the value.
+        value: u64,
+        /// R10 returned.
+        status: u64,
+    },
     /// A call the model rejected before dispatch.
     Rejected {
         /// RAX (leaf) of the call.
@@ -181,6 +247,8 @@ struct Model {
     events: Vec<TdxEvent>,
     fatal: Option<u64>,
     aliases: AliasCheck,
+    emulated: Emulated,
+    emulation_hostile: Option<TdxEmulationHostile>,
 }
 
 /// The TDX module + VMM model. Implements [`Tdcall`].
@@ -224,6 +292,8 @@ impl MockTdx {
                 events: Vec::new(),
                 fatal: None,
                 aliases: AliasCheck::default(),
+                emulated: Emulated::default(),
+                emulation_hostile: None,
             }),
         }
     }
@@ -323,6 +393,41 @@ impl MockTdx {
     /// The error code of ReportFatalError, if the TD reported one.
     pub fn fatal_error(&self) -> Option<u64> {
         self.model.lock().fatal
+    }
+
+    /// Makes the VMM lie when it carries out instructions (or stop lying,
+    /// with `None`).
+    pub fn set_emulation_hostile(&self, hostile: Option<TdxEmulationHostile>) {
+        self.model.lock().emulation_hostile = hostile;
+    }
+
+    /// Every byte the guest wrote to COM1's data register
+    /// ([`emulation::COM1`](crate::emulation::COM1)).
+    pub fn console(&self) -> Vec<u8> {
+        self.model.lock().emulated.console().to_vec()
+    }
+
+    /// The last value the guest wrote to the isa-debug-exit port
+    /// ([`emulation::DEBUG_EXIT`](crate::emulation::DEBUG_EXIT)).
+    pub fn debug_exit(&self) -> Option<u32> {
+        self.model.lock().emulated.debug_exit()
+    }
+
+    /// Makes the VMM answer CPUID `leaf`, `subleaf` with EAX, EBX, ECX,
+    /// EDX = `answer`. Leaves it has no answer for read as zeros.
+    pub fn set_cpuid(&self, leaf: u32, subleaf: u32, answer: [u32; 4]) {
+        self.model.lock().emulated.set_cpuid(leaf, subleaf, answer);
+    }
+
+    /// Makes the VMM emulate MSR `index`, holding `value`. Unknown MSRs are
+    /// answered `TDG.VP.VMCALL_INVALID_OPERAND`.
+    pub fn set_msr(&self, index: u32, value: u64) {
+        self.model.lock().emulated.set_msr(index, value);
+    }
+
+    /// The value of emulated MSR `index`, if the VMM emulates it.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.model.lock().emulated.rdmsr(index)
     }
 
     fn handle(&self, regs: &mut Registers) {
@@ -429,14 +534,36 @@ impl Model {
             });
             return;
         }
+        let instruction = matches!(
+            regs.r11,
+            INSTRUCTION_CPUID | INSTRUCTION_IO | INSTRUCTION_RDMSR | INSTRUCTION_WRMSR
+        );
+        if let (true, Some(TdxEmulationHostile::TdcallFails(status))) = (instruction, self.emulation_hostile) {
+            regs.rax = status;
+            self.events.push(TdxEvent::Rejected {
+                leaf: LEAF_VP_VMCALL,
+                status,
+            });
+            return;
+        }
         regs.rax = TDX_SUCCESS;
         let exposed_reg = |bit: u32| exposed & (1 << bit) != 0;
-        let (r12, r13) = (
-            if exposed_reg(12) { regs.r12 } else { 0 },
-            if exposed_reg(13) { regs.r13 } else { 0 },
-        );
+        let [r12, r13, r14, r15] =
+            [(12, regs.r12), (13, regs.r13), (14, regs.r14), (15, regs.r15)].map(|(bit, value)| {
+                if exposed_reg(bit) {
+                    value
+                } else {
+                    0
+                }
+            });
+        // R12-R15 as the sub-function returns them (CPUID's four registers).
+        let mut outputs: Option<[u64; 4]> = None;
         let (status, r11) = if regs.r10 != 0 {
             (VMCALL_SUBFUNC_UNSUPPORTED, 0)
+        } else if instruction {
+            let (status, r11, out) = self.instruction(regs.r11, [r12, r13, r14, r15]);
+            outputs = out;
+            (status, r11)
         } else {
             match regs.r11 {
                 MAP_GPA => {
@@ -459,8 +586,21 @@ impl Model {
         };
         regs.r10 = status;
         regs.r11 = r11;
+        if let Some(out) = outputs {
+            for (bit, reg, value) in [
+                (12, &mut regs.r12, out[0]),
+                (13, &mut regs.r13, out[1]),
+                (14, &mut regs.r14, out[2]),
+                (15, &mut regs.r15, out[3]),
+            ] {
+                if exposed_reg(bit) {
+                    *reg = value;
+                }
+            }
+        }
         // Every other exposed register comes back changed: the guest must
         // treat them as clobbered.
+        let outputs_in_r12_to_r15 = outputs.is_some();
         for (bit, reg) in [
             (2, &mut regs.rdx),
             (6, &mut regs.rsi),
@@ -472,9 +612,93 @@ impl Model {
             (14, &mut regs.r14),
             (15, &mut regs.r15),
         ] {
-            if exposed_reg(bit) {
+            if exposed_reg(bit) && !(outputs_in_r12_to_r15 && bit >= 12) {
                 *reg = CLOBBER;
             }
+        }
+    }
+
+    /// An Instruction.* sub-function, carried out on the emulated devices
+    /// (or lied about). Returns R10, R11 and, for CPUID, R12-R15.
+    fn instruction(&mut self, subfunction: u64, args: [u64; 4]) -> (u64, u64, Option<[u64; 4]>) {
+        let [r12, r13, r14, r15] = args;
+        let read = subfunction == INSTRUCTION_RDMSR || subfunction == INSTRUCTION_IO && r13 == 0;
+        let (status, r11, outputs) = match self.emulation_hostile {
+            Some(TdxEmulationHostile::Status(status)) => (status, 0, None),
+            Some(TdxEmulationHostile::Answer(raw)) if subfunction == INSTRUCTION_CPUID => {
+                (VMCALL_SUCCESS, 0, Some([raw; 4]))
+            }
+            Some(TdxEmulationHostile::Answer(raw)) if read => (VMCALL_SUCCESS, raw, None),
+            Some(TdxEmulationHostile::GarbageAboveAccess) => {
+                let (status, r11, outputs) = self.carry_out(subfunction, args);
+                let above_in = match subfunction {
+                    INSTRUCTION_IO if read => u64::MAX.checked_shl(8 * r12 as u32).unwrap_or(0),
+                    _ => 0,
+                };
+                (
+                    status,
+                    r11 | above_in,
+                    outputs.map(|o| o.map(|v| v | 0xFFFF_FFFF_0000_0000)),
+                )
+            }
+            _ => self.carry_out(subfunction, args),
+        };
+        let event = match subfunction {
+            INSTRUCTION_IO => TdxEvent::Io {
+                size: r12,
+                direction: r13,
+                port: r14,
+                data: if r13 == 0 { r11 } else { r15 },
+                status,
+            },
+            INSTRUCTION_CPUID => TdxEvent::Cpuid {
+                leaf: r12,
+                subleaf: r13,
+                status,
+            },
+            INSTRUCTION_RDMSR => TdxEvent::Rdmsr { index: r12, status },
+            _ => TdxEvent::Wrmsr {
+                index: r12,
+                value: r13,
+                status,
+            },
+        };
+        self.events.push(event);
+        (status, r11, outputs)
+    }
+
+    /// What an honest VMM does: checks the operands as the GHCI defines
+    /// them, then emulates. Returns R10, R11 and, for CPUID, R12-R15.
+    fn carry_out(&mut self, subfunction: u64, [r12, r13, r14, r15]: [u64; 4]) -> (u64, u64, Option<[u64; 4]>) {
+        let invalid = (VMCALL_INVALID_OPERAND, 0, None);
+        match subfunction {
+            INSTRUCTION_IO => {
+                let (Ok(port), true, true) = (u16::try_from(r14), matches!(r12, 1 | 2 | 4), r13 <= 1) else {
+                    return invalid;
+                };
+                let bytes = r12 as u8;
+                if r13 == 0 {
+                    (VMCALL_SUCCESS, self.emulated.port_read(port, bytes) as u64, None)
+                } else {
+                    self.emulated.port_write(port, bytes, r15 as u32);
+                    (VMCALL_SUCCESS, 0, None)
+                }
+            }
+            INSTRUCTION_CPUID => match (u32::try_from(r12), u32::try_from(r13)) {
+                (Ok(leaf), Ok(subleaf)) => {
+                    let answer = self.emulated.cpuid(leaf, subleaf).map(u64::from);
+                    (VMCALL_SUCCESS, 0, Some(answer))
+                }
+                _ => invalid,
+            },
+            INSTRUCTION_RDMSR => match u32::try_from(r12).ok().and_then(|i| self.emulated.rdmsr(i)) {
+                Some(value) => (VMCALL_SUCCESS, value, None),
+                None => invalid,
+            },
+            _ => match u32::try_from(r12) {
+                Ok(index) if self.emulated.wrmsr(index, r13) => (VMCALL_SUCCESS, 0, None),
+                _ => invalid,
+            },
         }
     }
 

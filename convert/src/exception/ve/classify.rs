@@ -1,4 +1,5 @@
-//! Which TDX #VE EPT violations belong to the zeropad fix-up.
+//! Which TDX #VE EPT violations are fatal, which are MMIO, and which
+//! belong to the zeropad fix-up.
 
 use tdcall::VeInfo;
 
@@ -14,8 +15,8 @@ pub enum VeClass {
     Fatal,
     /// A shared GPA, and the access runs across a page boundary. MMIO never
     /// does: this is a load like `load_unaligned_zeropad` running off its
-    /// page into one being converted. Call [`handle_fault`](super::handle_fault)
-    /// with the GLA; if it declines, treat the #VE as fatal.
+    /// page into one being converted. Call `zeropad::handle_fault` (feature
+    /// `zeropad`) with the GLA; if it declines, treat the #VE as fatal.
     Zeropad,
     /// A shared GPA, access within one page: emulate it as MMIO.
     Mmio,

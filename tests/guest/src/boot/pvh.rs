@@ -1,4 +1,4 @@
-//! From QEMU's PVH entry (32-bit protected mode, paging off) to 64-bit
+//! The PVH entry, for QEMU's `-kernel` loader. From QEMU's PVH entry (32-bit protected mode, paging off) to 64-bit
 //! Rust: identity-map the first 4 GiB with 1 GiB pages, enable PAE, long
 //! mode, NX and SSE, load a 64-bit GDT, jump.
 //!
@@ -122,30 +122,17 @@ core::arch::global_asm!(
     enabled = sym LA57_ENABLED,
     pvh_magic = const PVH_START_MAGIC,
     la57_word = const u32::from_le_bytes(*b"la57"),
-    cpuid_la57 = const CPUID_7_ECX_LA57,
-    cr4_la57 = const CR4_LA57,
-    gdt_ptr = sym GDT_PTR,
-    gdt = sym GDT,
-    main = sym crate::kernel_main,
-    cr4 = const CR4_LONG_MODE,
-    efer = const EFER_LONG_MODE,
-    cr0 = const CR0_LONG_MODE,
-    not_em = const !CR0_EM,
+    cpuid_la57 = const super::CPUID_7_ECX_LA57,
+    cr4_la57 = const super::CR4_LA57,
+    gdt_ptr = sym super::GDT_PTR,
+    gdt = sym super::GDT,
+    main = sym pvh_main,
+    cr4 = const super::CR4_LONG_MODE,
+    efer = const super::EFER_LONG_MODE,
+    cr0 = const super::CR0_LONG_MODE,
+    not_em = const !super::CR0_EM,
 );
 
-/// CR4 for long mode with SSE: PAE, OSFXSR, OSXMMEXCPT.
-pub const CR4_LONG_MODE: u32 = (1 << 5) | (1 << 9) | (1 << 10);
-/// EFER: LME, NXE.
-pub const EFER_LONG_MODE: u32 = (1 << 8) | (1 << 11);
-/// CR0: PG, WP, MP (PE is already on when PVH enters).
-pub const CR0_LONG_MODE: u32 = (1 << 31) | (1 << 16) | (1 << 1);
-/// CR0.EM, which must be off for SSE.
-pub const CR0_EM: u32 = 1 << 2;
-
-/// CR4.LA57: five levels of paging.
-pub const CR4_LA57: u32 = coco_convert::Paging::CR4_LA57 as u32;
-/// CPUID.(EAX=7,ECX=0):ECX bit 16: the CPU has LA57.
-pub const CPUID_7_ECX_LA57: u32 = 1 << 16;
 /// `hvm_start_info.magic`: EBX points to a PVH start info.
 const PVH_START_MAGIC: u32 = 0x336E_C578;
 
@@ -158,27 +145,12 @@ static mut LA57_ENABLED: u32 = 0;
 
 /// Whether the command line asked for 5-level paging. Written once, by the
 /// 32-bit entry, before any Rust runs.
-pub fn la57_requested() -> bool {
+fn la57_requested() -> bool {
     // SAFETY: written only before Rust starts; a plain read after.
     unsafe { core::ptr::addr_of!(LA57_REQUESTED).read_volatile() != 0 }
 }
 
-/// Whether this CPU runs with 5-level paging (CR4.LA57).
-pub fn la57() -> bool {
-    let cr4: u64;
-    // SAFETY: reading CR4 at CPL 0 has no side effect.
-    unsafe { core::arch::asm!("mov {}, cr4", out(reg) cr4, options(nomem, nostack, preserves_flags)) };
-    coco_convert::Paging::from_cr4(cr4) == coco_convert::Paging::Five
-}
-
-/// Whether the CPU has LA57: CPUID.(EAX=7,ECX=0):ECX[16].
-pub fn cpu_has_la57() -> bool {
-    let max = core::arch::x86_64::__cpuid(0).eax;
-    max >= 7 && core::arch::x86_64::__cpuid_count(7, 0).ecx & CPUID_7_ECX_LA57 != 0
-}
-
-#[repr(C, align(4096))]
-pub struct Table(pub [u64; 512]);
+use super::Table;
 
 #[no_mangle]
 pub static mut BOOT_PML5: Table = Table([0; 512]);
@@ -187,29 +159,24 @@ pub static mut BOOT_PML4: Table = Table([0; 512]);
 #[no_mangle]
 pub static mut BOOT_PDPT: Table = Table([0; 512]);
 
-#[repr(C, align(16))]
-pub struct Stack(pub [u8; 64 * 1024]);
-
-#[no_mangle]
-pub static mut BOOT_STACK: Stack = Stack([0; 64 * 1024]);
-
 extern "C" {
     static BOOT_STACK_TOP: u8;
 }
 core::arch::global_asm!(".set BOOT_STACK_TOP, BOOT_STACK + 65536");
 
-/// Null, 64-bit code (0x08), data (0x10), then a TSS per CPU (0x18, 0x28).
-#[no_mangle]
-pub static mut GDT: [u64; 7] = [0, 0x00AF_9A00_0000_FFFF, 0x00CF_9200_0000_FFFF, 0, 0, 0, 0];
-
-#[repr(C, packed)]
-pub struct GdtPtr {
-    pub limit: u16,
-    pub base: u64,
+extern "C" {
+    static __bss_end: u8;
 }
 
-#[no_mangle]
-pub static mut GDT_PTR: GdtPtr = GdtPtr {
-    limit: 7 * 8 - 1,
-    base: 0,
-};
+/// The first CPU comes here from the 32-bit entry, on the boot stack.
+extern "sysv64" fn pvh_main() -> ! {
+    // A linker-script symbol; only its address is taken.
+    let end = core::ptr::addr_of!(__bss_end) as u64;
+    crate::kernel_main(super::BootInfo {
+        firmware: super::Firmware::Pvh,
+        la57_requested: la57_requested(),
+        image: (1 << 20, end),
+        // Low memory is free under PVH; the linker keeps the kernel above 1 MiB.
+        trampoline: 0x8000,
+    })
+}
