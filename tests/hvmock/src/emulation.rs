@@ -1,7 +1,8 @@
 //! What a VMM emulates when a guest has it carry out an instruction: a port
 //! space (a serial console on COM1, QEMU's isa-debug-exit, nothing
 //! elsewhere), a CPUID table, and MSRs. Platform-neutral: the TDX model
-//! reaches it through TDG.VP.VMCALL\<Instruction.*\>.
+//! reaches it through TDG.VP.VMCALL\<Instruction.*\>, the SNP model
+//! through the GHCB's IOIO, CPUID and MSR events.
 
 use alloc::collections::BTreeMap;
 use alloc::vec::Vec;

@@ -7,16 +7,15 @@
 //! - [`MockSnp`]: an SEV-SNP hypervisor and the RMP. Keeps one RMP entry
 //!   per 4 KiB page (assigned, validated, part of a 2 MiB entry); answers
 //!   the GHCB MSR protocol, the Page State Change NAE event and the events
-//!   a #VC handler forwards (port I/O to a console and an exit device,
-//!   CPUID from a table, MSRs from a map: [`snp::nae`]) by reading the
-//!   GHCB out of guest memory; implements [`snp_ghcb::GhcbMsr`] and
-//!   [`snp_ghcb::Pvalidate`].
+//!   a #VC handler forwards (port I/O, CPUID, MSRs on [`emulation`]'s
+//!   devices: [`snp::nae`]) by reading the GHCB out of guest memory;
+//!   implements [`snp_ghcb::GhcbMsr`] and [`snp_ghcb::Pvalidate`].
 //! - [`GuestMemory`]: the guest's physical memory both of them read and
 //!   write (contents are scribbled on every conversion, zeroed on ACCEPT).
 //! - [`emulation`]: what the VMM emulates when the guest has it carry out
 //!   an instruction: a port space (a serial console, isa-debug-exit), a
 //!   CPUID table, MSRs. [`MockTdx`] answers TDG.VP.VMCALL\<Instruction.*\>
-//!   from it.
+//!   from it, [`MockSnp`] the GHCB's port I/O, CPUID and MSR events.
 //!
 //! Each has hostile modes ([`TdxHostile`], [`TdxEmulationHostile`],
 //! [`SnpHostile`]) that make the host lie in the ways the guest crates must

@@ -5,8 +5,8 @@
 //! crate, so the two check each other.
 //!
 //! Besides page state changes, the model answers the NAE events a #VC
-//! handler forwards (port I/O, CPUID, RDMSR/WRMSR) from devices and tables
-//! of its own: see [`nae`].
+//! handler forwards (port I/O, CPUID, RDMSR/WRMSR) on the VMM's emulated
+//! devices ([`emulation`](crate::emulation)): see [`nae`].
 
 use alloc::collections::BTreeSet;
 use alloc::sync::Arc;
@@ -16,6 +16,7 @@ use alloc::vec::Vec;
 use snp_ghcb::{GhcbMsr, PageSize, Pvalidate, RawPvalidate};
 use spin::Mutex;
 
+use crate::emulation::Emulated;
 use crate::memory::GuestMemory;
 use crate::pagewalk::{AliasCheck, GuestPageTables, Violation};
 use crate::{PAGE_SIZE, SCRIBBLE};
@@ -194,7 +195,9 @@ struct Model {
     /// Pages validated private whose cache lines were not evicted since.
     unevicted: BTreeSet<u64>,
     /// Ports, CPUID table, MSRs.
-    devices: nae::Devices,
+    emulated: Emulated,
+    /// What the guest sent with the last port I/O, CPUID or MSR event.
+    last_nae: Option<NaeInputs>,
 }
 
 /// The hypervisor + RMP model. Implements [`GhcbMsr`] and [`Pvalidate`]
@@ -238,7 +241,8 @@ impl MockSnp {
                 stats: SnpStats::default(),
                 aliases: AliasCheck::default(),
                 unevicted: BTreeSet::new(),
-                devices: nae::Devices::new(config.c_bit),
+                emulated: Emulated::default(),
+                last_nae: None,
             }),
         }
     }
@@ -332,38 +336,40 @@ impl MockSnp {
         self.model.lock().terminated
     }
 
-    /// Every byte written to COM1 ([`nae::COM1`]), in order.
+    /// Every byte written to COM1's data register
+    /// ([`emulation::COM1`](crate::emulation::COM1)), in order.
     pub fn console(&self) -> Vec<u8> {
-        self.model.lock().devices.console.clone()
+        self.model.lock().emulated.console().to_vec()
     }
 
-    /// The last value written to isa-debug-exit ([`nae::DEBUG_EXIT`]).
+    /// The last value written to the isa-debug-exit port
+    /// ([`emulation::DEBUG_EXIT`](crate::emulation::DEBUG_EXIT)).
     pub fn debug_exit(&self) -> Option<u32> {
-        self.model.lock().devices.debug_exit
+        self.model.lock().emulated.debug_exit()
     }
 
-    /// Sets what CPUID `leaf` answers (EAX, EBX, ECX, EDX) for `subleaf`,
-    /// or for every subleaf not set on its own (`None`). Leaves never set
-    /// answer zeros; leaf 0xD subleaf 0's EBX is computed from the XCR0
-    /// the guest sends.
-    pub fn set_cpuid(&self, leaf: u32, subleaf: Option<u32>, regs: [u32; 4]) {
-        self.model.lock().devices.cpuid.insert((leaf, subleaf), regs);
+    /// Sets the hypervisor's CPUID answer (EAX, EBX, ECX, EDX) for `leaf`,
+    /// `subleaf`. Leaves never set answer zeros; leaf 0xD subleaf 0's EBX
+    /// is computed from the XCR0 the guest sends.
+    pub fn set_cpuid(&self, leaf: u32, subleaf: u32, answer: [u32; 4]) {
+        self.model.lock().emulated.set_cpuid(leaf, subleaf, answer);
     }
 
-    /// Makes MSR `msr` known, with this value. Reads and writes of an MSR
-    /// not known are answered with a #GP to inject.
-    pub fn set_msr(&self, msr: u32, value: u64) {
-        self.model.lock().devices.msrs.insert(msr, value);
+    /// Makes the hypervisor emulate MSR `index`, holding `value`. Reads
+    /// and writes of an MSR it does not emulate are answered with a #GP to
+    /// inject.
+    pub fn set_msr(&self, index: u32, value: u64) {
+        self.model.lock().emulated.set_msr(index, value);
     }
 
-    /// MSR `msr`'s value, if known.
-    pub fn msr(&self, msr: u32) -> Option<u64> {
-        self.model.lock().devices.msrs.get(&msr).copied()
+    /// The value of emulated MSR `index`, if the hypervisor emulates it.
+    pub fn msr(&self, index: u32) -> Option<u64> {
+        self.model.lock().emulated.rdmsr(index)
     }
 
     /// What the guest sent with the last port I/O, CPUID or MSR event.
     pub fn last_nae_inputs(&self) -> Option<NaeInputs> {
-        self.model.lock().devices.last
+        self.model.lock().last_nae
     }
 }
 
@@ -485,7 +491,8 @@ impl Model {
                 self.psc(memory, scratch)
             }
             nae::IOIO_EXIT | nae::CPUID_EXIT | nae::MSR_EXIT if header_ok => nae::answer(
-                &mut self.devices,
+                &mut self.emulated,
+                &mut self.last_nae,
                 self.hostile,
                 memory,
                 gpa,

@@ -2,9 +2,8 @@
 //! memory, against the model's devices and tables: what reaches the
 //! hypervisor, what comes back, and every lie about the answer.
 
-use hvmock::snp::nae::{
-    COM1, COM1_LSR, DEBUG_EXIT, GHCB_ERR_INVALID_INPUT, GHCB_ERR_MISSING_INPUT, INJECT_GP, IOIO_EXIT, MSR_EXIT,
-};
+use hvmock::emulation::{COM1, DEBUG_EXIT};
+use hvmock::snp::nae::{GHCB_ERR_INVALID_INPUT, GHCB_ERR_MISSING_INPUT, INJECT_GP, IOIO_EXIT, MSR_EXIT};
 use hvmock::{GhcbReg, MockSnp, SnpConfig, SnpHostile};
 use integration::{boot_ghcb, snp, MIB};
 use snp_ghcb::cpuid::{cpuid, CpuidResult, CPUID_EXIT_CODE};
@@ -12,7 +11,10 @@ use snp_ghcb::ioio::{exit_info, port_in, port_out, AddressSize, IOIO_EXIT_CODE};
 use snp_ghcb::msr::{rdmsr, wrmsr, MSR_EXIT_CODE};
 use snp_ghcb::{EventError, Exception, Field, GhcbPage, IoSize, NaeError, PortAccess};
 
-const TSC_AUX: u32 = 0xC000_0103;
+/// COM1's line status register: "transmitter empty", nothing received.
+const COM1_LSR: u16 = COM1 + 5;
+/// KVM's wall-clock MSR, which the model's VMM emulates.
+const KVM_WALL_CLOCK: u32 = 0x4B56_4D00;
 /// EVENTINJ: valid, exception, vector 6.
 const INJECT_UD: u64 = 1 << 31 | 3 << 8 | 6;
 
@@ -158,17 +160,15 @@ fn an_in_whose_rax_is_not_marked_valid_is_refused() {
 #[test]
 fn cpuid_answers_from_the_table() {
     let (hv, mut ghcb) = guest();
-    let vendor = cpuid_of(&hv, &mut ghcb, 0, 0, 1).unwrap();
+    // The VMM's signature leaf: "KVMKVMKVM\0\0\0" in EBX, ECX, EDX.
+    let signature = cpuid_of(&hv, &mut ghcb, 0x4000_0000, 0, 1).unwrap();
     let mut name = [0u8; 12];
-    for (i, r) in [vendor.ebx, vendor.edx, vendor.ecx].into_iter().enumerate() {
+    for (i, r) in [signature.ebx, signature.ecx, signature.edx].into_iter().enumerate() {
         name[i * 4..i * 4 + 4].copy_from_slice(&r.to_le_bytes());
     }
-    assert_eq!(&name, b"AuthenticAMD");
-    // Fn8000_001F: SEV, SEV-ES, SEV-SNP; the C-bit in EBX[5:0].
-    let sev = cpuid_of(&hv, &mut ghcb, 0x8000_001F, 0, 1).unwrap();
-    assert_eq!((sev.eax & 0x1A, sev.ebx & 0x3F), (0x1A, 51));
-    hv.set_cpuid(7, Some(0), [1, 2, 3, 4]);
-    hv.set_cpuid(7, None, [5, 6, 7, 8]);
+    assert_eq!(&name, b"KVMKVMKVM\0\0\0");
+    hv.set_cpuid(7, 0, [1, 2, 3, 4]);
+    hv.set_cpuid(7, 1, [5, 6, 7, 8]);
     assert_eq!(
         cpuid_of(&hv, &mut ghcb, 7, 0, 1),
         Ok(CpuidResult {
@@ -185,7 +185,7 @@ fn cpuid_answers_from_the_table() {
         (0x72, 0, Some(7), Some(1))
     );
     // A leaf the table lacks: zeros.
-    assert_eq!(cpuid_of(&hv, &mut ghcb, 0x4000_0000, 0, 1), Ok(CpuidResult::default()));
+    assert_eq!(cpuid_of(&hv, &mut ghcb, 0x8000_001F, 0, 1), Ok(CpuidResult::default()));
     assert_eq!(hv.stats().protocol_violations, 0);
 }
 
@@ -205,7 +205,7 @@ fn cpuid_sends_xcr0_with_leaf_0xd_only() {
 #[test]
 fn cpuid_keeps_the_low_32_bits_of_each_register() {
     let (hv, mut ghcb) = guest();
-    hv.set_cpuid(1, None, [0x11, 0x22, 0x33, 0x44]);
+    hv.set_cpuid(1, 0, [0x11, 0x22, 0x33, 0x44]);
     hv.set_hostile(Some(SnpHostile::NaeGarbageAbove(!0)));
     assert_eq!(
         cpuid_of(&hv, &mut ghcb, 1, 0, 1),
@@ -236,20 +236,25 @@ fn cpuid_needs_each_of_its_four_registers_marked_valid() {
 #[test]
 fn msrs_are_read_and_written_through_edx_eax() {
     let (hv, mut ghcb) = guest();
-    write_msr(&hv, &mut ghcb, TSC_AUX, 0x1234_5678_9ABC_DEF0).unwrap();
+    write_msr(&hv, &mut ghcb, KVM_WALL_CLOCK, 0x1234_5678_9ABC_DEF0).unwrap();
     let sent = hv.last_nae_inputs().unwrap();
     assert_eq!(
         (sent.exit_code, sent.info1, sent.rcx, sent.rax, sent.rdx),
-        (0x7C, 1, Some(TSC_AUX as u64), Some(0x9ABC_DEF0), Some(0x1234_5678))
+        (
+            0x7C,
+            1,
+            Some(KVM_WALL_CLOCK as u64),
+            Some(0x9ABC_DEF0),
+            Some(0x1234_5678)
+        )
     );
-    assert_eq!(hv.msr(TSC_AUX), Some(0x1234_5678_9ABC_DEF0));
-    assert_eq!(read_msr(&hv, &mut ghcb, TSC_AUX), Ok(0x1234_5678_9ABC_DEF0));
+    assert_eq!(hv.msr(KVM_WALL_CLOCK), Some(0x1234_5678_9ABC_DEF0));
+    assert_eq!(read_msr(&hv, &mut ghcb, KVM_WALL_CLOCK), Ok(0x1234_5678_9ABC_DEF0));
     let sent = hv.last_nae_inputs().unwrap();
     assert_eq!(
         (sent.info1, sent.rcx, sent.rax, sent.rdx),
-        (0, Some(TSC_AUX as u64), None, None)
+        (0, Some(KVM_WALL_CLOCK as u64), None, None)
     );
-    assert_eq!(read_msr(&hv, &mut ghcb, 0x1B), Ok(0xFEE0_0900));
     assert_eq!(hv.stats().protocol_violations, 0);
 }
 
@@ -266,13 +271,16 @@ fn an_unknown_msr_comes_back_as_a_gp() {
 #[test]
 fn rdmsr_needs_rax_and_rdx_marked_valid_and_keeps_their_low_halves() {
     let (hv, mut ghcb) = guest();
-    hv.set_msr(TSC_AUX, 0x0000_0001_0000_0002);
+    hv.set_msr(KVM_WALL_CLOCK, 0x0000_0001_0000_0002);
     for (reg, field) in [(GhcbReg::Rax, Field::Rax), (GhcbReg::Rdx, Field::Rdx)] {
         hv.set_hostile(Some(SnpHostile::NaeNotValid(reg)));
-        assert_eq!(read_msr(&hv, &mut ghcb, TSC_AUX), Err(EventError::NotValid(field)));
+        assert_eq!(
+            read_msr(&hv, &mut ghcb, KVM_WALL_CLOCK),
+            Err(EventError::NotValid(field))
+        );
     }
     hv.set_hostile(Some(SnpHostile::NaeGarbageAbove(0xABCD_0000_0000_0000)));
-    assert_eq!(read_msr(&hv, &mut ghcb, TSC_AUX), Ok(0x0000_0001_0000_0002));
+    assert_eq!(read_msr(&hv, &mut ghcb, KVM_WALL_CLOCK), Ok(0x0000_0001_0000_0002));
 }
 
 #[test]
@@ -284,8 +292,8 @@ fn exit_info1_other_than_0_fails_every_event() {
         assert_eq!(inb(&hv, &mut ghcb, COM1_LSR, IoSize::Byte), Err(failed));
         assert_eq!(outb(&hv, &mut ghcb, COM1, IoSize::Byte, 0), Err(failed));
         assert_eq!(cpuid_of(&hv, &mut ghcb, 1, 0, 1), Err(failed));
-        assert_eq!(read_msr(&hv, &mut ghcb, TSC_AUX), Err(failed));
-        assert_eq!(write_msr(&hv, &mut ghcb, TSC_AUX, 1), Err(failed));
+        assert_eq!(read_msr(&hv, &mut ghcb, KVM_WALL_CLOCK), Err(failed));
+        assert_eq!(write_msr(&hv, &mut ghcb, KVM_WALL_CLOCK, 1), Err(failed));
     }
 }
 

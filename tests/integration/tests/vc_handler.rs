@@ -9,7 +9,8 @@ use coco_convert::exception::vc::{
 use coco_convert::exception::{FaultFrame, Gpr, RegisterAccess};
 use coco_convert::platform::snp::{PerCpuGhcbs, Snp};
 use coco_convert::{Target, Visibility};
-use hvmock::snp::nae::{COM1, COM1_LSR, DEBUG_EXIT, INJECT_GP};
+use hvmock::emulation::{COM1, DEBUG_EXIT};
+use hvmock::snp::nae::INJECT_GP;
 use hvmock::{GhcbReg, MockSnp, SnpConfig, SnpHostile};
 use integration::sim::current_cpu;
 use integration::world::{Shape, SnpWorld};
@@ -17,7 +18,10 @@ use integration::{boot_ghcb, snp, MIB};
 use snp_ghcb::{EventError, Exception, Field, GhcbMsr, GhcbPage, IoSize};
 
 const RIP: u64 = 0xFFFF_FFFF_8100_0000;
-const TSC_AUX: u32 = 0xC000_0103;
+/// COM1's line status register: "transmitter empty", nothing received.
+const COM1_LSR: u16 = COM1 + 5;
+/// KVM's wall-clock MSR, which the model's VMM emulates.
+const KVM_WALL_CLOCK: u32 = 0x4B56_4D00;
 
 fn guest() -> (MockSnp, GhcbPage) {
     let hv = snp(MIB, SnpConfig::default());
@@ -192,7 +196,7 @@ fn rip_advances_by_the_decoded_length() {
     let mut regs = frame(0, 0, 0);
     vc(&hv, &mut ghcb, EXIT_CPUID, &mut regs, &[0x0F, 0xA2, 0x0F]).unwrap();
     assert_eq!(regs.rip, RIP + 2);
-    let mut regs = frame(0, TSC_AUX as u64, 0);
+    let mut regs = frame(0, KVM_WALL_CLOCK as u64, 0);
     vc(&hv, &mut ghcb, EXIT_MSR, &mut regs, &[0x3E, 0x0F, 0x32]).unwrap();
     assert_eq!(regs.rip, RIP + 3);
 }
@@ -255,7 +259,7 @@ fn other_bytes_are_refused() {
 #[test]
 fn cpuid_fills_four_registers_zero_extended() {
     let (hv, mut ghcb) = guest();
-    hv.set_cpuid(1, None, [0x11, 0x22, 0x33, 0x44]);
+    hv.set_cpuid(1, 0, [0x11, 0x22, 0x33, 0x44]);
     let mut regs = frame(0xFFFF_FFFF_0000_0001, 0xAAAA_AAAA_0000_0000, 0xDDDD_DDDD_DDDD_DDDD);
     let before = regs;
     let done = vc(&hv, &mut ghcb, EXIT_CPUID, &mut regs, &[0x0F, 0xA2]);
@@ -289,26 +293,26 @@ fn rdmsr_and_wrmsr_are_told_apart_by_their_opcode() {
     let (hv, mut ghcb) = guest();
     let mut regs = frame(
         0xFFFF_FFFF_9ABC_DEF0,
-        0xFFFF_FFFF_0000_0000 | TSC_AUX as u64,
+        0xFFFF_FFFF_0000_0000 | KVM_WALL_CLOCK as u64,
         0xFFFF_FFFF_1234_5678,
     );
     let before = regs;
     assert_eq!(
         vc(&hv, &mut ghcb, EXIT_MSR, &mut regs, &[0x0F, 0x30]),
-        Ok(Handled::Wrmsr { msr: TSC_AUX })
+        Ok(Handled::Wrmsr { msr: KVM_WALL_CLOCK })
     );
     assert_only(&before, &regs, &[], 2);
-    assert_eq!(hv.msr(TSC_AUX), Some(0x1234_5678_9ABC_DEF0));
+    assert_eq!(hv.msr(KVM_WALL_CLOCK), Some(0x1234_5678_9ABC_DEF0));
     let sent = hv.last_nae_inputs().unwrap();
     assert_eq!(
         (sent.info1, sent.rcx, sent.rax, sent.rdx),
-        (1, Some(TSC_AUX as u64), Some(0x9ABC_DEF0), Some(0x1234_5678))
+        (1, Some(KVM_WALL_CLOCK as u64), Some(0x9ABC_DEF0), Some(0x1234_5678))
     );
-    let mut regs = frame(0xFFFF_FFFF_FFFF_FFFF, TSC_AUX as u64, 0xFFFF_FFFF_FFFF_FFFF);
+    let mut regs = frame(0xFFFF_FFFF_FFFF_FFFF, KVM_WALL_CLOCK as u64, 0xFFFF_FFFF_FFFF_FFFF);
     let before = regs;
     assert_eq!(
         vc(&hv, &mut ghcb, EXIT_MSR, &mut regs, &[0x0F, 0x32]),
-        Ok(Handled::Rdmsr { msr: TSC_AUX })
+        Ok(Handled::Rdmsr { msr: KVM_WALL_CLOCK })
     );
     assert_only(&before, &regs, &[(Gpr::Rax, 0x9ABC_DEF0), (Gpr::Rdx, 0x1234_5678)], 2);
     assert_eq!(hv.last_nae_inputs().unwrap().info1, 0);
@@ -365,7 +369,7 @@ fn the_error_code_and_the_bytes_must_agree() {
         (0x400, &[0x8B, 0x00][..], VcError::UnsupportedExit(0x400)),
         (0x6E, &[0x0F, 0x31][..], VcError::UnsupportedExit(0x6E)),
     ] {
-        let mut regs = frame(1, TSC_AUX as u64, 2);
+        let mut regs = frame(1, KVM_WALL_CLOCK as u64, 2);
         let before = regs;
         assert_eq!(
             vc(&hv, &mut ghcb, code, &mut regs, bytes),
@@ -412,7 +416,7 @@ fn a_refused_answer_changes_no_register() {
                 SnpHostile::NaeNotValid(reg) => reads.contains(&reg),
                 _ => true,
             };
-            let mut regs = frame(0x1122_3344_5566_7788, TSC_AUX as u64, rdx);
+            let mut regs = frame(0x1122_3344_5566_7788, KVM_WALL_CLOCK as u64, rdx);
             let before = regs;
             let done = vc(&hv, &mut ghcb, code, &mut regs, bytes);
             assert_eq!(done.is_err(), must_refuse, "{lie:?} {bytes:x?}: {done:?}");

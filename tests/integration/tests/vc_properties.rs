@@ -123,7 +123,7 @@ fn registers() -> impl Strategy<Value = FaultFrame> {
             // RCX one the model knows half the time.
             gprs[Gpr::Rdx as usize] = gprs[Gpr::Rdx as usize] & !0xFFFF | [port as u64, 0x3FD][port as usize % 2];
             if model_msr {
-                gprs[Gpr::Rcx as usize] = 0xC000_0103;
+                gprs[Gpr::Rcx as usize] = 0x4B56_4D00;
             }
             FaultFrame { gprs, rip }
         })
@@ -215,12 +215,18 @@ proptest! {
         } else {
             prop_assert_eq!(new & !mask, rax & !mask);
         }
-        // And the bits of the access are the device's, not the lie's.
-        let device = match port {
-            0x3FD => 0x60,
-            0x3F8..=0x3FF => 0,
-            _ => mask,
-        };
+        // And the bits of the access are the devices', not the lie's: each
+        // byte port read in turn, COM1's line status "transmitter empty",
+        // its other registers 0, nothing elsewhere (all ones).
+        let bytes = mask.count_ones() / 8;
+        let device = (0..bytes).fold(0u64, |value, i| {
+            let byte = match port.wrapping_add(i as u16) {
+                0x3FD => 0x60,
+                0x3F8..=0x3FF => 0,
+                _ => 0xFF,
+            };
+            value | byte << (8 * i)
+        });
         prop_assert_eq!(new & mask, device);
     }
 }

@@ -1,6 +1,7 @@
 //! The NAE events a #VC handler forwards (IOIO_PROT 0x7B, CPUID 0x72,
-//! MSR_PROT 0x7C), answered by a hypervisor with state: a port space, a
-//! CPUID table, an MSR map.
+//! MSR_PROT 0x7C), carried out on the VMM's emulated devices
+//! ([`emulation`](crate::emulation): a port space, a CPUID table, MSRs),
+//! the same ones the TDX model's VMM uses.
 //!
 //! Transcribed from the GHCB spec (#56421 rev 2.03, Table 7) and the APM
 //! (vol. 2, section 15.10.2 for the IOIO information, section 15.20 for
@@ -8,9 +9,9 @@
 //! guest's inputs, clears the valid bitmap, and marks valid exactly the
 //! registers it writes back; so a bit set afterwards is the hypervisor's.
 
-use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
+use crate::emulation::Emulated;
 use crate::memory::GuestMemory;
 
 use super::{SnpHostile, OFF_SW_EXIT_CODE, OFF_SW_EXIT_INFO_1, OFF_VALID_BITMAP};
@@ -21,15 +22,6 @@ pub const CPUID_EXIT: u64 = 0x72;
 pub const IOIO_EXIT: u64 = 0x7B;
 /// SW_EXITCODE of the MSR_PROT NAE event.
 pub const MSR_EXIT: u64 = 0x7C;
-
-/// COM1's data port: bytes written to it go to the console log.
-pub const COM1: u16 = 0x3F8;
-/// COM1's line status register: reads "transmitter empty".
-pub const COM1_LSR: u16 = 0x3FD;
-/// isa-debug-exit: the last value written is kept as the exit value.
-pub const DEBUG_EXIT: u16 = 0xF4;
-/// What COM1_LSR reads: THRE and TEMT (bits 5 and 6), nothing received.
-pub const LSR_TRANSMITTER_EMPTY: u32 = 0x60;
 
 /// SW_EXITINFO2 of a malformed request (SW_EXITINFO1 = 2): an input the
 /// event needs is not marked valid.
@@ -100,67 +92,6 @@ pub struct NaeInputs {
     pub xcr0: Option<u64>,
 }
 
-/// The hypervisor's devices and tables.
-pub(super) struct Devices {
-    pub(super) console: Vec<u8>,
-    pub(super) debug_exit: Option<u32>,
-    /// (leaf, subleaf) to EAX, EBX, ECX, EDX; subleaf `None` answers every
-    /// subleaf not listed on its own.
-    pub(super) cpuid: BTreeMap<(u32, Option<u32>), [u32; 4]>,
-    pub(super) msrs: BTreeMap<u32, u64>,
-    pub(super) last: Option<NaeInputs>,
-}
-
-impl Devices {
-    /// An AMD CPU with SEV, SEV-ES and SEV-SNP, the C-bit at `c_bit`, XSAVE
-    /// of x87, SSE and AVX state; an APIC base MSR and TSC_AUX.
-    pub(super) fn new(c_bit: u8) -> Self {
-        // "AuthenticAMD" in EBX, EDX, ECX.
-        let vendor = |max: u32| [max, 0x6874_7541, 0x444D_4163, 0x6974_6E65];
-        let mut cpuid = BTreeMap::new();
-        cpuid.insert((0, None), vendor(0xD));
-        cpuid.insert((0x8000_0000, None), vendor(0x8000_001F));
-        // Fn8000_001F: EAX SEV (1), SEV-ES (3), SEV-SNP (4); EBX[5:0] the
-        // C-bit, EBX[11:6] the physical address bits lost (1).
-        cpuid.insert((0x8000_001F, None), [0x1A, c_bit as u32 | 1 << 6, 0, 0]);
-        // Leaf 0xD subleaf 0: EAX the XCR0 bits supported, ECX the largest
-        // XSAVE area; EBX (the area for the current XCR0) is computed.
-        cpuid.insert((0xD, Some(0)), [0x7, 0, XSAVE_LEGACY + XSAVE_AVX, 0]);
-        let mut msrs = BTreeMap::new();
-        msrs.insert(MSR_APIC_BASE, 0xFEE0_0900);
-        msrs.insert(MSR_TSC_AUX, 0);
-        Devices {
-            console: Vec::new(),
-            debug_exit: None,
-            cpuid,
-            msrs,
-            last: None,
-        }
-    }
-
-    fn port_in(&self, port: u16) -> u32 {
-        match port {
-            COM1_LSR => LSR_TRANSMITTER_EMPTY,
-            // Nothing received; the other UART registers read 0.
-            COM1..=0x3FF => 0,
-            // Nothing decodes the port (isa-debug-exit is write-only): the
-            // bus floats high.
-            _ => u32::MAX,
-        }
-    }
-
-    fn port_out(&mut self, port: u16, value: u32) {
-        match port {
-            // A UART's transmit register takes a byte, whatever the width.
-            COM1 => self.console.push(value as u8),
-            DEBUG_EXIT => self.debug_exit = Some(value),
-            _ => {}
-        }
-    }
-}
-
-const MSR_APIC_BASE: u32 = 0x1B;
-const MSR_TSC_AUX: u32 = 0xC000_0103;
 /// The legacy XSAVE area and its header, in bytes.
 const XSAVE_LEGACY: u32 = 576;
 /// The AVX state (XCR0 bit 2), in bytes.
@@ -211,7 +142,8 @@ impl Ghcb<'_> {
 /// `gpa`; returns (SW_EXITINFO1, SW_EXITINFO2). Counts a malformed request
 /// in `violations`.
 pub(super) fn answer(
-    devices: &mut Devices,
+    emulated: &mut Emulated,
+    last: &mut Option<NaeInputs>,
     hostile: Option<SnpHostile>,
     memory: &GuestMemory,
     gpa: u64,
@@ -227,11 +159,11 @@ pub(super) fn answer(
         rdx: ghcb.input(OFF_RDX),
         xcr0: ghcb.input(OFF_XCR0),
     };
-    devices.last = Some(inputs);
+    *last = Some(inputs);
     let answer = match inputs.exit_code {
-        IOIO_EXIT => ioio(devices, &inputs),
-        CPUID_EXIT => cpuid(devices, &inputs),
-        MSR_EXIT => msr(devices, &inputs),
+        IOIO_EXIT => ioio(emulated, &inputs),
+        CPUID_EXIT => cpuid(emulated, &inputs),
+        MSR_EXIT => msr(emulated, &inputs),
         _ => Answer::Malformed(GHCB_ERR_INVALID_INPUT),
     };
     if matches!(answer, Answer::Malformed(_)) {
@@ -268,7 +200,7 @@ pub(super) fn answer(
     }
 }
 
-fn ioio(devices: &mut Devices, inputs: &NaeInputs) -> Answer {
+fn ioio(emulated: &mut Emulated, inputs: &NaeInputs) -> Answer {
     let info = inputs.info1;
     let one_of = |shift: u32| match (info >> shift) & 0x7 {
         1 => Some(0),
@@ -284,30 +216,29 @@ fn ioio(devices: &mut Devices, inputs: &NaeInputs) -> Answer {
         return Answer::Malformed(GHCB_ERR_INVALID_INPUT);
     }
     let port = (info >> 16) as u16;
-    let mask = (1u64 << (8 << size)) - 1;
+    let bytes = 1u8 << size;
+    let mask = (1u64 << (8 * bytes)) - 1;
     if info & IO_TYPE_IN != 0 {
-        let value = devices.port_in(port) as u64 & mask;
+        let value = emulated.port_read(port, bytes) as u64 & mask;
         Answer::Done(alloc::vec![(GhcbReg::Rax, value, mask)])
     } else {
         let Some(rax) = inputs.rax else {
             return Answer::Malformed(GHCB_ERR_MISSING_INPUT);
         };
-        devices.port_out(port, (rax & mask) as u32);
+        emulated.port_write(port, bytes, (rax & mask) as u32);
         Answer::Done(Vec::new())
     }
 }
 
-fn cpuid(devices: &Devices, inputs: &NaeInputs) -> Answer {
+fn cpuid(emulated: &Emulated, inputs: &NaeInputs) -> Answer {
     let (Some(rax), Some(rcx)) = (inputs.rax, inputs.rcx) else {
         return Answer::Malformed(GHCB_ERR_MISSING_INPUT);
     };
     let (leaf, subleaf) = (rax as u32, rcx as u32);
-    let mut regs = devices
-        .cpuid
-        .get(&(leaf, Some(subleaf)))
-        .or_else(|| devices.cpuid.get(&(leaf, None)))
-        .copied()
-        .unwrap_or_default();
+    let mut regs = emulated.cpuid(leaf, subleaf);
+    // Leaf 0xD describes the XSAVE area, which depends on what XCR0
+    // enables: the GHCB carries the guest's XCR0 for it, and the model's
+    // EBX (the area for that XCR0) follows it.
     if leaf == 0xD {
         let Some(xcr0) = inputs.xcr0 else {
             return Answer::Malformed(GHCB_ERR_MISSING_INPUT);
@@ -325,15 +256,15 @@ fn cpuid(devices: &Devices, inputs: &NaeInputs) -> Answer {
     ])
 }
 
-fn msr(devices: &mut Devices, inputs: &NaeInputs) -> Answer {
+fn msr(emulated: &mut Emulated, inputs: &NaeInputs) -> Answer {
     let Some(rcx) = inputs.rcx else {
         return Answer::Malformed(GHCB_ERR_MISSING_INPUT);
     };
     let index = rcx as u32;
     let word = 0xFFFF_FFFF;
     match inputs.info1 {
-        0 => match devices.msrs.get(&index) {
-            Some(&value) => Answer::Done(alloc::vec![
+        0 => match emulated.rdmsr(index) {
+            Some(value) => Answer::Done(alloc::vec![
                 (GhcbReg::Rax, value & word, word),
                 (GhcbReg::Rdx, value >> 32, word),
             ]),
@@ -343,12 +274,10 @@ fn msr(devices: &mut Devices, inputs: &NaeInputs) -> Answer {
             let (Some(rax), Some(rdx)) = (inputs.rax, inputs.rdx) else {
                 return Answer::Malformed(GHCB_ERR_MISSING_INPUT);
             };
-            match devices.msrs.get_mut(&index) {
-                Some(slot) => {
-                    *slot = (rdx & word) << 32 | rax & word;
-                    Answer::Done(Vec::new())
-                }
-                None => Answer::Inject(INJECT_GP),
+            if emulated.wrmsr(index, (rdx & word) << 32 | rax & word) {
+                Answer::Done(Vec::new())
+            } else {
+                Answer::Inject(INJECT_GP)
             }
         }
         _ => Answer::Malformed(GHCB_ERR_INVALID_INPUT),
