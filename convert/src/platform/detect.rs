@@ -28,7 +28,7 @@ pub const TDX_CPUID_LEAF: u32 = 0x21;
 /// The TDX signature, as EBX, EDX, ECX spell it.
 pub const TDX_SIGNATURE: [u8; 12] = *b"IntelTDX    ";
 /// CPUID Fn8000_001F, "AMD Secure Encryption" (AMD APM vol. 3, appendix
-/// E.4.17): EAX bit 1 SEV supported, EBX[5:0] the C-bit position.
+/// E.4.17): EAX bit 1 SEV supported, EBX\[5:0\] the C-bit position.
 pub const SEV_CPUID_LEAF: u32 = 0x8000_001F;
 /// The SEV_STATUS MSR (AMD APM vol. 2, section 15.34.10): bit 0 SEV, bit
 /// 1 SEV-ES, bit 2 SEV-SNP active in this guest.
@@ -82,7 +82,7 @@ pub enum DetectError {
     /// The C-bit position from CPUID Fn8000_001F and the one from the
     /// GHCB MSR protocol's SEV information differ: one of them lies.
     CBitMismatch {
-        /// EBX[5:0] of CPUID Fn8000_001F.
+        /// EBX\[5:0\] of CPUID Fn8000_001F.
         cpuid: u8,
         /// The SEV information response's C-bit.
         msr_protocol: u8,
@@ -159,7 +159,7 @@ pub fn detect(probe: &(impl CpuProbe + ?Sized)) -> Result<Detected, DetectError>
     }
 }
 
-/// The C-bit position of an SEV-SNP guest: CPUID Fn8000_001F EBX[5:0],
+/// The C-bit position of an SEV-SNP guest: CPUID Fn8000_001F EBX\[5:0\],
 /// which must agree with the GHCB MSR protocol's SEV information
 /// (`snp_ghcb::protocol::negotiate`, its `c_bit`) and lie in 32..=51.
 /// Neither source alone is trusted: the hypervisor answers the MSR
