@@ -51,7 +51,6 @@ impl Site {
 /// ```text
 /// zeropad_asm!(; "mov {v}, qword ptr [{p}]" ; ; v = lateout(reg) value, p = in(reg) ptr, options(nostack));
 /// ```
-#[cfg(not(target_os = "uefi"))]
 #[macro_export]
 macro_rules! zeropad_asm {
     ($($before:expr),* ; $load:expr ; $($after:expr),* ; $($operands:tt)*) => {
@@ -60,7 +59,7 @@ macro_rules! zeropad_asm {
             "8471:",
             $load,
             "8472:",
-            ".pushsection zeropad_sites, \"aR\"",
+            $crate::zeropad_sites_section!(),
             ".balign 4",
             ".long 8471b - .",
             ".byte 8472b - 8471b, 0, 0, 0",
@@ -71,43 +70,32 @@ macro_rules! zeropad_asm {
     };
 }
 
-/// Emits `asm!` whose load is recorded as a zeropad site; in a UEFI (PE)
-/// image, whose section names are at most eight bytes and whose linker
-/// brackets no section with symbols, in the section `zpsites`.
+/// The directive that opens the site table's section: `zeropad_sites` in
+/// an ELF image; `zpsites` in a UEFI (PE) image, whose section names are at
+/// most eight bytes and whose linker brackets no section with symbols.
+#[doc(hidden)]
+#[cfg(not(target_os = "uefi"))]
+#[macro_export]
+macro_rules! zeropad_sites_section {
+    () => {
+        ".pushsection zeropad_sites, \"aR\""
+    };
+}
+
+#[doc(hidden)]
 #[cfg(target_os = "uefi")]
 #[macro_export]
-macro_rules! zeropad_asm {
-    ($($before:expr),* ; $load:expr ; $($after:expr),* ; $($operands:tt)*) => {
-        core::arch::asm!(
-            $($before,)*
-            "8471:",
-            $load,
-            "8472:",
-            ".pushsection zpsites, \"dr\"",
-            ".balign 4",
-            ".long 8471b - .",
-            ".byte 8472b - 8471b, 0, 0, 0",
-            ".popsection",
-            $($after,)*
-            $($operands)*
-        )
+macro_rules! zeropad_sites_section {
+    () => {
+        ".pushsection zpsites, \"dr\""
     };
 }
 
 // A sentinel entry, so the section (and its start/stop symbols) exists even
 // in a program that never loads through a site.
-#[cfg(all(target_arch = "x86_64", not(target_os = "uefi")))]
+#[cfg(target_arch = "x86_64")]
 core::arch::global_asm!(
-    ".pushsection zeropad_sites, \"aR\"",
-    ".balign 4",
-    ".long 0",
-    ".byte 0, 0, 0, 0",
-    ".popsection"
-);
-
-#[cfg(all(target_arch = "x86_64", target_os = "uefi"))]
-core::arch::global_asm!(
-    ".pushsection zpsites, \"dr\"",
+    zeropad_sites_section!(),
     ".balign 4",
     ".long 0",
     ".byte 0, 0, 0, 0",

@@ -33,11 +33,16 @@ pub struct BootInfo {
 /// not be the firmware's runtime code or data, ACPI tables, or reserved.
 /// PVH hands the guest all of RAM.
 pub fn check_free(start: u64, end: u64, what: &str) {
+    // Every byte described as free: a hole the map leaves out (MMIO, or
+    // memory the firmware never reported) is not free either.
     #[cfg(target_os = "uefi")]
-    if let Some((s, e, u)) = firmware_map::first_other(start, end, firmware_map::Use::Free) {
-        crate::println!(
-            "  {what}: [{start:#x}, {end:#x}) overlaps [{s:#x}, {e:#x}), which the firmware's map gives as {u:?}"
-        );
+    if !firmware_map::all(start, end, firmware_map::Use::Free) {
+        match firmware_map::first_other(start, end, firmware_map::Use::Free) {
+            Some((s, e, u)) => crate::println!(
+                "  {what}: [{start:#x}, {end:#x}) overlaps [{s:#x}, {e:#x}), which the firmware's map gives as {u:?}"
+            ),
+            None => crate::println!("  {what}: [{start:#x}, {end:#x}) has a hole the firmware's map leaves out"),
+        }
         crate::fail("memory the guest needs is not free in the firmware's map");
     }
     let _ = (start, end, what);
