@@ -14,6 +14,11 @@ pub mod code {
     pub const SEV_INFO_RESPONSE: u64 = 0x001;
     /// SEV information request.
     pub const SEV_INFO_REQUEST: u64 = 0x002;
+    /// CPUID request (edk2's `GHCB_INFO_CPUID_REQUEST`, Linux's
+    /// `GHCB_MSR_CPUID_REQ`).
+    pub const CPUID_REQUEST: u64 = 0x004;
+    /// CPUID response.
+    pub const CPUID_RESPONSE: u64 = 0x005;
     /// Register GHCB GPA request.
     pub const REGISTER_GHCB_REQUEST: u64 = 0x012;
     /// Register GHCB GPA response.
@@ -101,6 +106,39 @@ pub fn sev_info_response(response: u64) -> Result<SevInfo, MsrProtocolError> {
         min_version: (r >> 32) as u16,
         c_bit: (r >> 24) as u8,
     })
+}
+
+/// One of the four registers CPUID writes, as the MSR protocol's CPUID
+/// request names it in GHCBData\[31:30\].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuidRegister {
+    /// EAX.
+    Eax = 0,
+    /// EBX.
+    Ebx = 1,
+    /// ECX.
+    Ecx = 2,
+    /// EDX.
+    Edx = 3,
+}
+
+impl CpuidRegister {
+    /// In the order CPUID's result lists them.
+    pub const ALL: [CpuidRegister; 4] = [Self::Eax, Self::Ebx, Self::Ecx, Self::Edx];
+}
+
+/// Encodes a CPUID request for one register of `leaf` (subleaf 0: the
+/// protocol carries no ECX): GHCBData\[63:32\] = the leaf, \[31:30\] = the
+/// register, \[29:12\] zero.
+pub const fn cpuid_request(leaf: u32, register: CpuidRegister) -> u64 {
+    (leaf as u64) << 32 | (register as u64) << 30 | code::CPUID_REQUEST
+}
+
+/// Decodes a CPUID response: GHCBData\[63:32\] = the register's value,
+/// \[29:12\] reserved. (\[31:30\] repeats the request's register; Linux
+/// does not check it, and neither does this.)
+pub fn cpuid_response(response: u64) -> Result<u32, MsrProtocolError> {
+    expect_code(response, code::CPUID_RESPONSE, 0x3FFF_F000).map(|r| (r >> 32) as u32)
 }
 
 /// Encodes a register-GHCB request for the page at `gpa`: GHCBData\[63:12\] =

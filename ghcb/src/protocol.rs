@@ -177,6 +177,24 @@ pub unsafe fn page_state_change<H: GhcbMsr + ?Sized>(hv: &H, gfn: u64, op: PscOp
     Ok(())
 }
 
+/// CPUID of `leaf`, subleaf 0, asked of the hypervisor one register per
+/// request: the only way for an SEV-ES or SNP guest's #VC handler to
+/// complete a CPUID before it has a GHCB. The answer is the hypervisor's
+/// word, as through the GHCB; a leaf with subleaves is answered for
+/// subleaf 0 only, so the caller refuses any other ECX.
+///
+/// # Safety
+///
+/// As for [`GhcbMsr::vmgexit`] (the requests have no effect on memory).
+pub unsafe fn cpuid<H: GhcbMsr + ?Sized>(hv: &H, leaf: u32) -> Result<[u32; 4], ProtocolError> {
+    let mut out = [0; 4];
+    for (slot, register) in out.iter_mut().zip(msr::CpuidRegister::ALL) {
+        // SAFETY: as in `negotiate`.
+        *slot = msr::cpuid_response(unsafe { hv.vmgexit(msr::cpuid_request(leaf, register)) })?;
+    }
+    Ok(out)
+}
+
 /// Reason code set 0 (GHCB spec, "Termination Request").
 pub mod reason {
     /// Set 0: general.

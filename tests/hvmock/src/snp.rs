@@ -28,6 +28,8 @@ pub use nae::{GhcbReg, NaeInputs};
 // GHCB MSR protocol function codes, GHCBData[11:0].
 const SEV_INFO_REQ: u64 = 0x002;
 const SEV_INFO_RESP: u64 = 0x001;
+const CPUID_REQ: u64 = 0x004;
+const CPUID_RESP: u64 = 0x005;
 const REGISTER_REQ: u64 = 0x012;
 const REGISTER_RESP: u64 = 0x013;
 const PSC_REQ: u64 = 0x014;
@@ -396,6 +398,13 @@ impl Model {
                 )
             }
             FEATURES_REQ => (FEATURES_RESP, self.config.features << 12),
+            // KVM answers for subleaf 0 and keeps the request's register
+            // field, GHCBData[31:30], in the response.
+            CPUID_REQ if value & 0x3FFF_F000 == 0 => {
+                let register = (value >> 30) & 3;
+                let answer = self.emulated.cpuid((value >> 32) as u32, 0)[register as usize];
+                (CPUID_RESP, (answer as u64) << 32 | register << 30)
+            }
             REGISTER_REQ => {
                 let gfn = value >> 12;
                 let echoed = if hostile == Some(SnpHostile::MsrWrongGfn) {

@@ -363,3 +363,47 @@ fn the_model_refuses_malformed_requests() {
     assert_eq!(hv.stats().protocol_violations, 5);
     assert!(hv.console().is_empty());
 }
+
+/// Before a GHCB exists, CPUID goes through the GHCB MSR, one register per
+/// request, for subleaf 0.
+#[test]
+fn cpuid_through_the_msr_protocol_asks_one_register_at_a_time() {
+    use snp_ghcb::msr_protocol::{cpuid_request, CpuidRegister};
+    assert_eq!(cpuid_request(0x8000_001F, CpuidRegister::Ebx), 0x8000_001F_4000_0004);
+    assert_eq!(cpuid_request(7, CpuidRegister::Edx), 0x7_C000_0004);
+    let hv = snp(MIB, SnpConfig::default());
+    hv.set_cpuid(7, 0, [1, 0xDEAD_BEEF, 3, 0xFFFF_FFFF]);
+    hv.set_cpuid(7, 1, [5, 6, 7, 8]);
+    let before = hv.stats().msr_requests;
+    // SAFETY: requests change no memory.
+    assert_eq!(
+        unsafe { snp_ghcb::protocol::cpuid(&hv, 7) },
+        Ok([1, 0xDEAD_BEEF, 3, 0xFFFF_FFFF])
+    );
+    assert_eq!(hv.stats().msr_requests - before, 4);
+    assert_eq!(hv.stats().protocol_violations, 0);
+}
+
+#[test]
+fn a_cpuid_answer_through_the_msr_protocol_with_the_wrong_code_or_reserved_bits_is_refused() {
+    use snp_ghcb::msr_protocol::{cpuid_response, MsrProtocolError};
+    use snp_ghcb::protocol::ProtocolError;
+    assert_eq!(cpuid_response(0x1234_5678_4000_0005), Ok(0x1234_5678));
+    assert_eq!(
+        cpuid_response(0x1234_5678_0000_1005),
+        Err(MsrProtocolError::ReservedBits {
+            response: 0x1234_5678_0000_1005
+        })
+    );
+    assert!(matches!(
+        cpuid_response(0x1234_5678_0000_0001),
+        Err(MsrProtocolError::WrongCode { expected: 5, .. })
+    ));
+    for lie in [SnpHostile::MsrWrongCode, SnpHostile::MsrReservedBits] {
+        let hv = snp(MIB, SnpConfig::default());
+        hv.set_hostile(Some(lie));
+        // SAFETY: requests change no memory.
+        let answer = unsafe { snp_ghcb::protocol::cpuid(&hv, 0) };
+        assert!(matches!(answer, Err(ProtocolError::Msr(_))), "{lie:?}: {answer:?}");
+    }
+}
