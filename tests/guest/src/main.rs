@@ -11,27 +11,31 @@
 extern crate alloc;
 
 pub mod boot;
+#[cfg(feature = "emulator")]
 mod emulate;
+#[cfg(feature = "emulator")]
+mod emulated;
+mod exits;
 mod heap;
 mod io;
 mod lifecycle;
 mod memory;
 mod platform;
 mod race;
+#[cfg(not(feature = "emulator"))]
+mod real;
 mod rt;
 mod scenarios;
 mod smp;
 mod trap;
+mod walk;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
-use coco_convert::platform::tdx::Tdx;
-use coco_convert::{Config, DirectMap, EncryptionBit, Engine, PerCpuWindows, StateTable, Visibility};
-use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
-use tdcall::TdcallInstruction;
+use coco_convert::platform::snp::GhcbSlot;
+use coco_convert::{Config, DirectMap, PerCpuWindows};
 
-use memory::{direct_map, Identity, Shootdown, FRAMES, HOST_VIEW, RAM};
+use memory::{direct_map, RAM};
 
 pub static ZEROPAD_FIXUPS: AtomicU64 = AtomicU64::new(0);
 
@@ -50,17 +54,9 @@ pub fn kernel_main(boot: boot::BootInfo) -> ! {
         "kernel image runs into the page-table frames",
     );
     memory::set_image(boot.image);
-    boot::check_free(memory::TABLE_FRAMES.0, memory::TABLE_FRAMES.1, "page-table frames");
-    boot::check_free(scenarios::SPAN.0, scenarios::SPAN.1, "the memory the scenarios convert");
     smp::set_trampoline_page(boot.trampoline);
     coco_convert::zeropad::init();
-    emulate::host_memory();
-    if platform::detect_platform() != coco_convert::platform::detect::Detected::Neither {
-        // What a real TD or SNP guest needs (I/O through the host, #VE and
-        // #VC handlers, the real encryption bit, no emulators) is not in
-        // this build: stop before anything pretends otherwise.
-        fail("a real TDX or SEV-SNP platform: this build runs the emulated scenarios only");
-    }
+    let found = platform::detect_platform();
     let la57 = boot.la57_requested;
     if la57 && !boot::cpu_has_la57() {
         fail("5-level paging asked for (la57), but the CPU lacks LA57: CPUID.(EAX=7,ECX=0):ECX[16] is clear");
@@ -69,42 +65,40 @@ pub fn kernel_main(boot: boot::BootInfo) -> ! {
         boot::la57() == la57,
         "the paging depth is not the one the command line asked for",
     );
-    println!(
-        "guest: booted by {}, long mode ({}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel at [{:#x}, {:#x})",
-        boot.firmware.name(),
-        if la57 { 5 } else { 4 },
-        image_start,
-        image_end
-    );
-
-    if la57 {
-        tdx(52);
-    } else {
-        tdx(48);
-        snp();
-    }
-    println!(
-        "guest: all scenarios passed ({} instructions emulated)",
-        emulate::EMULATED.load(Ordering::Relaxed)
-    );
-    io::exit(io::PASS)
+    let depth = if la57 { 5 } else { 4 };
+    #[cfg(feature = "emulator")]
+    emulated::run(found, boot.firmware, depth, (image_start, image_end));
+    #[cfg(not(feature = "emulator"))]
+    real::run(found, boot.firmware, depth, (image_start, image_end));
 }
 
-/// The emulators' verdict: no hypercall saw a present alias of its frames.
-fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
-    if let Some(v) = violations.first() {
-        println!(
-            "{} hypercall(s) saw a present alias; first: {} of {:#x} while {:#x} mapped it",
-            violations.len(),
-            v.call,
-            v.pa,
-            v.mapping.va
-        );
-        fail("the emulators found a present alias of a converting frame");
-    }
+/// The firmware's map leaves the guest the memory it builds on and the
+/// memory the scenarios convert (where they accept what the firmware
+/// handed over unaccepted first, `unaccepted_allowed`).
+pub fn check_memory_is_free(unaccepted_allowed: bool) {
+    boot::check_free(
+        memory::TABLE_FRAMES.0,
+        memory::TABLE_FRAMES.1,
+        "page-table frames",
+        false,
+    );
+    boot::check_free(
+        scenarios::SPAN.0,
+        scenarios::SPAN.1,
+        "the memory the scenarios convert",
+        unaccepted_allowed,
+    );
 }
 
-fn config(t: &memory::Tables) -> Config {
+/// The boot line every run prints before its scenarios.
+pub fn booted(firmware: boot::Firmware, depth: u32, (start, end): (u64, u64), mode: &str) {
+    println!(
+        "guest: booted by {}, long mode ({depth}-level paging), IDT/TSS, heap, zeropad decoder ready; kernel at [{start:#x}, {end:#x}); {mode}",
+        firmware.name(),
+    );
+}
+
+pub fn config(t: &memory::Tables) -> Config {
     Config {
         root: t.root,
         paging: t.paging,
@@ -118,202 +112,15 @@ fn config(t: &memory::Tables) -> Config {
     }
 }
 
-fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
-    attach(tables.page_tables());
-}
-
-fn tdx(gpaw: u8) {
-    println!(
-        "== TDX (emulated TDX module + VMM; PTE shared bit: 52, a bit the MMU ignores; {}-level paging, direct map at {:#x})",
-        if boot::la57() { 5 } else { 4 },
-        direct_map()
-    );
-    for s in &scenarios::STATES {
-        s.store(0, Ordering::Relaxed);
-    }
-    let model = emulate::install_tdx(hvmock::TdxConfig {
-        gpaw,
-        ..hvmock::TdxConfig::default()
-    });
-    // SAFETY: TDCALL traps to the emulator.
-    let info = tdcall::vp_info(&unsafe { TdcallInstruction::new() }).unwrap_or_else(|_| fail("TDG.VP.INFO"));
-    let enc = EncryptionBit::new(1 << 52, Visibility::Shared).unwrap_or_else(|| fail("bit"));
-    let mut tables = memory::build(enc);
-    smp::start_ap(tables.root, ap_main);
-    model.set_alias_check_ignore(HOST_VIEW, RAM);
-    attach(&tables, &|t| model.attach_page_tables(t));
-    // SAFETY: as above.
-    let platform = Tdx::new(unsafe { TdcallInstruction::new() }, info.shared_mask())
-        .unwrap_or_else(|_| fail("mask"))
-        .with_pte_bit(enc);
-    let mut e = Engine::new(
-        config(&tables),
-        Identity,
-        &FRAMES,
-        Shootdown,
-        platform,
-        StateTable::new(0, &scenarios::STATES),
-    )
-    .with_window(WINDOWS_TDX.init(&tables));
-    e.adopt_unaccepted(lifecycle::bitmap())
-        .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
-    boot::record_unaccepted(&e);
-    println!(
-        "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
-        info.gpaw,
-        info.shared_mask()
-    );
-    scenarios::run_all(
-        &e,
-        &mut tables,
-        &scenarios::Hooks {
-            name: "TDX",
-            clean: &|| aliases_absent(&model.violations()),
-            lie: &|on| model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever)),
-            // Built as one 1 GiB leaf and 512 2 MiB leaves; the 2 MiB half,
-            // all private and contiguous again, collapses into 1 GiB too.
-            expected_layout: [2, 0, 0],
-            before_boot: &|| e.counters(),
-        },
-    );
-    let page = |pa: u64| model.page(pa).state;
-    let lifecycle = lifecycle::Model {
-        hand_over_unaccepted: &|pa, len| {
-            let page = hvmock::TdxPage {
-                state: hvmock::TdxPageState::Pending,
-                level: 1,
-            };
-            model.set_pages(pa, len, page)
-        },
-        usable: &|pa| page(pa) == hvmock::TdxPageState::Accepted,
-        unaccepted: &|pa| page(pa) == hvmock::TdxPageState::Pending,
-        lie_accepted: &|pa, len| {
-            let page = hvmock::TdxPage {
-                state: hvmock::TdxPageState::Accepted,
-                level: 0,
-            };
-            model.set_pages(pa, len, page)
-        },
-        honest: &|| {},
-    };
-    lifecycle::unaccepted(&e, &lifecycle);
-    aliases_absent(&model.violations());
-    lifecycle::unshare_all(&e, &mut tables, &lifecycle, &|| {});
-    aliases_absent(&model.violations());
-}
-
-static GHCB_SLOTS: [GhcbSlot; smp::CPUS] = [const { GhcbSlot::new() }; smp::CPUS];
-
-fn snp() {
-    println!("== SEV-SNP (emulated hypervisor + RMP; PTE C-bit: 53, a bit the MMU ignores)");
-    for s in &scenarios::STATES {
-        s.store(0, Ordering::Relaxed);
-    }
-    let model = emulate::install_snp(hvmock::SnpConfig::default());
-    // SAFETY: the GHCB MSR and VMGEXIT trap to the emulator.
-    let hv = unsafe { GhcbMsrInstruction::new() };
-    // SAFETY: as above.
-    let info = unsafe { snp_ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|e| {
-        println!("SEV info: {e:?}");
-        fail("SEV info")
-    });
-    let enc = EncryptionBit::new(1 << 53, Visibility::Private).unwrap_or_else(|| fail("bit"));
-    let mut tables = memory::build(enc);
-    race::switch_ap(tables.root);
-    model.set_alias_check_ignore(HOST_VIEW, RAM);
-    attach(&tables, &|t| model.attach_page_tables(t));
-    // SAFETY: PVALIDATE traps to the emulator.
-    let platform = Snp::new(
-        hv,
-        unsafe { PvalidateInstruction::new() },
-        PerCpuGhcbs::new(&GHCB_SLOTS, smp::cpu),
-        info.c_bit,
-    )
-    .unwrap_or_else(|_| fail("c-bit"))
-    .with_pte_bit(enc);
-    let mut e = Engine::new(
-        config(&tables),
-        Identity,
-        &FRAMES,
-        Shootdown,
-        platform,
-        StateTable::new(0, &scenarios::STATES),
-    )
-    .with_window(WINDOWS_SNP.init(&tables));
-    e.adopt_unaccepted(lifecycle::bitmap())
-        .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
-    boot::record_unaccepted(&e);
-    println!(
-        "  SEV info: protocol {}..{}, C-bit {}",
-        info.min_version, info.max_version, info.c_bit
-    );
-    let setup_ghcb = || {
-        let before = e.counters();
-        let ghcb_pa = 1536 << 20;
-        let ptr =
-            core::ptr::NonNull::new((direct_map() + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
-        // SAFETY: the page is the GHCB's alone, mapped by the direct map.
-        unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
-        scenarios::check(
-            e.counters().since(&before).psc_msr == 1,
-            "GHCB: not through the MSR protocol",
-        );
-        before
-    };
-    scenarios::run_all(
-        &e,
-        &mut tables,
-        &scenarios::Hooks {
-            name: "SNP",
-            clean: &|| aliases_absent(&model.violations()),
-            lie: &|on| model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall)),
-            // The GHCB stays shared: its 2 MiB region stays split.
-            expected_layout: [1, 511, 512],
-            before_boot: &setup_ghcb,
-        },
-    );
-    let launch_left = hvmock::RmpEntry {
-        assigned: true,
-        validated: false,
-        huge: false,
-    };
-    let lifecycle = lifecycle::Model {
-        hand_over_unaccepted: &|pa, len| model.set_rmp(pa, len, launch_left),
-        usable: &|pa| {
-            let r = model.rmp(pa);
-            r.assigned && r.validated
-        },
-        unaccepted: &|pa| model.rmp(pa) == launch_left,
-        // Validated behind the guest's back, and the page state change that
-        // would reset it only pretends.
-        lie_accepted: &|pa, len| {
-            let validated = hvmock::RmpEntry {
-                assigned: true,
-                validated: true,
-                huge: false,
-            };
-            model.set_rmp(pa, len, validated);
-            model.set_hostile(Some(hvmock::SnpHostile::PscSuccessWithoutRmpChange));
-        },
-        honest: &|| model.set_hostile(None),
-    };
-    lifecycle::unaccepted(&e, &lifecycle);
-    aliases_absent(&model.violations());
-    lifecycle::unshare_all(&e, &mut tables, &lifecycle, &|| {
-        scenarios::check(
-            GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
-            "unshare: a GHCB slot still filled",
-        )
-    });
-    aliases_absent(&model.violations());
-}
+/// Each CPU's GHCB, on SNP (emulated or real).
+pub static GHCB_SLOTS: [GhcbSlot; smp::CPUS] = [const { GhcbSlot::new() }; smp::CPUS];
 
 /// The scratch windows of one platform's tables, kept for the engine's
 /// lifetime.
-struct WindowsCell(spin::Mutex<Option<&'static PerCpuWindows<'static>>>);
+pub struct WindowsCell(spin::Mutex<Option<&'static PerCpuWindows<'static>>>);
 
 impl WindowsCell {
-    fn init(&self, t: &memory::Tables) -> &'static PerCpuWindows<'static> {
+    pub fn init(&self, t: &memory::Tables) -> &'static PerCpuWindows<'static> {
         let slots = alloc::boxed::Box::leak(alloc::boxed::Box::new(t.windows.slots));
         // SAFETY: each CPU has its own window, whose path down to its PD
         // exists and whose PT page is zeroed; conversions do not migrate
@@ -324,9 +131,10 @@ impl WindowsCell {
     }
 }
 
-static WINDOWS_TDX: WindowsCell = WindowsCell(spin::Mutex::new(None));
-static WINDOWS_SNP: WindowsCell = WindowsCell(spin::Mutex::new(None));
+pub static WINDOWS_TDX: WindowsCell = WindowsCell(spin::Mutex::new(None));
+pub static WINDOWS_SNP: WindowsCell = WindowsCell(spin::Mutex::new(None));
 
+#[cfg(feature = "emulator")]
 /// CPU 1, from the trampoline: the kernel's GDT, its own TSS and IST
 /// stacks, interrupts on (for shootdown IPIs), then the race loop.
 extern "sysv64" fn ap_main() -> ! {
@@ -344,11 +152,14 @@ fn handle_trap(frame: &mut trap::Frame) {
     if platform::rdmsr_fault(frame) {
         return;
     }
+    #[cfg(feature = "emulator")]
     if (vector == 6 || vector == 13) && emulate::emulate(frame) {
         return;
     }
     match vector {
         smp::SHOOTDOWN_VECTOR => smp::on_shootdown(),
+        20 => exits::on_ve(frame),
+        29 => exits::on_vc(frame),
         14 => {
             let cr2: u64;
             // SAFETY: reading CR2 in the #PF handler.

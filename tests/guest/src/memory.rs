@@ -23,6 +23,8 @@ use coco_convert::bits::{ACCESSED, DIRTY, HUGE, NO_EXECUTE, PRESENT, TABLE_POINT
 use coco_convert::{EncryptionBit, FrameSource, Level, Paging, PhysMem, TlbShootdown, VaRange, Visibility, WindowSlot};
 
 pub const RAM: u64 = 2 << 30;
+/// Bits 51:12 of an entry or of CR3: where a physical address can be.
+const ADDRESS_FIELD: u64 = 0x000F_FFFF_FFFF_F000;
 /// Canonical at either depth: the emulators reach memory through it before
 /// and after the switch to the guest's own tables.
 pub const HOST_VIEW: u64 = 0xFFFF_C000_0000_0000;
@@ -39,6 +41,11 @@ static IMAGE: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 pub fn set_image((start, end): (u64, u64)) {
     IMAGE[0].store(start, Ordering::Relaxed);
     IMAGE[1].store(end, Ordering::Relaxed);
+}
+
+/// The loaded image, `[start, end)`.
+pub fn image() -> (u64, u64) {
+    (IMAGE[0].load(Ordering::Relaxed), IMAGE[1].load(Ordering::Relaxed))
 }
 
 /// The tables' depth and where the engine's mappings are.
@@ -186,6 +193,7 @@ pub struct Tables {
 
 impl Tables {
     /// What the emulators need to walk these tables.
+    #[cfg(feature = "emulator")]
     pub fn page_tables(&self) -> hvmock::GuestPageTables {
         hvmock::GuestPageTables {
             cr3: self.root,
@@ -268,6 +276,9 @@ pub fn build(enc: EncryptionBit) -> Tables {
     }
     t.map(layout.direct_map, 0, 1 << 30, Level::Pdpt, data);
     t.map(layout.direct_map + (1 << 30), 1 << 30, 1 << 30, Level::Pd, data);
+    // Only the emulated host has a view of its own; on a real platform a
+    // private mapping of every frame would alias the shared ones.
+    #[cfg(feature = "emulator")]
     t.map(HOST_VIEW, 0, RAM, Level::Pdpt, data);
     // The local APIC, uncached (PWT | PCD).
     t.map(
@@ -285,8 +296,12 @@ pub fn build(enc: EncryptionBit) -> Tables {
             pt: FRAMES.allocate_frame().expect("window PT"),
         };
     }
+    // SNP: the top table is private memory, so CR3 carries the C-bit as
+    // a table pointer does (a bit the emulated mode puts above the
+    // address field, where CR3 has none, so there it stays out).
+    let cr3 = root | (enc.bits_for(Visibility::Private) & ADDRESS_FIELD);
     // SAFETY: the new hierarchy maps the kernel (identity) as before.
-    unsafe { core::arch::asm!("mov cr3, {0}", in(reg) root, options(nostack)) };
+    unsafe { core::arch::asm!("mov cr3, {0}", in(reg) cr3, options(nostack)) };
     t
 }
 
@@ -296,9 +311,7 @@ pub fn direct_map_layout(t: &Tables) -> [u64; 3] {
     let direct_map = direct_map();
     let mut va = direct_map;
     while va < direct_map + RAM {
-        let tables = t.page_tables();
-        let mem = crate::emulate::host_memory();
-        match tables.translate(mem, va) {
+        match crate::walk::translate(t, va) {
             Some(m) => {
                 counts[match m.size {
                     s if s == 1 << 30 => 0,

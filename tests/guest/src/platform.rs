@@ -39,8 +39,15 @@ pub fn rdmsr_fault(frame: &mut Frame) -> bool {
     true
 }
 
-/// CPUID as executed, RDMSR through the #GP fix-up.
-struct GuestProbe;
+/// CPUID as executed (in an SNP guest, through the #VC handler), RDMSR
+/// through the #GP fix-up.
+pub struct GuestProbe;
+
+/// The probe the guest detects with.
+#[cfg(not(feature = "emulator"))]
+pub fn probe() -> GuestProbe {
+    GuestProbe
+}
 
 impl CpuProbe for GuestProbe {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -60,7 +67,7 @@ impl CpuProbe for GuestProbe {
 pub fn detect_platform() -> Detected {
     match detect(&GuestProbe) {
         Ok(Detected::Neither) => {
-            println!("guest: platform: neither TDX (CPUID leaf 0x21) nor SEV-SNP (SEV_STATUS): emulated mode");
+            println!("guest: platform: neither TDX (CPUID leaf 0x21) nor SEV-SNP (SEV_STATUS)");
             Detected::Neither
         }
         Ok(found) => {

@@ -3,6 +3,12 @@
 //! by IPI. Every result must be the zero-padded word (the next page not
 //! present: a real #PF fixed up) or the full word (present, with whatever
 //! the conversion left in it: the emulators' scribble, or zeros).
+//!
+//! The image for real hosts starts no second CPU (a TD's vCPUs wake
+//! through the ACPI multiprocessor wakeup mailbox, an SNP guest's through
+//! the AP-creation event, and neither is built), so there it is compiled
+//! but never entered.
+#![cfg_attr(not(feature = "emulator"), allow(dead_code))]
 
 use core::sync::atomic::{AtomicU64, Ordering};
 

@@ -2,6 +2,12 @@
 //! real-mode trampoline copied below 1 MiB, straight into long mode on the same page
 //! tables, as deep as CPU 0's (CR4.LA57 goes on with the rest of CR4,
 //! before paging); and TLB shootdowns by IPI.
+//!
+//! The image for real hosts starts no second CPU (a TD's vCPUs wake
+//! through the ACPI multiprocessor wakeup mailbox, an SNP guest's through
+//! the AP-creation event, and neither is built), so there it is compiled
+//! but never entered.
+#![cfg_attr(not(feature = "emulator"), allow(dead_code))]
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -132,9 +138,19 @@ fn apic_write(reg: u64, value: u32) {
     unsafe { ((APIC + reg) as *mut u32).write_volatile(value) };
 }
 
-/// The calling CPU (its APIC ID: 0 and 1 under QEMU).
+/// The calling CPU (its APIC ID: 0 and 1 under QEMU). Until the second
+/// CPU runs, the caller is CPU 0, and the xAPIC is left alone (a TD has
+/// none, an SNP guest's traps).
 pub fn cpu() -> usize {
+    if !ap_is_online() {
+        return 0;
+    }
     (apic_read(0x20) >> 24) as usize % CPUS
+}
+
+/// Whether the second CPU has come up.
+pub fn ap_is_online() -> bool {
+    AP_ONLINE.load(Ordering::Acquire)
 }
 
 fn delay(n: u64) {

@@ -110,11 +110,14 @@ macro_rules! stubs {
     };
 }
 
-// Vector, and whether the CPU pushes an error code.
-stubs!(6 0, 8 1, 13 1, 14 1, 240 0);
+// Vector, and whether the CPU pushes an error code: #VE (20) has none,
+// #VC (29) carries the exit code.
+stubs!(6 0, 8 1, 13 1, 14 1, 20 0, 29 1, 240 0);
 
 extern "C" {
     fn trap_stub_6();
+    fn trap_stub_20();
+    fn trap_stub_29();
     fn trap_stub_8();
     fn trap_stub_13();
     fn trap_stub_14();
@@ -157,8 +160,8 @@ static mut TSS: [Tss; CPUS] = [const {
 }; CPUS];
 
 #[repr(C, align(16))]
-struct IstStacks([[u8; 32 * 1024]; 3]);
-static mut IST: [IstStacks; CPUS] = [const { IstStacks([[0; 32 * 1024]; 3]) }; CPUS];
+struct IstStacks([[u8; 32 * 1024]; 4]);
+static mut IST: [IstStacks; CPUS] = [const { IstStacks([[0; 32 * 1024]; 4]) }; CPUS];
 
 fn set_gate(vector: usize, handler: unsafe extern "C" fn(), ist: u64) {
     let addr = handler as usize as u64;
@@ -177,12 +180,16 @@ pub fn init(cpu: usize) {
         set_gate(8, trap_stub_8, 3);
         set_gate(13, trap_stub_13, 2);
         set_gate(14, trap_stub_14, 1);
+        // Their own stack: a #VE or #VC can arrive inside any other
+        // handler that does port I/O or CPUID (printing a failure).
+        set_gate(20, trap_stub_20, 4);
+        set_gate(29, trap_stub_29, 4);
         set_gate(240, trap_stub_240, 2);
     }
     // SAFETY: each CPU sets up its own TSS and GDT slot, then loads them.
     unsafe {
         let tss = core::ptr::addr_of_mut!(TSS[cpu]);
-        for i in 0..3 {
+        for i in 0..4 {
             let top = core::ptr::addr_of_mut!(IST[cpu].0[i]) as u64 + 32 * 1024;
             core::ptr::addr_of_mut!((*tss).ist[i]).write_unaligned(top);
         }

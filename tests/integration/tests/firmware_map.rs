@@ -72,20 +72,29 @@ fn descriptors_are_read_at_the_firmwares_stride_and_sorted_into_uses() {
         assert_eq!(free_bytes(), 0x9F * 4096 + 2 * MIB);
         assert_eq!(unaccepted_bytes(), 4 * MIB);
         assert!(
-            all(MIB, 3 * MIB, Use::Free),
+            all(MIB, 3 * MIB, &[Use::Free]),
             "boot-services memory is free after the exit"
         );
-        assert!(!all(MIB, 3 * MIB + 4096, Use::Free), "one page of the guest's own");
+        assert!(!all(MIB, 3 * MIB + 4096, &[Use::Free]), "one page of the guest's own");
         assert_eq!(
-            first_other(2 * MIB, 9 * MIB, Use::Free),
+            first_other(2 * MIB, 9 * MIB, &[Use::Free]),
             Some((3 * MIB, 4 * MIB, Use::Guest))
         );
         assert_eq!(
-            first_other(0x9F000, MIB, Use::Free),
+            first_other(0x9F000, MIB, &[Use::Free]),
             None,
             "a hole is not memory in use"
         );
-        assert!(!all(0x9F000, MIB, Use::Free), "but not free either");
+        assert!(!all(0x9F000, MIB, &[Use::Free]), "but not free either");
+        // Memory the guest accepts before use may be handed over
+        // unaccepted; the guest's own image may not be taken for either.
+        assert!(!all(MIB, 8 * MIB, &[Use::Free, Use::Unaccepted]));
+        assert!(all(4 * MIB, 8 * MIB, &[Use::Free, Use::Unaccepted]));
+        assert!(!all(4 * MIB, 8 * MIB, &[Use::Free]));
+        assert_eq!(
+            first_other(MIB, 9 * MIB, &[Use::Free, Use::Unaccepted]),
+            Some((3 * MIB, 4 * MIB, Use::Guest))
+        );
     }
 }
 

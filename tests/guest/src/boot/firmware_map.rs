@@ -116,20 +116,20 @@ pub fn ranges() -> impl Iterator<Item = (u64, u64, Use)> {
     })
 }
 
-/// Whether every byte of `[start, end)` is described as `wanted`.
-pub fn all(start: u64, end: u64, wanted: Use) -> bool {
+/// Whether every byte of `[start, end)` is described as one of `wanted`.
+pub fn all(start: u64, end: u64, wanted: &[Use]) -> bool {
     // Ranges do not overlap (UEFI 2.10, GetMemoryMap), so the covered
     // bytes add up.
     let covered: u64 = ranges()
-        .filter(|&(_, _, u)| u == wanted)
+        .filter(|&(_, _, u)| wanted.contains(&u))
         .map(|(s, e, _)| e.min(end).saturating_sub(s.max(start)))
         .sum();
     covered == end - start
 }
 
-/// The first range in `[start, end)` not described as `wanted`.
-pub fn first_other(start: u64, end: u64, wanted: Use) -> Option<(u64, u64, Use)> {
-    ranges().find(|&(s, e, u)| u != wanted && s < end && e > start)
+/// The first range in `[start, end)` not described as one of `wanted`.
+pub fn first_other(start: u64, end: u64, wanted: &[Use]) -> Option<(u64, u64, Use)> {
+    ranges().find(|&(s, e, u)| !wanted.contains(&u) && s < end && e > start)
 }
 
 fn bytes_of(wanted: Use) -> u64 {

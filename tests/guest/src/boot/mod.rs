@@ -31,21 +31,30 @@ pub struct BootInfo {
 /// Fails the run unless the firmware left `[start, end)` free for the
 /// guest: page-table frames, and the memory the scenarios convert, must
 /// not be the firmware's runtime code or data, ACPI tables, or reserved.
-/// PVH hands the guest all of RAM.
-pub fn check_free(start: u64, end: u64, what: &str) {
+/// Memory the firmware hands over unaccepted counts as free where the
+/// caller accepts it before use (`unaccepted_allowed`). PVH hands the
+/// guest all of RAM.
+pub fn check_free(start: u64, end: u64, what: &str, unaccepted_allowed: bool) {
     // Every byte described as free: a hole the map leaves out (MMIO, or
     // memory the firmware never reported) is not free either.
     #[cfg(target_os = "uefi")]
-    if !firmware_map::all(start, end, firmware_map::Use::Free) {
-        match firmware_map::first_other(start, end, firmware_map::Use::Free) {
-            Some((s, e, u)) => crate::println!(
-                "  {what}: [{start:#x}, {end:#x}) overlaps [{s:#x}, {e:#x}), which the firmware's map gives as {u:?}"
-            ),
-            None => crate::println!("  {what}: [{start:#x}, {end:#x}) has a hole the firmware's map leaves out"),
+    {
+        let free: &[firmware_map::Use] = if unaccepted_allowed {
+            &[firmware_map::Use::Free, firmware_map::Use::Unaccepted]
+        } else {
+            &[firmware_map::Use::Free]
+        };
+        if !firmware_map::all(start, end, free) {
+            match firmware_map::first_other(start, end, free) {
+                Some((s, e, u)) => crate::println!(
+                    "  {what}: [{start:#x}, {end:#x}) overlaps [{s:#x}, {e:#x}), which the firmware's map gives as {u:?}"
+                ),
+                None => crate::println!("  {what}: [{start:#x}, {end:#x}) has a hole the firmware's map leaves out"),
+            }
+            crate::fail("memory the guest needs is not free in the firmware's map");
         }
-        crate::fail("memory the guest needs is not free in the firmware's map");
     }
-    let _ = (start, end, what);
+    let _ = (start, end, what, unaccepted_allowed);
 }
 
 /// Gives the engine the memory the firmware's map hands over unaccepted

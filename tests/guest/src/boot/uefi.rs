@@ -119,8 +119,15 @@ extern "sysv64" fn on_own_stack(image_start: u64, image_end: u64, trampoline: u6
     // interrupts the firmware left routed.
     unsafe {
         core::arch::asm!("cli", options(nomem, nostack));
-        crate::io::outb(0x21, 0xFF);
-        crate::io::outb(0xA1, 0xFF);
+        // Only where `out` is the route: in a TD or an SNP guest it would
+        // trap before the guest has a handler. CPU 0 never enables
+        // interrupts again, so the masks matter only to the second CPU's
+        // runs, which only the emulated mode has.
+        #[cfg(feature = "emulator")]
+        {
+            crate::io::outb(0x21, 0xFF);
+            crate::io::outb(0xA1, 0xFF);
+        }
         let gdt_ptr = core::ptr::addr_of_mut!(super::GDT_PTR);
         core::ptr::addr_of_mut!((*gdt_ptr).base).write_unaligned(core::ptr::addr_of!(super::GDT) as u64);
         core::arch::asm!(

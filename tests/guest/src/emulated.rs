@@ -1,0 +1,246 @@
+//! The emulated mode: TDX and SNP modelled inside the guest ([`crate::emulate`]
+//! catches their instructions), with the models' own checks around the
+//! scenarios: no hypercall while an alias of its frames was present, every
+//! frame's state as the platform holds it, and hosts told to lie.
+
+use core::sync::atomic::Ordering;
+
+use coco_convert::platform::detect::Detected;
+use coco_convert::platform::snp::{PerCpuGhcbs, Snp};
+use coco_convert::platform::tdx::Tdx;
+use coco_convert::{EncryptionBit, Engine, StateTable, Visibility};
+use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
+use tdcall::TdcallInstruction;
+
+use crate::memory::{direct_map, Identity, Shootdown, FRAMES, HOST_VIEW, RAM};
+use crate::{
+    ap_main, boot, config, emulate, fail, io, lifecycle, memory, println, race, scenarios, smp, GHCB_SLOTS,
+    WINDOWS_SNP, WINDOWS_TDX,
+};
+
+/// Runs every scenario on both emulated platforms (TDX only with 5-level
+/// paging, as a TD with GPAW 52); a real platform is the other image's.
+pub fn run(found: Detected, firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
+    if found != Detected::Neither {
+        fail("a real TDX or SEV-SNP platform: this image runs the emulated scenarios; boot the real-host image");
+    }
+    crate::check_memory_is_free(false);
+    emulate::host_memory();
+    crate::booted(firmware, depth, image, "emulated mode");
+    if depth == 5 {
+        tdx(52);
+    } else {
+        tdx(48);
+        snp();
+    }
+    println!(
+        "guest: all scenarios passed ({} instructions emulated)",
+        emulate::EMULATED.load(Ordering::Relaxed)
+    );
+    io::exit(io::PASS)
+}
+
+/// The emulators' verdict: no hypercall saw a present alias of its frames.
+fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
+    if let Some(v) = violations.first() {
+        println!(
+            "{} hypercall(s) saw a present alias; first: {} of {:#x} while {:#x} mapped it",
+            violations.len(),
+            v.call,
+            v.pa,
+            v.mapping.va
+        );
+        fail("the emulators found a present alias of a converting frame");
+    }
+}
+
+fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
+    attach(tables.page_tables());
+}
+
+fn tdx(gpaw: u8) {
+    println!(
+        "== TDX (emulated TDX module + VMM; PTE shared bit: 52, a bit the MMU ignores; {}-level paging, direct map at {:#x})",
+        if boot::la57() { 5 } else { 4 },
+        direct_map()
+    );
+    for s in &scenarios::STATES {
+        s.store(0, Ordering::Relaxed);
+    }
+    let model = emulate::install_tdx(hvmock::TdxConfig {
+        gpaw,
+        ..hvmock::TdxConfig::default()
+    });
+    // SAFETY: TDCALL traps to the emulator.
+    let info = tdcall::vp_info(&unsafe { TdcallInstruction::new() }).unwrap_or_else(|_| fail("TDG.VP.INFO"));
+    let enc = EncryptionBit::new(1 << 52, Visibility::Shared).unwrap_or_else(|| fail("bit"));
+    let mut tables = memory::build(enc);
+    smp::start_ap(tables.root, ap_main);
+    model.set_alias_check_ignore(HOST_VIEW, RAM);
+    attach(&tables, &|t| model.attach_page_tables(t));
+    // SAFETY: as above.
+    let platform = Tdx::new(unsafe { TdcallInstruction::new() }, info.shared_mask())
+        .unwrap_or_else(|_| fail("mask"))
+        .with_pte_bit(enc);
+    let mut e = Engine::new(
+        config(&tables),
+        Identity,
+        &FRAMES,
+        Shootdown,
+        platform,
+        StateTable::new(0, &scenarios::STATES),
+    )
+    .with_window(WINDOWS_TDX.init(&tables));
+    e.adopt_unaccepted(lifecycle::bitmap())
+        .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    boot::record_unaccepted(&e);
+    println!(
+        "  TDG.VP.INFO: GPAW {}, GPA shared bit {:#x}",
+        info.gpaw,
+        info.shared_mask()
+    );
+    scenarios::run_all(
+        &e,
+        &mut tables,
+        &scenarios::Hooks {
+            name: "TDX",
+            clean: &|| aliases_absent(&model.violations()),
+            lie: Some(&|on| model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever))),
+            // Built as one 1 GiB leaf and 512 2 MiB leaves; the 2 MiB half,
+            // all private and contiguous again, collapses into 1 GiB too.
+            expected_layout: [2, 0, 0],
+            before_boot: &|| e.counters(),
+        },
+    );
+    let page = |pa: u64| model.page(pa).state;
+    let lifecycle = lifecycle::Model {
+        hand_over_unaccepted: &|pa, len| {
+            let page = hvmock::TdxPage {
+                state: hvmock::TdxPageState::Pending,
+                level: 1,
+            };
+            model.set_pages(pa, len, page)
+        },
+        usable: &|pa| page(pa) == hvmock::TdxPageState::Accepted,
+        unaccepted: &|pa| page(pa) == hvmock::TdxPageState::Pending,
+        lie_accepted: &|pa, len| {
+            let page = hvmock::TdxPage {
+                state: hvmock::TdxPageState::Accepted,
+                level: 0,
+            };
+            model.set_pages(pa, len, page)
+        },
+        honest: &|| {},
+    };
+    lifecycle::unaccepted(&e, &lifecycle);
+    aliases_absent(&model.violations());
+    lifecycle::unshare_all(&e, &mut tables, lifecycle.usable, &|| {
+        lifecycle::model_agrees(&e, &lifecycle)
+    });
+    aliases_absent(&model.violations());
+}
+
+fn snp() {
+    println!("== SEV-SNP (emulated hypervisor + RMP; PTE C-bit: 53, a bit the MMU ignores)");
+    for s in &scenarios::STATES {
+        s.store(0, Ordering::Relaxed);
+    }
+    let model = emulate::install_snp(hvmock::SnpConfig::default());
+    // SAFETY: the GHCB MSR and VMGEXIT trap to the emulator.
+    let hv = unsafe { GhcbMsrInstruction::new() };
+    // SAFETY: as above.
+    let info = unsafe { snp_ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|e| {
+        println!("SEV info: {e:?}");
+        fail("SEV info")
+    });
+    let enc = EncryptionBit::new(1 << 53, Visibility::Private).unwrap_or_else(|| fail("bit"));
+    let mut tables = memory::build(enc);
+    race::switch_ap(tables.root);
+    model.set_alias_check_ignore(HOST_VIEW, RAM);
+    attach(&tables, &|t| model.attach_page_tables(t));
+    // SAFETY: PVALIDATE traps to the emulator.
+    let platform = Snp::new(
+        hv,
+        unsafe { PvalidateInstruction::new() },
+        PerCpuGhcbs::new(&GHCB_SLOTS, smp::cpu),
+        info.c_bit,
+    )
+    .unwrap_or_else(|_| fail("c-bit"))
+    .with_pte_bit(enc);
+    let mut e = Engine::new(
+        config(&tables),
+        Identity,
+        &FRAMES,
+        Shootdown,
+        platform,
+        StateTable::new(0, &scenarios::STATES),
+    )
+    .with_window(WINDOWS_SNP.init(&tables));
+    e.adopt_unaccepted(lifecycle::bitmap())
+        .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
+    boot::record_unaccepted(&e);
+    println!(
+        "  SEV info: protocol {}..{}, C-bit {}",
+        info.min_version, info.max_version, info.c_bit
+    );
+    let setup_ghcb = || {
+        let before = e.counters();
+        let ghcb_pa = 1536 << 20;
+        let ptr =
+            core::ptr::NonNull::new((direct_map() + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
+        // SAFETY: the page is the GHCB's alone, mapped by the direct map.
+        unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
+        scenarios::check(
+            e.counters().since(&before).psc_msr == 1,
+            "GHCB: not through the MSR protocol",
+        );
+        before
+    };
+    scenarios::run_all(
+        &e,
+        &mut tables,
+        &scenarios::Hooks {
+            name: "SNP",
+            clean: &|| aliases_absent(&model.violations()),
+            lie: Some(&|on| model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall))),
+            // The GHCB stays shared: its 2 MiB region stays split.
+            expected_layout: [1, 511, 512],
+            before_boot: &setup_ghcb,
+        },
+    );
+    let launch_left = hvmock::RmpEntry {
+        assigned: true,
+        validated: false,
+        huge: false,
+    };
+    let lifecycle = lifecycle::Model {
+        hand_over_unaccepted: &|pa, len| model.set_rmp(pa, len, launch_left),
+        usable: &|pa| {
+            let r = model.rmp(pa);
+            r.assigned && r.validated
+        },
+        unaccepted: &|pa| model.rmp(pa) == launch_left,
+        // Validated behind the guest's back, and the page state change that
+        // would reset it only pretends.
+        lie_accepted: &|pa, len| {
+            let validated = hvmock::RmpEntry {
+                assigned: true,
+                validated: true,
+                huge: false,
+            };
+            model.set_rmp(pa, len, validated);
+            model.set_hostile(Some(hvmock::SnpHostile::PscSuccessWithoutRmpChange));
+        },
+        honest: &|| model.set_hostile(None),
+    };
+    lifecycle::unaccepted(&e, &lifecycle);
+    aliases_absent(&model.violations());
+    lifecycle::unshare_all(&e, &mut tables, lifecycle.usable, &|| {
+        lifecycle::model_agrees(&e, &lifecycle);
+        scenarios::check(
+            GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
+            "unshare: a GHCB slot still filled",
+        )
+    });
+    aliases_absent(&model.violations());
+}
