@@ -139,17 +139,23 @@ fn is_td(probe: &(impl CpuProbe + ?Sized)) -> bool {
 }
 
 /// Finds the platform: TDX by its CPUID signature, else SEV-SNP by
-/// SEV_STATUS (read only where CPUID Fn8000_001F says the CPU has SEV, so
-/// no other CPU takes a #GP), else neither.
+/// SEV_STATUS, else neither.
+///
+/// SEV_STATUS is read whatever CPUID says: in an SNP guest CPUID is the
+/// hypervisor's answer (through the #VC handler), so CPUID denying SEV
+/// must not spare the MSR the hardware answers. The probe's fault-tolerant
+/// RDMSR turns a CPU without the MSR into `None`, which is neither, unless
+/// CPUID Fn8000_001F reported SEV, where it is an error.
 pub fn detect(probe: &(impl CpuProbe + ?Sized)) -> Result<Detected, DetectError> {
     if is_td(probe) {
         return Ok(Detected::Tdx);
     }
-    let sev_cpu = has_leaf(probe, SEV_CPUID_LEAF) && probe.cpuid(SEV_CPUID_LEAF, 0)[0] & (1 << 1) != 0;
-    if !sev_cpu {
-        return Ok(Detected::Neither);
-    }
-    let sev_status = probe.read_msr(SEV_STATUS_MSR).ok_or(DetectError::SevStatusUnreadable)?;
+    let sev_cpu = cpuid_reports_sev(probe);
+    let sev_status = match probe.read_msr(SEV_STATUS_MSR) {
+        Some(status) => status,
+        None if sev_cpu => return Err(DetectError::SevStatusUnreadable),
+        None => return Ok(Detected::Neither),
+    };
     let all = sev_status::SEV | sev_status::SEV_ES | sev_status::SNP;
     match sev_status & all {
         0 => Ok(Detected::Neither),
@@ -159,13 +165,18 @@ pub fn detect(probe: &(impl CpuProbe + ?Sized)) -> Result<Detected, DetectError>
     }
 }
 
+/// CPUID Fn8000_001F exists and its EAX\[1\] reports SEV.
+fn cpuid_reports_sev(probe: &(impl CpuProbe + ?Sized)) -> bool {
+    has_leaf(probe, SEV_CPUID_LEAF) && probe.cpuid(SEV_CPUID_LEAF, 0)[0] & (1 << 1) != 0
+}
+
 /// The C-bit position of an SEV-SNP guest: CPUID Fn8000_001F EBX\[5:0\],
 /// which must agree with the GHCB MSR protocol's SEV information
 /// (`snp_ghcb::protocol::negotiate`, its `c_bit`) and lie in 32..=51.
 /// Neither source alone is trusted: the hypervisor answers the MSR
 /// protocol, and CPUID unless the OS reads the SNP CPUID page.
 pub fn snp_c_bit(probe: &(impl CpuProbe + ?Sized), msr_protocol_c_bit: u8) -> Result<u8, DetectError> {
-    if !has_leaf(probe, SEV_CPUID_LEAF) || probe.cpuid(SEV_CPUID_LEAF, 0)[0] & (1 << 1) == 0 {
+    if !cpuid_reports_sev(probe) {
         return Err(DetectError::NoSevLeaf);
     }
     let cpuid = (probe.cpuid(SEV_CPUID_LEAF, 0)[1] & 0x3F) as u8;
@@ -191,9 +202,11 @@ impl Hardware {
     /// # Safety
     ///
     /// CPUID must be answerable here (on SEV-SNP, a #VC handler is in
-    /// place), the caller runs at CPL 0, and `read_msr` is called only
-    /// where [`detect`] calls it: after CPUID reported SEV, so the MSR
-    /// exists.
+    /// place) and the caller runs at CPL 0. This probe has no fault
+    /// fix-up, so it reads an MSR only where CPUID Fn8000_001F reports SEV
+    /// (the MSR exists) and answers `None` elsewhere: a hypervisor that
+    /// hides SEV from CPUID then makes an SNP guest look unprotected. An
+    /// OS with a #GP fix-up supplies its own probe that always reads.
     pub unsafe fn new() -> Self {
         Hardware { _private: () }
     }
@@ -207,8 +220,12 @@ impl CpuProbe for Hardware {
     }
 
     fn read_msr(&self, msr: u32) -> Option<u64> {
+        if !cpuid_reports_sev(self) {
+            return None;
+        }
         let (low, high): (u32, u32);
-        // SAFETY: the constructor's promise: CPL 0, and the MSR exists.
+        // SAFETY: the constructor's promise: CPL 0; CPUID reports SEV, so
+        // the MSR exists.
         unsafe {
             core::arch::asm!("rdmsr", in("ecx") msr, out("eax") low, out("edx") high, options(nomem, nostack, preserves_flags))
         };

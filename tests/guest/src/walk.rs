@@ -31,7 +31,7 @@ fn entries(table: u64) -> &'static [u64; 512] {
     // from the same frames: anything else is a bug the check must report,
     // not follow.
     crate::scenarios::check(
-        table >= TABLE_FRAMES.0 && table < TABLE_FRAMES.1 && table % 4096 == 0,
+        table >= TABLE_FRAMES.0 && table < TABLE_FRAMES.1 && table.is_multiple_of(4096),
         "page walk: a table outside the page-table frames",
     );
     // SAFETY: the table frames are identity-mapped for the guest's

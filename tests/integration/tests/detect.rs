@@ -95,15 +95,18 @@ fn an_snp_guest_is_found_by_sev_status() {
 }
 
 #[test]
-fn a_cpu_without_sev_in_cpuid_is_neither_and_its_msr_is_never_read() {
-    let mut cpu = amd(51, Some(SNP));
+fn a_cpu_without_sev_in_cpuid_is_neither_only_if_sev_status_faults() {
+    // CPUID denies SEV, and the MSR faults: neither.
+    let mut cpu = amd(51, None);
     cpu.cpuid.insert((SEV_CPUID_LEAF, 0), [0b01, 51, 0, 0]);
     assert_eq!(detect(&cpu), Ok(Detected::Neither));
+    assert_eq!(*cpu.msr_reads.borrow(), [SEV_STATUS_MSR]);
+    assert_eq!(detect(&FakeCpu::default()), Ok(Detected::Neither));
+    // CPUID denies SEV (the hypervisor answers it in an SNP guest), but
+    // the hardware's SEV_STATUS says SNP: SNP.
     let mut short = amd(51, Some(SNP));
     short.cpuid.insert((0x8000_0000, 0), [SEV_CPUID_LEAF - 1, 0, 0, 0]);
-    assert_eq!(detect(&short), Ok(Detected::Neither));
-    assert!(cpu.msr_reads.borrow().is_empty() && short.msr_reads.borrow().is_empty());
-    assert_eq!(detect(&FakeCpu::default()), Ok(Detected::Neither));
+    assert_eq!(detect(&short), Ok(Detected::Snp { sev_status: SNP }));
 }
 
 #[test]

@@ -376,10 +376,8 @@ fn cpuid_through_the_msr_protocol_asks_one_register_at_a_time() {
     hv.set_cpuid(7, 1, [5, 6, 7, 8]);
     let before = hv.stats().msr_requests;
     // SAFETY: requests change no memory.
-    assert_eq!(
-        unsafe { snp_ghcb::protocol::cpuid(&hv, 7) },
-        Ok([1, 0xDEAD_BEEF, 3, 0xFFFF_FFFF])
-    );
+    let answer = unsafe { snp_ghcb::protocol::cpuid(&hv, 7) };
+    assert_eq!(answer, Ok([1, 0xDEAD_BEEF, 3, 0xFFFF_FFFF]));
     assert_eq!(hv.stats().msr_requests - before, 4);
     assert_eq!(hv.stats().protocol_violations, 0);
 }

@@ -55,6 +55,12 @@ pub enum MapError {
     Range { start: u64, pages: u64 },
     /// More ranges than the guest keeps.
     TooMany,
+    /// A map whose size is not a whole number of descriptors (GetMemoryMap
+    /// returns whole ones, UEFI 2.10 section 7.2).
+    Length { bytes: usize, descriptor_size: usize },
+    /// Two descriptors describe the same memory (GetMemoryMap's ranges do
+    /// not overlap): which one is right cannot be told.
+    Overlap { first: u64, second: u64 },
 }
 
 const MAX_RANGES: usize = 512;
@@ -72,6 +78,12 @@ pub fn record(bytes: &[u8], descriptor_size: usize, version: u32) -> Result<u64,
     }
     if version != 1 {
         return Err(MapError::Version(version));
+    }
+    if bytes.len().checked_rem(descriptor_size) != Some(0) {
+        return Err(MapError::Length {
+            bytes: bytes.len(),
+            descriptor_size,
+        });
     }
     let count = bytes.len() / descriptor_size;
     if count > MAX_RANGES {
@@ -92,8 +104,19 @@ pub fn record(bytes: &[u8], descriptor_size: usize, version: u32) -> Result<u64,
     };
     // All checked before any is kept: a refused map leaves the last good
     // one whole.
-    for d in bytes.chunks_exact(descriptor_size) {
-        decode(d)?;
+    for (i, d) in bytes.chunks_exact(descriptor_size).enumerate() {
+        let (start, end, _) = decode(d)?;
+        // Pairwise (at most 512 ranges, no allocation this early): every
+        // sum over kept ranges below relies on no byte being counted twice.
+        for other in bytes.chunks_exact(descriptor_size).skip(i + 1) {
+            let (other_start, other_end, _) = decode(other)?;
+            if start < other_end && other_start < end {
+                return Err(MapError::Overlap {
+                    first: start,
+                    second: other_start,
+                });
+            }
+        }
     }
     for (i, d) in bytes.chunks_exact(descriptor_size).enumerate() {
         let (start, end, kind) = decode(d)?;
@@ -118,8 +141,8 @@ pub fn ranges() -> impl Iterator<Item = (u64, u64, Use)> {
 
 /// Whether every byte of `[start, end)` is described as one of `wanted`.
 pub fn all(start: u64, end: u64, wanted: &[Use]) -> bool {
-    // Ranges do not overlap (UEFI 2.10, GetMemoryMap), so the covered
-    // bytes add up.
+    // `record` keeps no overlapping ranges, so the covered bytes add up
+    // (and within one address space, cannot overflow).
     let covered: u64 = ranges()
         .filter(|&(_, _, u)| wanted.contains(&u))
         .map(|(s, e, _)| e.min(end).saturating_sub(s.max(start)))
