@@ -160,6 +160,16 @@ fn emulate_inner(frame: &mut Frame) -> bool {
     }
 }
 
+/// The TDX model installed last, if any.
+pub fn tdx_model() -> Option<&'static MockTdx> {
+    model(&TDX)
+}
+
+/// The SNP model installed last, if any.
+pub fn snp_model() -> Option<&'static MockSnp> {
+    model(&SNP)
+}
+
 fn model<T>(slot: &AtomicPtr<T>) -> Option<&'static T> {
     let p = slot.load(Ordering::Acquire);
     // SAFETY: models are leaked, they live forever.

@@ -12,10 +12,11 @@ use coco_convert::{EncryptionBit, Engine, StateTable, Visibility};
 use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
+use crate::io::Route;
 use crate::memory::{direct_map, Identity, Shootdown, FRAMES, HOST_VIEW, RAM};
 use crate::{
-    ap_main, boot, config, emulate, fail, io, lifecycle, memory, println, race, scenarios, smp, GHCB_SLOTS,
-    WINDOWS_SNP, WINDOWS_TDX,
+    ap_main, boot, config, emulate, exit_checks, fail, io, lifecycle, memory, println, race, scenarios, smp,
+    GHCB_SLOTS, WINDOWS_SNP, WINDOWS_TDX,
 };
 
 /// Runs every scenario on both emulated platforms (TDX only with 5-level
@@ -71,6 +72,7 @@ fn tdx(gpaw: u8) {
         gpaw,
         ..hvmock::TdxConfig::default()
     });
+    exit_checks::route_console_through_tdx();
     // SAFETY: TDCALL traps to the emulator.
     let info = tdcall::vp_info(&unsafe { TdcallInstruction::new() }).unwrap_or_else(|_| fail("TDG.VP.INFO"));
     let enc = EncryptionBit::new(1 << 52, Visibility::Shared).unwrap_or_else(|| fail("bit"));
@@ -99,6 +101,7 @@ fn tdx(gpaw: u8) {
         info.gpaw,
         info.shared_mask()
     );
+    exit_checks::ve_gate(model);
     scenarios::run_all(
         &e,
         &mut tables,
@@ -138,6 +141,7 @@ fn tdx(gpaw: u8) {
         lifecycle::model_agrees(&e, &lifecycle)
     });
     aliases_absent(&model.violations());
+    io::set_route(Route::Instruction);
 }
 
 fn snp() {
@@ -146,6 +150,7 @@ fn snp() {
         s.store(0, Ordering::Relaxed);
     }
     let model = emulate::install_snp(hvmock::SnpConfig::default());
+    exit_checks::vc_before_ghcb(model);
     // SAFETY: the GHCB MSR and VMGEXIT trap to the emulator.
     let hv = unsafe { GhcbMsrInstruction::new() };
     // SAFETY: as above.
@@ -194,6 +199,8 @@ fn snp() {
             e.counters().since(&before).psc_msr == 1,
             "GHCB: not through the MSR protocol",
         );
+        exit_checks::vc_with_ghcb();
+        exit_checks::route_console_through_snp();
         before
     };
     scenarios::run_all(
@@ -240,7 +247,8 @@ fn snp() {
         scenarios::check(
             GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
             "unshare: a GHCB slot still filled",
-        )
+        );
+        scenarios::check(exit_checks::forwarded() > 0, "the console never went through the GHCB");
     });
     aliases_absent(&model.violations());
 }

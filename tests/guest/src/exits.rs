@@ -51,23 +51,30 @@ pub fn td_port_out(port: u16, value: u32, width: u8) {
     let _ = tdcall::io_write(&tdcall(), port, io_size(width), value);
 }
 
-#[cfg(not(feature = "emulator"))]
 /// A port write in an SNP guest: the GHCB's IOIO event, through this
 /// CPU's GHCB. While a page state change holds the page (a failure
-/// reported from inside a conversion) the byte is lost rather than the
-/// request the page holds.
+/// reported from inside a conversion), or once the GHCB is gone, the byte
+/// is lost rather than the request the page holds.
+#[cfg(not(feature = "emulator"))]
 pub fn snp_port_out(port: u16, value: u32, width: u8) {
+    let _ = snp_port_out_carried(port, value, width);
+}
+
+/// [`snp_port_out`], saying whether the host carried the write out.
+pub fn snp_port_out_carried(port: u16, value: u32, width: u8) -> bool {
     let size = match width {
         1 => snp_ghcb::IoSize::Byte,
         2 => snp_ghcb::IoSize::Word,
         _ => snp_ghcb::IoSize::Dword,
     };
     let hv = ghcb_msr();
-    crate::GHCB_SLOTS[crate::smp::cpu()].try_with(|page| {
-        // SAFETY: the page is this CPU's registered GHCB, lent by its slot;
-        // a console or debug-exit write is what the guest asked for.
-        let _ = unsafe { snp_ghcb::ioio::port_out(page, &hv, snp_ghcb::PortAccess::new(port, size), value) };
-    });
+    crate::GHCB_SLOTS[crate::smp::cpu()]
+        .try_with(|page| {
+            // SAFETY: the page is this CPU's registered GHCB, lent by its
+            // slot; a console or debug-exit write is what the guest asked for.
+            unsafe { snp_ghcb::ioio::port_out(page, &hv, snp_ghcb::PortAccess::new(port, size), value) }.is_ok()
+        })
+        .unwrap_or(false)
 }
 
 /// The TD's shared bit, asked once.

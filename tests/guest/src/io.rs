@@ -55,11 +55,12 @@ fn port_out(route: Route, port: u16, value: u32, width: u8) {
     }
 }
 
-/// A byte to a port by the `out` instruction, for the emulated mode (the
-/// legacy PIC's masks, which only the UEFI entry finds unmasked).
-#[cfg(all(feature = "emulator", target_os = "uefi"))]
-pub fn outb(port: u16, value: u8) {
-    port_out(Route::Instruction, port, value as u32, 1);
+/// A port write by the `out` instruction, whatever the route: for the
+/// emulated mode alone (the legacy PIC's masks, which only the UEFI entry
+/// finds unmasked; the models' console forwarded to the real one).
+#[cfg(feature = "emulator")]
+pub fn out_instruction(port: u16, value: u32, width: u8) {
+    port_out(Route::Instruction, port, value, width);
 }
 
 impl Write for Console {

@@ -15,6 +15,8 @@ pub mod boot;
 mod emulate;
 #[cfg(feature = "emulator")]
 mod emulated;
+#[cfg(feature = "emulator")]
+mod exit_checks;
 mod exits;
 mod heap;
 mod io;
@@ -155,6 +157,10 @@ fn handle_trap(frame: &mut trap::Frame) {
     #[cfg(feature = "emulator")]
     if (vector == 6 || vector == 13) && emulate::emulate(frame) {
         return;
+    }
+    #[cfg(feature = "emulator")]
+    if vector == exit_checks::INJECTED_VC {
+        return exit_checks::on_injected_vc(frame);
     }
     match vector {
         smp::SHOOTDOWN_VECTOR => smp::on_shootdown(),

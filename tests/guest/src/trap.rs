@@ -111,8 +111,9 @@ macro_rules! stubs {
 }
 
 // Vector, and whether the CPU pushes an error code: #VE (20) has none,
-// #VC (29) carries the exit code.
-stubs!(6 0, 8 1, 13 1, 14 1, 20 0, 29 1, 240 0);
+// #VC (29) carries the exit code. 241 is the emulated mode's way into the
+// #VC handler (`int` pushes no error code; the handler supplies it).
+stubs!(6 0, 8 1, 13 1, 14 1, 20 0, 29 1, 240 0, 241 0);
 
 extern "C" {
     fn trap_stub_6();
@@ -122,6 +123,8 @@ extern "C" {
     fn trap_stub_13();
     fn trap_stub_14();
     fn trap_stub_240();
+    #[cfg(feature = "emulator")]
+    fn trap_stub_241();
 }
 
 // The System V ABI on both builds (a UEFI target's "C" is Microsoft's): the
@@ -185,6 +188,8 @@ pub fn init(cpu: usize) {
         set_gate(20, trap_stub_20, 4);
         set_gate(29, trap_stub_29, 4);
         set_gate(240, trap_stub_240, 2);
+        #[cfg(feature = "emulator")]
+        set_gate(crate::exit_checks::INJECTED_VC as usize, trap_stub_241, 4);
     }
     // SAFETY: each CPU sets up its own TSS and GDT slot, then loads them.
     unsafe {

@@ -133,6 +133,16 @@ impl Emulated {
         &self.console
     }
 
+    /// Copies COM1's output from byte `from` on into `into`; how many
+    /// bytes it copied. A reader that keeps its place never copies the
+    /// whole log again, nor allocates.
+    pub(crate) fn read_console(&self, from: usize, into: &mut [u8]) -> usize {
+        let rest = self.console.get(from..).unwrap_or_default();
+        let n = rest.len().min(into.len());
+        into[..n].copy_from_slice(&rest[..n]);
+        n
+    }
+
     /// The last value written to the isa-debug-exit port.
     pub(crate) fn debug_exit(&self) -> Option<u32> {
         self.debug_exit

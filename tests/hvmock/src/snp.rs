@@ -344,6 +344,13 @@ impl MockSnp {
         self.model.lock().emulated.console().to_vec()
     }
 
+    /// Copies COM1's output from byte `from` on into `into` and says how
+    /// many bytes it copied: for a guest that forwards the console as it
+    /// grows, without allocating.
+    pub fn read_console(&self, from: usize, into: &mut [u8]) -> usize {
+        self.model.lock().emulated.read_console(from, into)
+    }
+
     /// The last value written to the isa-debug-exit port
     /// ([`emulation::DEBUG_EXIT`](crate::emulation::DEBUG_EXIT)).
     pub fn debug_exit(&self) -> Option<u32> {

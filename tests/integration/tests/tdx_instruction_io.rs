@@ -61,6 +61,27 @@ fn bytes_out_to_com1_reach_the_console_one_call_each() {
 }
 
 #[test]
+fn the_console_is_read_on_from_where_the_reader_left_it() {
+    let td = td();
+    for &b in b"hello, world" {
+        io_write(&td, COM1, IoSize::Byte, b as u32).unwrap();
+    }
+    let mut into = [0u8; 5];
+    let mut read = Vec::new();
+    let mut at = 0;
+    loop {
+        let n = td.read_console(at, &mut into);
+        if n == 0 {
+            break;
+        }
+        read.extend_from_slice(&into[..n]);
+        at += n;
+    }
+    assert_eq!(read, b"hello, world");
+    assert_eq!(td.read_console(100, &mut into), 0, "past the end: nothing");
+}
+
+#[test]
 fn out_sends_only_the_bits_of_its_size() {
     let td = td();
     io_write(&td, COM1, IoSize::Byte, 0xDEAD_BE41).unwrap();

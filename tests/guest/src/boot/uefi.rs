@@ -125,8 +125,8 @@ extern "sysv64" fn on_own_stack(image_start: u64, image_end: u64, trampoline: u6
         // runs, which only the emulated mode has.
         #[cfg(feature = "emulator")]
         {
-            crate::io::outb(0x21, 0xFF);
-            crate::io::outb(0xA1, 0xFF);
+            crate::io::out_instruction(0x21, 0xFF, 1);
+            crate::io::out_instruction(0xA1, 0xFF, 1);
         }
         let gdt_ptr = core::ptr::addr_of_mut!(super::GDT_PTR);
         core::ptr::addr_of_mut!((*gdt_ptr).base).write_unaligned(core::ptr::addr_of!(super::GDT) as u64);
