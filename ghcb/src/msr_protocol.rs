@@ -51,6 +51,13 @@ pub enum MsrProtocolError {
         /// The whole MSR value returned.
         response: u64,
     },
+    /// A CPUID response names another register than the one asked for.
+    WrongRegister {
+        /// The register asked for.
+        expected: CpuidRegister,
+        /// The whole MSR value returned.
+        response: u64,
+    },
 }
 
 impl core::fmt::Display for MsrProtocolError {
@@ -64,6 +71,9 @@ impl core::fmt::Display for MsrProtocolError {
             }
             MsrProtocolError::ReservedBits { response } => {
                 write!(f, "GHCB MSR response {response:#x} sets reserved bits")
+            }
+            MsrProtocolError::WrongRegister { expected, response } => {
+                write!(f, "GHCB MSR CPUID response {response:#x} is not for {expected:?}")
             }
         }
     }
@@ -134,11 +144,21 @@ pub const fn cpuid_request(leaf: u32, register: CpuidRegister) -> u64 {
     (leaf as u64) << 32 | (register as u64) << 30 | code::CPUID_REQUEST
 }
 
-/// Decodes a CPUID response: GHCBData\[63:32\] = the register's value,
-/// \[29:12\] reserved. (\[31:30\] repeats the request's register; Linux
-/// does not check it, and neither does this.)
-pub fn cpuid_response(response: u64) -> Result<u32, MsrProtocolError> {
-    expect_code(response, code::CPUID_RESPONSE, 0x3FFF_F000).map(|r| (r >> 32) as u32)
+/// Decodes the CPUID response to a request for `register`:
+/// GHCBData\[63:32\] = the register's value, \[31:30\] = the register it
+/// is (GHCB specification 56421, section 2.3.1), \[29:12\] reserved. A
+/// response for another register is refused: a host that answers EBX's
+/// request with ECX's value, labelled as such, must not have it taken as
+/// EBX. (Linux does not check the label; KVM sets it.)
+pub fn cpuid_response(response: u64, register: CpuidRegister) -> Result<u32, MsrProtocolError> {
+    let response = expect_code(response, code::CPUID_RESPONSE, 0x3FFF_F000)?;
+    if (response >> 30) & 3 != register as u64 {
+        return Err(MsrProtocolError::WrongRegister {
+            expected: register,
+            response,
+        });
+    }
+    Ok((response >> 32) as u32)
 }
 
 /// Encodes a register-GHCB request for the page at `gpa`: GHCBData\[63:12\] =

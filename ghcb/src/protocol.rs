@@ -190,7 +190,7 @@ pub unsafe fn cpuid<H: GhcbMsr + ?Sized>(hv: &H, leaf: u32) -> Result<[u32; 4], 
     let mut out = [0; 4];
     for (slot, register) in out.iter_mut().zip(msr::CpuidRegister::ALL) {
         // SAFETY: as in `negotiate`.
-        *slot = msr::cpuid_response(unsafe { hv.vmgexit(msr::cpuid_request(leaf, register)) })?;
+        *slot = msr::cpuid_response(unsafe { hv.vmgexit(msr::cpuid_request(leaf, register)) }, register)?;
     }
     Ok(out)
 }

@@ -57,8 +57,18 @@ impl GhcbProvider for NoGhcb {
 
 /// One CPU's GHCB, once [`setup_ghcb`](crate::setup_ghcb) has made it.
 /// `GhcbSlot::new()` is `const`, so the slots can be a `static` array.
+///
+/// Only the owning CPU's page state changes, its GHCB setup and
+/// [`Engine::unshare_all`](crate::Engine::unshare_all) lock the page;
+/// anyone asking whether the slot is filled, or for its GPA, reads a copy
+/// of the GPA instead, so a look from another CPU never makes the owner's
+/// #VC handler find the page taken.
 #[derive(Debug)]
-pub struct GhcbSlot(Mutex<Option<GhcbPage>>);
+pub struct GhcbSlot {
+    page: Mutex<Option<GhcbPage>>,
+    /// The page's GPA, or [`EMPTY`](Self::EMPTY): written under the lock.
+    gpa: core::sync::atomic::AtomicU64,
+}
 
 impl Default for GhcbSlot {
     fn default() -> Self {
@@ -69,22 +79,33 @@ impl Default for GhcbSlot {
 impl GhcbSlot {
     /// An empty slot: the CPU uses the MSR protocol until it is filled.
     pub const fn new() -> Self {
-        GhcbSlot(Mutex::new(None))
+        GhcbSlot {
+            page: Mutex::new(None),
+            gpa: core::sync::atomic::AtomicU64::new(Self::EMPTY),
+        }
     }
+
+    /// No GHCB: not a GPA, since a GHCB's is page-aligned.
+    const EMPTY: u64 = u64::MAX;
 
     /// Makes `page` the slot's GHCB.
     pub(crate) fn fill(&self, page: GhcbPage) {
-        *self.0.lock() = Some(page);
+        let mut slot = self.page.lock();
+        self.gpa.store(page.gpa(), core::sync::atomic::Ordering::Release);
+        *slot = Some(page);
     }
 
     /// Whether the slot holds a GHCB.
     pub fn is_filled(&self) -> bool {
-        self.0.lock().is_some()
+        self.gpa().is_some()
     }
 
     /// The GPA of the slot's GHCB.
     pub fn gpa(&self) -> Option<u64> {
-        self.0.lock().as_ref().map(GhcbPage::gpa)
+        match self.gpa.load(core::sync::atomic::Ordering::Acquire) {
+            Self::EMPTY => None,
+            gpa => Some(gpa),
+        }
     }
 
     /// Lends the slot's GHCB to `f`, for this CPU's #VC handler
@@ -92,8 +113,12 @@ impl GhcbSlot {
     /// page registered for the CPU. `None` if the slot is empty, or if a
     /// page state change of this CPU holds the page: the #VC interrupted
     /// it (an interrupt handler's port I/O in the middle of a conversion),
-    /// and the page holds that request. Never waits, so a #VC cannot
-    /// deadlock on its own CPU's conversion.
+    /// and the page holds that request; or while the slot is being filled
+    /// or emptied ([`setup_ghcb`](crate::setup_ghcb),
+    /// [`Engine::unshare_all`](crate::Engine::unshare_all)). Never waits,
+    /// so a #VC cannot deadlock on its own CPU's conversion. Another CPU
+    /// asking [`is_filled`](Self::is_filled) or [`gpa`](Self::gpa) takes
+    /// no lock, so it never causes a `None`.
     ///
     /// The engine itself executes no instruction that raises #VC while it
     /// holds the page. An OS whose interrupt handlers may take a #VC during
@@ -101,12 +126,14 @@ impl GhcbSlot {
     /// does as Linux's backup GHCB: copies the page it registered to
     /// private memory, handles the #VC through it, and copies it back.
     pub fn try_with<T>(&self, f: impl FnOnce(&mut GhcbPage) -> T) -> Option<T> {
-        self.0.try_lock()?.as_mut().map(f)
+        self.page.try_lock()?.as_mut().map(f)
     }
 
     /// Empties the slot: the CPU uses the MSR protocol from now on.
     pub(crate) fn take(&self) -> Option<GhcbPage> {
-        self.0.lock().take()
+        let mut slot = self.page.lock();
+        self.gpa.store(Self::EMPTY, core::sync::atomic::Ordering::Release);
+        slot.take()
     }
 }
 
@@ -225,7 +252,7 @@ impl<H: GhcbMsr, P: Pvalidate, G: GhcbProvider> Snp<H, P, G> {
     /// As for [`Platform::convert`].
     unsafe fn page_state_change(&self, runs: Runs<'_>, op: PscOp, counters: &Counters) -> Result<(), PlatformError> {
         // Held across the exits: the GHCB is this CPU's alone.
-        let mut slot = own_slot(&self.ghcbs).map(|slot| slot.0.lock());
+        let mut slot = own_slot(&self.ghcbs).map(|slot| slot.page.lock());
         match slot.as_mut().and_then(|page| (**page).as_mut()) {
             Some(ghcb) => {
                 let mut desc = PscDescriptor::default();

@@ -8,14 +8,14 @@ use core::sync::atomic::Ordering;
 use coco_convert::platform::detect::Detected;
 use coco_convert::platform::snp::{PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
-use coco_convert::{EncryptionBit, Engine, StateTable, Visibility};
+use coco_convert::{EncryptionBit, Visibility};
 use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
 use crate::io::Route;
-use crate::memory::{direct_map, Identity, Shootdown, FRAMES, HOST_VIEW, RAM};
+use crate::memory::{direct_map, HOST_VIEW, RAM};
 use crate::{
-    ap_main, boot, config, emulate, exit_checks, fail, io, lifecycle, memory, println, race, scenarios, smp,
+    ap_main, boot, emulate, exit_checks, fail, io, lifecycle, memory, println, probes, race, scenarios, smp,
     GHCB_SLOTS, WINDOWS_SNP, WINDOWS_TDX,
 };
 
@@ -55,6 +55,29 @@ fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
     }
 }
 
+/// The real path's check of scenario 8 against the model: a page the
+/// model holds usable answers so; one it holds unaccepted (unvalidated)
+/// does not, and is usable after the question, as on a real platform.
+fn probes_answer(name: &str, probe: &dyn Fn(u64) -> bool, model: &lifecycle::Model<'_>, unusable: &dyn Fn(u64)) {
+    let Some(pa) = (scenarios::SPAN.0..scenarios::SPAN.1)
+        .step_by(4096)
+        .find(|&pa| (model.usable)(pa))
+    else {
+        fail("probes: no usable page to ask about")
+    };
+    scenarios::check(probe(pa), "probes: a usable page was said not to be");
+    unusable(pa);
+    scenarios::check(
+        !probe(pa),
+        "probes: a page the platform does not hold usable was said to be",
+    );
+    scenarios::check(
+        (model.usable)(pa) && probe(pa),
+        "probes: the question left the page unusable",
+    );
+    println!("  probes for a real host's scenario 8 ({name}): a usable page says so, an unusable one does not");
+}
+
 fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
     attach(tables.page_tables());
 }
@@ -84,15 +107,7 @@ fn tdx(gpaw: u8) {
     let platform = Tdx::new(unsafe { TdcallInstruction::new() }, info.shared_mask())
         .unwrap_or_else(|_| fail("mask"))
         .with_pte_bit(enc);
-    let mut e = Engine::new(
-        config(&tables),
-        Identity,
-        &FRAMES,
-        Shootdown,
-        platform,
-        StateTable::new(0, &scenarios::STATES),
-    )
-    .with_window(WINDOWS_TDX.init(&tables));
+    let mut e = crate::engine(&tables, platform, &WINDOWS_TDX);
     e.adopt_unaccepted(lifecycle::bitmap())
         .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
     boot::record_unaccepted(&e);
@@ -107,7 +122,7 @@ fn tdx(gpaw: u8) {
         &mut tables,
         &scenarios::Hooks {
             name: "TDX",
-            clean: &|| aliases_absent(&model.violations()),
+            clean: Some(&|| aliases_absent(&model.violations())),
             lie: Some(&|on| model.set_hostile(on.then_some(hvmock::TdxHostile::NoProgressForever))),
             // Built as one 1 GiB leaf and 512 2 MiB leaves; the 2 MiB half,
             // all private and contiguous again, collapses into 1 GiB too.
@@ -137,10 +152,25 @@ fn tdx(gpaw: u8) {
     };
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
-    lifecycle::unshare_all(&e, &mut tables, lifecycle.usable, &|| {
-        lifecycle::model_agrees(&e, &lifecycle)
+    // The probes ask about mapped pages: no conversion, so nothing the
+    // alias check watches for.
+    let probe = |pa| {
+        model.set_alias_check(false);
+        let usable = probes::td_accepted(pa);
+        model.set_alias_check(true);
+        usable
+    };
+    probes_answer("TDX", &probe, &lifecycle, &|pa| {
+        let page = hvmock::TdxPage {
+            state: hvmock::TdxPageState::Pending,
+            level: 0,
+        };
+        model.set_pages(pa, 4096, page)
     });
+    let usable = |pa| (lifecycle.usable)(pa) && probe(pa);
+    lifecycle::unshare_all(&e, &mut tables, &usable, &|| lifecycle::model_agrees(&e, &lifecycle));
     aliases_absent(&model.violations());
+    exit_checks::check_console_went_through_the_host("TDVMCALL<Instruction.IO>");
     io::set_route(Route::Instruction);
 }
 
@@ -172,15 +202,7 @@ fn snp() {
     )
     .unwrap_or_else(|_| fail("c-bit"))
     .with_pte_bit(enc);
-    let mut e = Engine::new(
-        config(&tables),
-        Identity,
-        &FRAMES,
-        Shootdown,
-        platform,
-        StateTable::new(0, &scenarios::STATES),
-    )
-    .with_window(WINDOWS_SNP.init(&tables));
+    let mut e = crate::engine(&tables, platform, &WINDOWS_SNP);
     e.adopt_unaccepted(lifecycle::bitmap())
         .unwrap_or_else(|_| fail("unaccepted-memory bitmap"));
     boot::record_unaccepted(&e);
@@ -190,11 +212,7 @@ fn snp() {
     );
     let setup_ghcb = || {
         let before = e.counters();
-        let ghcb_pa = 1536 << 20;
-        let ptr =
-            core::ptr::NonNull::new((direct_map() + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| fail("ptr"));
-        // SAFETY: the page is the GHCB's alone, mapped by the direct map.
-        unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| fail("GHCB setup"));
+        scenarios::check(crate::setup_ghcb(&e), "GHCB setup");
         scenarios::check(
             e.counters().since(&before).psc_msr == 1,
             "GHCB: not through the MSR protocol",
@@ -208,7 +226,7 @@ fn snp() {
         &mut tables,
         &scenarios::Hooks {
             name: "SNP",
-            clean: &|| aliases_absent(&model.violations()),
+            clean: Some(&|| aliases_absent(&model.violations())),
             lie: Some(&|on| model.set_hostile(on.then_some(hvmock::SnpHostile::PscStall))),
             // The GHCB stays shared: its 2 MiB region stays split.
             expected_layout: [1, 511, 512],
@@ -242,13 +260,28 @@ fn snp() {
     };
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
-    lifecycle::unshare_all(&e, &mut tables, lifecycle.usable, &|| {
+    let probe = |pa| {
+        model.set_alias_check(false);
+        let usable = probes::snp_validated(pa);
+        model.set_alias_check(true);
+        usable
+    };
+    probes_answer("SNP", &probe, &lifecycle, &|pa| {
+        let unvalidated = hvmock::RmpEntry {
+            assigned: true,
+            validated: false,
+            huge: false,
+        };
+        model.set_rmp(pa, 4096, unvalidated)
+    });
+    let usable = |pa| (lifecycle.usable)(pa) && probe(pa);
+    lifecycle::unshare_all(&e, &mut tables, &usable, &|| {
         lifecycle::model_agrees(&e, &lifecycle);
         scenarios::check(
             GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
             "unshare: a GHCB slot still filled",
         );
-        scenarios::check(exit_checks::forwarded() > 0, "the console never went through the GHCB");
+        exit_checks::check_console_went_through_the_host("the GHCB's IOIO event");
     });
     aliases_absent(&model.violations());
 }

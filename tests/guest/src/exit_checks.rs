@@ -148,6 +148,8 @@ pub fn vc_with_ghcb() {
 
 /// How much of the model's console has reached the real one.
 static FORWARDED: AtomicUsize = AtomicUsize::new(0);
+/// Bytes the guest sent to COM1 by the host's route.
+static SENT: AtomicUsize = AtomicUsize::new(0);
 
 fn forward(read_console: &dyn Fn(usize, &mut [u8]) -> usize, port: u16, debug_exit: Option<u32>) {
     let mut bytes = [0; 64];
@@ -171,6 +173,7 @@ fn forward(read_console: &dyn Fn(usize, &mut [u8]) -> usize, port: u16, debug_ex
 
 fn console_through_tdx(port: u16, value: u32, width: u8) {
     exits::td_port_out(port, value, width);
+    SENT.fetch_add((port == COM1) as usize, Ordering::Relaxed);
     let Some(model) = tdx_model() else { return };
     forward(&|at, into| model.read_console(at, into), port, model.debug_exit());
 }
@@ -182,6 +185,7 @@ fn console_through_snp(port: u16, value: u32, width: u8) {
         io::out_instruction(port, value, width);
         return;
     }
+    SENT.fetch_add((port == COM1) as usize, Ordering::Relaxed);
     let Some(model) = snp_model() else { return };
     forward(&|at, into| model.read_console(at, into), port, model.debug_exit());
 }
@@ -190,6 +194,7 @@ fn console_through_snp(port: u16, value: u32, width: u8) {
 /// long as this TDX model runs.
 pub fn route_console_through_tdx() {
     FORWARDED.store(0, Ordering::Relaxed);
+    SENT.store(0, Ordering::Relaxed);
     io::set_route(Route::Host(console_through_tdx));
 }
 
@@ -197,10 +202,17 @@ pub fn route_console_through_tdx() {
 /// CPU has a GHCB.
 pub fn route_console_through_snp() {
     FORWARDED.store(0, Ordering::Relaxed);
+    SENT.store(0, Ordering::Relaxed);
     io::set_route(Route::Host(console_through_snp));
 }
 
-/// Bytes the model's COM1 got and the real one was given.
-pub fn forwarded() -> usize {
-    FORWARDED.load(Ordering::Relaxed)
+/// Fails the run unless the console went through the host, and every
+/// byte sent that way reached the model's COM1 (and from there the real
+/// one).
+pub fn check_console_went_through_the_host(route: &str) {
+    let (sent, forwarded) = (SENT.load(Ordering::Relaxed), FORWARDED.load(Ordering::Relaxed));
+    if sent == 0 || sent != forwarded {
+        println!("{route}: {sent} bytes sent to COM1, {forwarded} reached the model's");
+        crate::fail("the console did not go through the host");
+    }
 }

@@ -168,25 +168,27 @@ pub fn on_vc(frame: &mut Frame) {
 }
 
 /// A failure with nowhere to report it: the guest stops without asking
-/// the host to end it, which on SNP means a pass.
+/// the host to end it (a TD and an SNP guest wait for the host to notice;
+/// on SNP only a pass ends in a termination request, [`terminate_pass`]).
 pub fn hang() -> ! {
     loop {
         core::hint::spin_loop();
     }
 }
 
-/// Ends an SEV-ES or SNP guest through the GHCB MSR protocol.
+/// The termination request's reason code set for this guest's pass: one
+/// neither Linux (1) nor the SVSM (3) uses, so a pass is never confused
+/// with a generic failure (set 0, reason 0), which Linux's early #VC
+/// handler and firmware send on their own errors.
 #[cfg(not(feature = "emulator"))]
-pub fn terminate() -> ! {
+pub const PASS_REASON_SET: u8 = 0xC;
+
+/// Ends an SNP guest whose scenarios passed, through the GHCB MSR
+/// protocol's termination request: reason set [`PASS_REASON_SET`], reason
+/// [`io::PASS`] (0x10).
+#[cfg(not(feature = "emulator"))]
+pub fn terminate_pass() -> ! {
     // SAFETY: the request changes no memory.
-    unsafe {
-        snp_ghcb::protocol::terminate(
-            &ghcb_msr(),
-            snp_ghcb::protocol::reason::SET_GENERAL,
-            snp_ghcb::protocol::reason::GENERAL,
-        )
-    };
-    loop {
-        core::hint::spin_loop();
-    }
+    unsafe { snp_ghcb::protocol::terminate(&ghcb_msr(), PASS_REASON_SET, io::PASS as u8) };
+    hang()
 }

@@ -8,6 +8,7 @@
 //! a buffer and written out when it is.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// A port write the host carries out: (port, value, width in bytes).
 pub type HostOut = fn(u16, u32, u8);
@@ -22,24 +23,73 @@ pub enum Route {
     Host(HostOut),
 }
 
-struct Console {
-    route: Route,
-    kept: [u8; 16 * 1024],
+/// The route, readable without the console's lock: a #VE or #VC handler
+/// may run while this CPU holds it (the `out` of a console write traps in
+/// a TD or an SNP guest). 0: the instruction, 1: kept; else the host's
+/// function.
+static ROUTE: AtomicUsize = AtomicUsize::new(if cfg!(feature = "emulator") { 0 } else { 1 });
+
+impl Route {
+    fn encode(self) -> usize {
+        match self {
+            Route::Instruction => 0,
+            Route::Buffered => 1,
+            Route::Host(out) => out as usize,
+        }
+    }
+
+    fn decode(raw: usize) -> Route {
+        match raw {
+            0 => Route::Instruction,
+            1 => Route::Buffered,
+            // SAFETY: every other value ROUTE holds was stored from a
+            // `HostOut` by `encode`.
+            f => Route::Host(unsafe { core::mem::transmute::<usize, HostOut>(f) }),
+        }
+    }
+}
+
+/// The route port writes take now.
+pub fn route() -> Route {
+    Route::decode(ROUTE.load(Ordering::Acquire))
+}
+
+/// What is kept until the route is known. Its lock also keeps lines
+/// whole between CPUs.
+struct Kept {
+    bytes: [u8; 16 * 1024],
     len: usize,
-    /// Bytes that did not fit while buffering.
+    /// Bytes that did not fit.
     lost: usize,
 }
 
-static CONSOLE: spin::Mutex<Console> = spin::Mutex::new(Console {
-    route: if cfg!(feature = "emulator") {
-        Route::Instruction
-    } else {
-        Route::Buffered
-    },
-    kept: [0; 16 * 1024],
+static KEPT: spin::Mutex<Kept> = spin::Mutex::new(Kept {
+    bytes: [0; 16 * 1024],
     len: 0,
     lost: 0,
 });
+/// The CPU holding [`KEPT`] (its index + 1; 0: none). A trap handler that
+/// prints on the CPU that holds it (a #VE raised by the console's own
+/// `out`, a failure inside a print) writes around the lock, which would
+/// otherwise never be released.
+static HOLDER: AtomicUsize = AtomicUsize::new(0);
+/// Bytes dropped because they had to be kept while this CPU held the
+/// buffer.
+static LOST_NESTED: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` with the buffer, locked; or with none, if this CPU already
+/// holds it (a trap inside a console write).
+fn with_kept<T>(f: impl FnOnce(Option<&mut Kept>) -> T) -> T {
+    let me = crate::smp::cpu() + 1;
+    if HOLDER.load(Ordering::Acquire) == me {
+        return f(None);
+    }
+    let mut kept = KEPT.lock();
+    HOLDER.store(me, Ordering::Release);
+    let result = f(Some(&mut kept));
+    HOLDER.store(0, Ordering::Release);
+    result
+}
 
 fn port_out(route: Route, port: u16, value: u32, width: u8) {
     match (route, width) {
@@ -63,7 +113,27 @@ pub fn out_instruction(port: u16, value: u32, width: u8) {
     port_out(Route::Instruction, port, value, width);
 }
 
-impl Write for Console {
+/// Writes bytes by the route of the moment (a handler may change it
+/// between two bytes), or keeps them.
+struct Console<'a>(Option<&'a mut Kept>);
+
+impl Console<'_> {
+    fn byte(&mut self, b: u8) {
+        match (route(), &mut self.0) {
+            (Route::Buffered, Some(kept)) if kept.len < kept.bytes.len() => {
+                kept.bytes[kept.len] = b;
+                kept.len += 1;
+            }
+            (Route::Buffered, Some(kept)) => kept.lost += 1,
+            (Route::Buffered, None) => {
+                LOST_NESTED.fetch_add(1, Ordering::Relaxed);
+            }
+            (route, _) => port_out(route, 0x3F8, b as u32, 1),
+        }
+    }
+}
+
+impl Write for Console<'_> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         for b in s.bytes() {
             if b == b'\n' {
@@ -73,24 +143,6 @@ impl Write for Console {
         }
         Ok(())
     }
-}
-
-impl Console {
-    fn byte(&mut self, b: u8) {
-        match self.route {
-            Route::Buffered if self.len < self.kept.len() => {
-                self.kept[self.len] = b;
-                self.len += 1;
-            }
-            Route::Buffered => self.lost += 1,
-            route => port_out(route, 0x3F8, b as u32, 1),
-        }
-    }
-}
-
-/// The route port writes take now.
-pub fn route() -> Route {
-    CONSOLE.lock().route
 }
 
 fn halt_forever(_code: u32) -> ! {
@@ -111,24 +163,31 @@ pub fn set_stop(stop: fn(u32) -> !) {
 }
 
 /// From now on, port writes take `route`; what was kept is written first.
+/// Inside a console write on this CPU (a trap handler's), the route alone
+/// changes: the write it interrupted goes on with it.
 pub fn set_route(route: Route) {
-    let mut console = CONSOLE.lock();
-    console.route = route;
-    if matches!(route, Route::Buffered) {
-        return;
-    }
-    for i in 0..console.len {
-        port_out(route, 0x3F8, console.kept[i] as u32, 1);
-    }
-    console.len = 0;
-    if console.lost != 0 {
-        let lost = core::mem::take(&mut console.lost);
-        let _ = writeln!(console, "({lost} bytes of early output lost)");
-    }
+    with_kept(|kept| {
+        ROUTE.store(route.encode(), Ordering::Release);
+        let (Some(kept), false) = (kept, matches!(route, Route::Buffered)) else {
+            return;
+        };
+        for i in 0..kept.len {
+            // The route of the moment: a #VE or #VC raised by this write
+            // may have changed it.
+            port_out(self::route(), 0x3F8, kept.bytes[i] as u32, 1);
+        }
+        kept.len = 0;
+        let lost = core::mem::take(&mut kept.lost) + LOST_NESTED.swap(0, Ordering::Relaxed);
+        if lost != 0 {
+            let _ = writeln!(Console(Some(kept)), "({lost} bytes of early output lost)");
+        }
+    });
 }
 
 pub fn print(args: fmt::Arguments<'_>) {
-    let _ = CONSOLE.lock().write_fmt(args);
+    with_kept(|kept| {
+        let _ = Console(kept).write_fmt(args);
+    });
 }
 
 #[macro_export]
@@ -146,19 +205,14 @@ pub const FAIL: u32 = 0x11;
 pub const NOT_CONFIDENTIAL: u32 = 0x12;
 
 /// Writes the verdict to QEMU's isa-debug-exit port (which ends the run
-/// where the device exists), then halts.
+/// where the device exists), then stops.
 pub fn exit(code: u32) -> ! {
-    let route = {
-        let mut console = CONSOLE.lock();
-        if matches!(console.route, Route::Buffered) {
-            // The route never became known: the instruction is all there is.
-            drop(console);
-            set_route(Route::Instruction);
-            console = CONSOLE.lock();
-        }
-        console.route
-    };
-    port_out(route, 0xF4, code, 4);
+    if matches!(route(), Route::Buffered) {
+        // The route never became known: the instruction is all there is
+        // (in a TD or an SNP guest it traps, and the handlers carry it).
+        set_route(Route::Instruction);
+    }
+    port_out(route(), 0xF4, code, 4);
     let stop = *STOP.lock();
     stop(code)
 }

@@ -83,13 +83,22 @@ pub fn unshare_all<P: Platform>(e: &GuestEngine<P>, t: &mut Tables, usable: &dyn
         "unshare: a frame it shared is not private and accepted again",
     );
     let windows = layout().windows;
-    let mut shared_mappings = 0;
+    let (mut shared_mappings, mut direct_bytes) = (0, 0);
     crate::walk::for_each_leaf(t, &mut |m| {
         let own_view = m.va >= HOST_VIEW && m.va < HOST_VIEW + RAM || m.va >= windows && m.va < windows + (64 << 20);
         if m.pa < RAM && !own_view && m.va >= direct_map() && m.side != Visibility::Private {
             shared_mappings += 1;
         }
+        if m.va >= direct_map() && m.va < direct_map() + RAM {
+            direct_bytes += m.size;
+        }
     });
+    // The walk saw the whole direct map, but for the poisoned frames (not
+    // present): a walk that saw none of it would find nothing shared.
+    check(
+        direct_bytes + report.poisoned * 4096 == RAM,
+        "unshare: the page walk did not see the whole direct map",
+    );
     check(shared_mappings == 0, "unshare: a mapping of RAM is still shared");
     check(
         e.convert(

@@ -23,6 +23,7 @@ mod io;
 mod lifecycle;
 mod memory;
 mod platform;
+mod probes;
 mod race;
 #[cfg(not(feature = "emulator"))]
 mod real;
@@ -34,8 +35,9 @@ mod walk;
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use coco_convert::platform::snp::GhcbSlot;
-use coco_convert::{Config, DirectMap, PerCpuWindows};
+use coco_convert::platform::snp::{GhcbSlot, PerCpuGhcbs, Snp};
+use coco_convert::{Config, DirectMap, Engine, PerCpuWindows, Platform, StateTable};
+use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 
 use memory::{direct_map, RAM};
 
@@ -99,6 +101,37 @@ pub fn booted(firmware: boot::Firmware, depth: u32, (start, end): (u64, u64), mo
         firmware.name(),
     );
 }
+
+/// The engine the scenarios run, on the guest's tables, frames and state
+/// table, with `windows`' scratch windows.
+pub fn engine<P: Platform>(tables: &memory::Tables, platform: P, windows: &WindowsCell) -> scenarios::GuestEngine<P> {
+    Engine::new(
+        config(tables),
+        memory::Identity,
+        &memory::FRAMES,
+        memory::Shootdown,
+        platform,
+        StateTable::new(0, &scenarios::STATES),
+    )
+    .with_window(windows.init(tables))
+}
+
+/// Where CPU 0's GHCB lives, on SNP (emulated or real): a page no scenario
+/// converts.
+const GHCB_PA: u64 = 1536 << 20;
+
+/// CPU 0's GHCB, made shared and registered through the engine; `false`
+/// if that failed (the caller decides how to stop).
+pub fn setup_ghcb(e: &scenarios::GuestEngine<GuestSnp>) -> bool {
+    let Some(ptr) = core::ptr::NonNull::new((direct_map() + GHCB_PA) as *mut snp_ghcb::Ghcb) else {
+        return false;
+    };
+    // SAFETY: the page is the GHCB's alone, mapped by the direct map.
+    unsafe { coco_convert::setup_ghcb(e, GHCB_PA, ptr) }.is_ok()
+}
+
+/// SEV-SNP as the guest drives it, emulated or real.
+pub type GuestSnp = Snp<GhcbMsrInstruction, PvalidateInstruction, PerCpuGhcbs<'static>>;
 
 pub fn config(t: &memory::Tables) -> Config {
     Config {

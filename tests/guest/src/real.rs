@@ -9,20 +9,19 @@
 //! Never run on hardware: this machine has neither platform. Under plain
 //! OVMF the image finds neither and says so.
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use coco_convert::platform::detect::{snp_c_bit, Detected};
 use coco_convert::platform::snp::{PerCpuGhcbs, Snp};
 use coco_convert::platform::tdx::Tdx;
-use coco_convert::{CounterSnapshot, EncryptionBit, Engine, Platform, StateTable};
+use coco_convert::{CounterSnapshot, EncryptionBit, Platform};
 use snp_ghcb::{GhcbMsrInstruction, PvalidateInstruction};
 use tdcall::TdcallInstruction;
 
 use crate::exits::{self, snp_port_out, td_port_out};
 use crate::io::{self, Route};
-use crate::memory::{direct_map, Identity, Shootdown, FRAMES};
 use crate::scenarios::{self, GuestEngine};
-use crate::{boot, config, fail, lifecycle, memory, platform, println, GHCB_SLOTS, WINDOWS_SNP, WINDOWS_TDX};
-
-const MIB: u64 = 1 << 20;
+use crate::{boot, fail, lifecycle, memory, platform, println, probes, GHCB_SLOTS, WINDOWS_SNP, WINDOWS_TDX};
 
 pub fn run(found: Detected, firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
     match found {
@@ -47,10 +46,11 @@ fn td_stop(_code: u32) -> ! {
 
 /// On SNP the last scenario takes the GHCB, the only way to the console,
 /// private with everything else: a pass ends the guest through the GHCB
-/// MSR protocol's termination request, anything else hangs.
+/// MSR protocol's termination request with this guest's own reason code
+/// set, anything else hangs.
 fn snp_stop(code: u32) -> ! {
     if code == io::PASS {
-        exits::terminate()
+        exits::terminate_pass()
     }
     exits::hang()
 }
@@ -85,7 +85,7 @@ fn run_scenarios<P: Platform>(
         tables,
         &scenarios::Hooks {
             name,
-            clean: &|| {},
+            clean: None,
             lie: None,
             expected_layout,
             before_boot,
@@ -114,25 +114,51 @@ fn tdx(firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
     let mut tables = memory::build(enc);
     // SAFETY: as above.
     let platform = Tdx::new(unsafe { TdcallInstruction::new() }, mask).unwrap_or_else(|_| fail("shared bit"));
-    let mut e = Engine::new(
-        config(&tables),
-        Identity,
-        &FRAMES,
-        Shootdown,
-        platform,
-        StateTable::new(0, &scenarios::STATES),
-    )
-    .with_window(WINDOWS_TDX.init(&tables));
+    let mut e = crate::engine(&tables, platform, &WINDOWS_TDX);
     take_over_memory(&mut e);
-    // A second ACCEPT of a page the TD holds accepted changes nothing and
-    // says so; one that succeeds found the page pending.
-    let usable = |pa: u64| {
-        // SAFETY: the page was converted back to private by the engine; if
-        // it is pending after all, accepting it is what the check reports.
-        let again = unsafe { tdcall::accept_page(&tdcall, pa, tdcall::PageLevel::Size4K) };
-        matches!(again, Err(tdcall::AcceptError::AlreadyAccepted { .. }))
-    };
-    run_scenarios(&e, &mut tables, "TDX", [2, 0, 0], &|| e.counters(), &usable, &|| {})
+    run_scenarios(
+        &e,
+        &mut tables,
+        "TDX",
+        [2, 0, 0],
+        &|| e.counters(),
+        &probes::td_accepted,
+        &|| {},
+    )
+}
+
+/// A value the host cannot predict, written through the firmware's
+/// tables (which map memory private with the real C-bit) and read back
+/// through tables built with the C-bit the host reported.
+static C_BIT_WITNESS: AtomicU64 = AtomicU64::new(0);
+
+fn rdrand() -> Option<u64> {
+    (0..16).find_map(|_| {
+        let (value, ok): (u64, u8);
+        // SAFETY: RDRAND only writes its registers and CF.
+        unsafe {
+            core::arch::asm!("rdrand {0}", "setc {1}", out(reg) value, out(reg_byte) ok, options(nomem, nostack))
+        };
+        (ok == 1).then_some(value)
+    })
+}
+
+/// Builds the tables with `enc` and switches to them, then checks the
+/// C-bit the way Linux's `sev_verify_cbit` does: in an SNP guest CPUID
+/// goes to the hypervisor too, so the two answers `snp_c_bit` compared
+/// are both the host's. With a wrong bit the new tables map the witness
+/// shared (the host's view of its ciphertext) or somewhere else, and it
+/// reads back different; the guest stops. (Under TCG there is no
+/// encryption, so this check passes whatever the bit: never run where it
+/// could fail.)
+fn build_checking_the_c_bit(enc: EncryptionBit) -> memory::Tables {
+    let witness = rdrand().unwrap_or_else(|| exits::hang());
+    C_BIT_WITNESS.store(witness, Ordering::SeqCst);
+    let tables = memory::build(enc);
+    if C_BIT_WITNESS.load(Ordering::SeqCst) != witness {
+        exits::hang();
+    }
+    tables
 }
 
 fn snp(firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
@@ -146,7 +172,7 @@ fn snp(firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
     let c_bit = snp_c_bit(&platform::probe(), info.c_bit).unwrap_or_else(|_| exits::hang());
     let enc = EncryptionBit::snp(c_bit).unwrap_or_else(|| exits::hang());
     crate::check_memory_is_free(true);
-    let mut tables = memory::build(enc);
+    let mut tables = build_checking_the_c_bit(enc);
     let platform = Snp::new(
         hv,
         // SAFETY: an SNP guest at CPL 0.
@@ -155,46 +181,33 @@ fn snp(firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
         c_bit,
     )
     .unwrap_or_else(|_| exits::hang());
-    let mut e = Engine::new(
-        config(&tables),
-        Identity,
-        &FRAMES,
-        Shootdown,
-        platform,
-        StateTable::new(0, &scenarios::STATES),
-    )
-    .with_window(WINDOWS_SNP.init(&tables));
+    let mut e = crate::engine(&tables, platform, &WINDOWS_SNP);
     take_over_memory(&mut e);
     let setup_ghcb = || {
         let before = e.counters();
-        let ghcb_pa = 1536 * MIB;
-        let ptr =
-            core::ptr::NonNull::new((direct_map() + ghcb_pa) as *mut snp_ghcb::Ghcb).unwrap_or_else(|| exits::hang());
-        // SAFETY: the page is the GHCB's alone, mapped by the direct map.
-        unsafe { coco_convert::setup_ghcb(&e, ghcb_pa, ptr) }.unwrap_or_else(|_| exits::hang());
+        if !crate::setup_ghcb(&e) {
+            exits::hang();
+        }
         io::set_route(Route::Host(snp_port_out));
         crate::booted(firmware, depth, image, "SEV-SNP, real");
         println!(
-            "  SEV info: protocol {}..{}, C-bit {} (CPUID Fn8000_001F agrees)",
+            "  SEV info: protocol {}..{}, C-bit {} (CPUID Fn8000_001F agrees, and a value written private before the switch to tables built with it reads back the same)",
             info.min_version, info.max_version, c_bit
         );
         before
     };
-    // SAFETY: an SNP guest at CPL 0.
-    let pvalidate = unsafe { PvalidateInstruction::new() };
-    // PVALIDATE of a page the guest holds validated changes nothing and
-    // says so (CF = 1); one that succeeds found it not validated.
-    let usable = |pa: u64| {
-        // SAFETY: the page was converted back to private by the engine and
-        // is mapped private by the direct map.
-        let again =
-            unsafe { snp_ghcb::pvalidate::pvalidate(&pvalidate, direct_map() + pa, snp_ghcb::PageSize::Size4K, true) };
-        again == Err(snp_ghcb::pvalidate::PvalidateError::NoUpdate)
-    };
-    run_scenarios(&e, &mut tables, "SNP", [1, 511, 512], &setup_ghcb, &usable, &|| {
-        scenarios::check(
-            GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
-            "unshare: a GHCB slot still filled",
-        )
-    })
+    run_scenarios(
+        &e,
+        &mut tables,
+        "SNP",
+        [1, 511, 512],
+        &setup_ghcb,
+        &probes::snp_validated,
+        &|| {
+            scenarios::check(
+                GHCB_SLOTS.iter().all(|slot| !slot.is_filled()),
+                "unshare: a GHCB slot still filled",
+            )
+        },
+    )
 }

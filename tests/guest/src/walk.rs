@@ -1,7 +1,8 @@
 //! The guest's own reading of its page tables, for the scenarios' checks:
 //! what the MMU would translate, read the way the MMU reads it, through
-//! the identity map where every table frame lies. It shares no code with
-//! the engine (which it checks) nor with the host models (which a real
+//! the identity map where every table frame lies. It shares none of the
+//! engine's walking code (only its vocabulary: levels, paging depth, what
+//! the encryption bit means) and none of the host models' (which a real
 //! host does not have), so the same checks run on both paths.
 
 use coco_convert::bits::{HUGE, PRESENT};
@@ -31,7 +32,7 @@ fn entries(table: u64) -> &'static [u64; 512] {
     // from the same frames: anything else is a bug the check must report,
     // not follow.
     crate::scenarios::check(
-        table >= TABLE_FRAMES.0 && table < TABLE_FRAMES.1 && table.is_multiple_of(4096),
+        table >= TABLE_FRAMES.0 && table < TABLE_FRAMES.1 && table & 0xFFF == 0,
         "page walk: a table outside the page-table frames",
     );
     // SAFETY: the table frames are identity-mapped for the guest's
@@ -59,6 +60,18 @@ fn leaf(t: &Tables, entry: u64, level: Level, va: u64) -> Leaf {
     }
 }
 
+/// The table a non-leaf entry points to. A TD's MMU reads a table whose
+/// pointer carries the shared bit from the host's shared memory, so the
+/// walk reports it rather than read the private frame; SEV-SNP reads page
+/// tables private whatever the C-bit says, so the C-bit is dropped.
+fn next_table(t: &Tables, entry: u64) -> u64 {
+    crate::scenarios::check(
+        !(t.enc.set_means() == Visibility::Shared && entry & t.enc.mask() != 0),
+        "page walk: a table pointer through the TD's shared alias",
+    );
+    entry & ADDRESS_FIELD & !t.enc.mask()
+}
+
 /// The leaf that maps `va`, if the MMU would find one.
 pub fn translate(t: &Tables, va: u64) -> Option<Leaf> {
     if !t.paging.is_canonical(va) {
@@ -74,7 +87,7 @@ pub fn translate(t: &Tables, va: u64) -> Option<Leaf> {
         if is_leaf(entry, level) {
             return Some(leaf(t, entry, level, va));
         }
-        table = entry & ADDRESS_FIELD & !t.enc.mask();
+        table = next_table(t, entry);
         level = level.lower()?;
     }
 }
@@ -93,7 +106,7 @@ fn visit(t: &Tables, table: u64, level: Level, va_base: u64, f: &mut dyn FnMut(L
         if is_leaf(entry, level) {
             f(leaf(t, entry, level, sign_extend(va, t.paging)));
         } else if let Some(lower) = level.lower() {
-            visit(t, entry & ADDRESS_FIELD & !t.enc.mask(), lower, va, f);
+            visit(t, next_table(t, entry), lower, va, f);
         }
     }
 }

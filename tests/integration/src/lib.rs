@@ -3,6 +3,7 @@
 //! guest does at boot.
 #![deny(missing_docs)]
 
+pub mod fake_cpu;
 pub mod invariants;
 pub mod lent;
 pub mod null;

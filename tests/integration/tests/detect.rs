@@ -1,31 +1,11 @@
 //! Platform detection against CPUs that answer as a TD, an SNP guest, an
 //! ordinary VM, and hosts that lie.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-
 use coco_convert::platform::detect::{
-    detect, sev_status, snp_c_bit, CpuProbe, DetectError, Detected, SEV_CPUID_LEAF, SEV_STATUS_MSR, TDX_CPUID_LEAF,
+    detect, sev_status, snp_c_bit, DetectError, Detected, SEV_CPUID_LEAF, SEV_STATUS_MSR, TDX_CPUID_LEAF,
 };
+use integration::fake_cpu::FakeCpu;
 use proptest::prelude::*;
-
-/// A CPU as a table of CPUID answers and MSRs; records every MSR read.
-#[derive(Default)]
-struct FakeCpu {
-    cpuid: HashMap<(u32, u32), [u32; 4]>,
-    msrs: HashMap<u32, u64>,
-    msr_reads: RefCell<Vec<u32>>,
-}
-
-impl CpuProbe for FakeCpu {
-    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        self.cpuid.get(&(leaf, subleaf)).copied().unwrap_or([0; 4])
-    }
-    fn read_msr(&self, msr: u32) -> Option<u64> {
-        self.msr_reads.borrow_mut().push(msr);
-        self.msrs.get(&msr).copied()
-    }
-}
 
 fn word(s: &[u8]) -> u32 {
     u32::from_le_bytes(s.try_into().unwrap())

@@ -4,10 +4,8 @@
 //! the commit reviewed (c01b48c) and names the promise it breaks and where
 //! that promise is written.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-
-use coco_convert::platform::detect::{detect, sev_status, CpuProbe, Detected, SEV_CPUID_LEAF, SEV_STATUS_MSR};
+use coco_convert::platform::detect::{detect, sev_status, Detected, SEV_CPUID_LEAF, SEV_STATUS_MSR};
+use integration::fake_cpu::FakeCpu;
 
 // The UEFI guest's memory-map reader, compiled for the host (as
 // firmware_map.rs does): its statics are this binary's own.
@@ -48,25 +46,6 @@ static MAP: Mutex<()> = Mutex::new(());
 // unless SEV_STATUS reads 0 or faults. Keep the CPUID gate only in
 // `Hardware`, which has no fix-up.
 // ---------------------------------------------------------------------
-
-/// A CPU as CPUID answers (here: as the hypervisor answers through the
-/// #VC handler) and MSRs (the hardware's own SEV_STATUS).
-#[derive(Default)]
-struct FakeCpu {
-    cpuid: HashMap<(u32, u32), [u32; 4]>,
-    msrs: HashMap<u32, u64>,
-    msr_reads: RefCell<Vec<u32>>,
-}
-
-impl CpuProbe for FakeCpu {
-    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        self.cpuid.get(&(leaf, subleaf)).copied().unwrap_or([0; 4])
-    }
-    fn read_msr(&self, msr: u32) -> Option<u64> {
-        self.msr_reads.borrow_mut().push(msr);
-        self.msrs.get(&msr).copied()
-    }
-}
 
 const SNP: u64 = sev_status::SEV | sev_status::SEV_ES | sev_status::SNP;
 

@@ -384,17 +384,27 @@ fn cpuid_through_the_msr_protocol_asks_one_register_at_a_time() {
 
 #[test]
 fn a_cpuid_answer_through_the_msr_protocol_with_the_wrong_code_or_reserved_bits_is_refused() {
-    use snp_ghcb::msr_protocol::{cpuid_response, MsrProtocolError};
+    use snp_ghcb::msr_protocol::{cpuid_response, CpuidRegister, MsrProtocolError};
     use snp_ghcb::protocol::ProtocolError;
-    assert_eq!(cpuid_response(0x1234_5678_4000_0005), Ok(0x1234_5678));
     assert_eq!(
-        cpuid_response(0x1234_5678_0000_1005),
+        cpuid_response(0x1234_5678_4000_0005, CpuidRegister::Ebx),
+        Ok(0x1234_5678)
+    );
+    assert_eq!(
+        cpuid_response(0x1234_5678_4000_0005, CpuidRegister::Eax),
+        Err(MsrProtocolError::WrongRegister {
+            expected: CpuidRegister::Eax,
+            response: 0x1234_5678_4000_0005
+        })
+    );
+    assert_eq!(
+        cpuid_response(0x1234_5678_0000_1005, CpuidRegister::Eax),
         Err(MsrProtocolError::ReservedBits {
             response: 0x1234_5678_0000_1005
         })
     );
     assert!(matches!(
-        cpuid_response(0x1234_5678_0000_0001),
+        cpuid_response(0x1234_5678_0000_0001, CpuidRegister::Eax),
         Err(MsrProtocolError::WrongCode { expected: 5, .. })
     ));
     for lie in [SnpHostile::MsrWrongCode, SnpHostile::MsrReservedBits] {

@@ -486,3 +486,40 @@ fn a_slot_lends_its_page_to_the_vc_handler_unless_a_conversion_holds_it() {
     assert_eq!(w.snp.console(), b"A");
     assert_eq!(slot.try_with(|ghcb| ghcb.field(Field::SwExitCode)), Some(0x7B));
 }
+
+/// Another CPU asking whether a slot is filled, or for its GPA (as an OS's
+/// bookkeeping does), must never make the owning CPU's #VC handler find
+/// its page taken: that handler has no other way to the hypervisor.
+#[test]
+fn another_cpu_looking_at_a_slot_never_takes_the_page_from_its_vc_handler() {
+    let w = SnpWorld::new(SnpConfig::default(), Shape::Mixed);
+    let platform = Snp::new(&w.snp, &w.snp, PerCpuGhcbs::new(w.ghcbs, current_cpu), 51).unwrap();
+    let e = w.m.engine(platform).with_window(&w.m.windows);
+    // SAFETY: negotiation has no memory effect.
+    unsafe { snp_ghcb::protocol::negotiate(&w.snp) }.unwrap();
+    let pa = 1536 * MIB;
+    let ptr = std::ptr::NonNull::new(w.m.mem.ptr(pa).cast()).unwrap();
+    // SAFETY: the page is used by nothing else.
+    unsafe { coco_convert::setup_ghcb(&e, pa, ptr) }.unwrap();
+    let slot = &w.ghcbs[current_cpu()];
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let looker = s.spawn(|| {
+            let mut looks = 0u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(slot.is_filled());
+                assert_eq!(slot.gpa(), Some(pa));
+                looks += 1;
+            }
+            looks
+        });
+        let refused = (0..300_000).filter(|_| slot.try_with(|_| ()).is_none()).count();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let looks = looker.join().unwrap();
+        assert!(looks > 0, "the other CPU never looked");
+        assert_eq!(
+            refused, 0,
+            "the handler found its page taken {refused} times while another CPU looked {looks} times"
+        );
+    });
+}
