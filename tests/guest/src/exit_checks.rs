@@ -82,20 +82,33 @@ fn in_after<const V: u8>(port: u16, rax: u64) -> u64 {
     out
 }
 
+/// `in al, dx` on the CPU: the real UART's register.
+fn in_instruction(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: a read of COM1's scratch register.
+    unsafe { core::arch::asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack)) };
+    value
+}
+
 /// CPUID, a port write and a port read through the gate of vector `V`,
 /// each exception armed by `arm` first. Each instruction's result must be
 /// the model's and not the CPU's: the models answer CPUID `HV_LEAF` with
-/// a value no CPU gives, and the real scratch register is overwritten
-/// between the write and the read.
+/// a value no CPU gives, the real scratch register must keep what it
+/// held across the write, and holds another value than the model's at
+/// the read.
 fn cpuid_and_port_io<const V: u8>(what: &str, arm: &dyn Fn(Exit)) {
     arm(Exit::Cpuid);
     check(
         cpuid_after::<V>(HV_LEAF) == HV_ANSWER,
         "exits: CPUID was not answered by the host",
     );
+    io::out_instruction(SCRATCH, 0x3C, 1);
     arm(Exit::PortOut);
     out_after::<V>(SCRATCH, 0xA5);
-    io::out_instruction(SCRATCH, 0x3C, 1);
+    check(
+        in_instruction(SCRATCH) == 0x3C,
+        "exits: the OUT the host carried out ran on the CPU too (RIP not stepped over it)",
+    );
     arm(Exit::PortIn);
     check(
         in_after::<V>(SCRATCH, 0x1122_3344_5566_7700) == 0x1122_3344_5566_77A5,

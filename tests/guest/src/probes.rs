@@ -11,15 +11,29 @@ use tdcall::TdcallInstruction;
 
 use crate::memory::direct_map;
 
-/// Whether the TD holds the page at `pa` accepted: a second TDG.MEM.PAGE.ACCEPT
-/// must say so.
+/// Whether the TD holds the page at `pa` accepted: a second
+/// TDG.MEM.PAGE.ACCEPT must say so. A page the Secure EPT maps as part of
+/// a 2 MiB page answers a 4 KiB ACCEPT with a size mismatch, and is asked
+/// again at 2 MiB.
 pub fn td_accepted(pa: u64) -> bool {
     // SAFETY: called in a TD (or the emulated one) at CPL 0.
     let tdcall = unsafe { TdcallInstruction::new() };
-    // SAFETY: the page is private in the guest's view; if it is pending
-    // after all, accepting it is what the answer reports.
-    let again = unsafe { tdcall::accept_page(&tdcall, pa, tdcall::PageLevel::Size4K) };
-    matches!(again, Err(tdcall::AcceptError::AlreadyAccepted { .. }))
+    let again = |pa: u64, level| {
+        // SAFETY: the page is private in the guest's view; if it is
+        // pending after all, accepting it is what the answer reports.
+        unsafe { tdcall::accept_page(&tdcall, pa, level) }
+    };
+    match again(pa, tdcall::PageLevel::Size4K) {
+        Err(tdcall::AcceptError::AlreadyAccepted { .. }) => true,
+        Err(tdcall::AcceptError::Tdx {
+            error: tdcall::TdxError::PageSizeMismatch,
+            ..
+        }) => matches!(
+            again(pa & !0x1F_FFFF, tdcall::PageLevel::Size2M),
+            Err(tdcall::AcceptError::AlreadyAccepted { .. })
+        ),
+        _ => false,
+    }
 }
 
 /// Whether the SNP guest holds the page at `pa` validated: a second
