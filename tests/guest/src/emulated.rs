@@ -55,6 +55,16 @@ fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
     }
 }
 
+/// A probe asks about a mapped page without converting it, so the model's
+/// alias check (which watches conversions) has nothing to say and is
+/// switched off around it.
+fn without_alias_check(set_alias_check: &dyn Fn(bool), probe: &dyn Fn() -> bool) -> bool {
+    set_alias_check(false);
+    let usable = probe();
+    set_alias_check(true);
+    usable
+}
+
 /// The real path's check of scenario 8 against the model: a page the
 /// model holds usable answers so; one it holds unaccepted (unvalidated)
 /// does not, and is usable after the question, as on a real platform.
@@ -152,14 +162,7 @@ fn tdx(gpaw: u8) {
     };
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
-    // The probes ask about mapped pages: no conversion, so nothing the
-    // alias check watches for.
-    let probe = |pa| {
-        model.set_alias_check(false);
-        let usable = probes::td_accepted(pa);
-        model.set_alias_check(true);
-        usable
-    };
+    let probe = |pa| without_alias_check(&|on| model.set_alias_check(on), &|| probes::td_accepted(pa));
     probes_answer("TDX", &probe, &lifecycle, &|pa| {
         let page = hvmock::TdxPage {
             state: hvmock::TdxPageState::Pending,
@@ -260,12 +263,7 @@ fn snp() {
     };
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
-    let probe = |pa| {
-        model.set_alias_check(false);
-        let usable = probes::snp_validated(pa);
-        model.set_alias_check(true);
-        usable
-    };
+    let probe = |pa| without_alias_check(&|on| model.set_alias_check(on), &|| probes::snp_validated(pa));
     probes_answer("SNP", &probe, &lifecycle, &|pa| {
         let unvalidated = hvmock::RmpEntry {
             assigned: true,

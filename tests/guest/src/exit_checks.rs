@@ -38,7 +38,6 @@ const VC: u8 = INJECTED_VC as u8;
 
 /// Vector 241: the #VC handler, with the exit code armed for it.
 pub fn on_injected_vc(frame: &mut Frame) {
-    frame.vector = 29;
     frame.error = INJECTED_EXIT_CODE.swap(0, Ordering::AcqRel);
     exits::on_vc(frame);
 }
