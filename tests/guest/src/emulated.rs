@@ -15,8 +15,8 @@ use tdcall::TdcallInstruction;
 use crate::io::Route;
 use crate::memory::{direct_map, HOST_VIEW, RAM};
 use crate::{
-    ap_main, boot, emulate, exit_checks, fail, io, lifecycle, memory, println, probes, race, scenarios, smp,
-    GHCB_SLOTS, WINDOWS_SNP, WINDOWS_TDX,
+    ap_main, boot, emulate, exit_checks, fail, io, lifecycle, memory, println, probe_checks, probes, race, scenarios,
+    smp, walk, GHCB_SLOTS, WINDOWS_SNP, WINDOWS_TDX,
 };
 
 /// Runs every scenario on both emulated platforms (TDX only with 5-level
@@ -55,6 +55,11 @@ fn aliases_absent(violations: &[hvmock::pagewalk::Violation]) {
     }
 }
 
+/// Whether the direct map maps `pa` present and private.
+fn mapped_private(tables: &memory::Tables, pa: u64) -> bool {
+    walk::translate(tables, direct_map() + pa).is_some_and(|m| m.pa == pa && m.side == Visibility::Private)
+}
+
 /// A probe asks about a mapped page without converting it, so the model's
 /// alias check (which watches conversions) has nothing to say and is
 /// switched off around it.
@@ -63,29 +68,6 @@ fn without_alias_check(set_alias_check: &dyn Fn(bool), probe: &dyn Fn() -> bool)
     let usable = probe();
     set_alias_check(true);
     usable
-}
-
-/// The real path's check of scenario 8 against the model: a page the
-/// model holds usable answers so; one it holds unaccepted (unvalidated)
-/// does not, and is usable after the question, as on a real platform.
-fn probes_answer(name: &str, probe: &dyn Fn(u64) -> bool, model: &lifecycle::Model<'_>, unusable: &dyn Fn(u64)) {
-    let Some(pa) = (scenarios::SPAN.0..scenarios::SPAN.1)
-        .step_by(4096)
-        .find(|&pa| (model.usable)(pa))
-    else {
-        fail("probes: no usable page to ask about")
-    };
-    scenarios::check(probe(pa), "probes: a usable page was said not to be");
-    unusable(pa);
-    scenarios::check(
-        !probe(pa),
-        "probes: a page the platform does not hold usable was said to be",
-    );
-    scenarios::check(
-        (model.usable)(pa) && probe(pa),
-        "probes: the question left the page unusable",
-    );
-    println!("  probes for a real host's scenario 8 ({name}): a usable page says so, an unusable one does not");
 }
 
 fn attach(tables: &memory::Tables, attach: &dyn Fn(hvmock::GuestPageTables)) {
@@ -163,13 +145,39 @@ fn tdx(gpaw: u8) {
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
     let probe = |pa| without_alias_check(&|on| model.set_alias_check(on), &|| probes::td_accepted(pa));
-    probes_answer("TDX", &probe, &lifecycle, &|pa| {
-        let page = hvmock::TdxPage {
-            state: hvmock::TdxPageState::Pending,
-            level: 0,
+    let set = |pa, len, large: bool, usable: bool| {
+        let state = if usable {
+            hvmock::TdxPageState::Accepted
+        } else {
+            hvmock::TdxPageState::Pending
         };
-        model.set_pages(pa, 4096, page)
-    });
+        model.set_pages(
+            pa,
+            len,
+            hvmock::TdxPage {
+                state,
+                level: large as u8,
+            },
+        )
+    };
+    let restore = |block| {
+        set(block, 2 << 20, false, false);
+        // SAFETY: TDCALL traps to the emulator; the block is free memory.
+        let accept = || unsafe { tdcall::accept_range(&TdcallInstruction::new(), block, 2 << 20) }.is_ok();
+        scenarios::check(
+            without_alias_check(&|on| model.set_alias_check(on), &accept),
+            "probes: accepting the block back",
+        );
+    };
+    let probe_case = probe_checks::Probe {
+        name: "TDX",
+        ask: &probe,
+        usable: lifecycle.usable,
+        set: &set,
+        leaves_the_page_usable: true,
+        restore: &restore,
+    };
+    probe_checks::check_probe(&probe_case, &|pa| mapped_private(&tables, pa));
     let usable = |pa| (lifecycle.usable)(pa) && probe(pa);
     lifecycle::unshare_all(&e, &mut tables, &usable, &|| lifecycle::model_agrees(&e, &lifecycle));
     aliases_absent(&model.violations());
@@ -264,14 +272,38 @@ fn snp() {
     lifecycle::unaccepted(&e, &lifecycle);
     aliases_absent(&model.violations());
     let probe = |pa| without_alias_check(&|on| model.set_alias_check(on), &|| probes::snp_validated(pa));
-    probes_answer("SNP", &probe, &lifecycle, &|pa| {
-        let unvalidated = hvmock::RmpEntry {
+    let set = |pa, len, large, usable| {
+        let entry = hvmock::RmpEntry {
             assigned: true,
-            validated: false,
-            huge: false,
+            validated: usable,
+            huge: large,
         };
-        model.set_rmp(pa, 4096, unvalidated)
-    });
+        model.set_rmp(pa, len, entry)
+    };
+    let restore = |block| {
+        set(block, 2 << 20, false, false);
+        let validate = || {
+            // SAFETY: PVALIDATE traps to the emulator; the block is free
+            // memory the direct map maps private.
+            unsafe {
+                let p = PvalidateInstruction::new();
+                snp_ghcb::pvalidate::pvalidate_range(&p, direct_map() + block, 2 << 20, true, false).is_ok()
+            }
+        };
+        scenarios::check(
+            without_alias_check(&|on| model.set_alias_check(on), &validate),
+            "probes: validating the block back",
+        );
+    };
+    let probe_case = probe_checks::Probe {
+        name: "SNP",
+        ask: &probe,
+        usable: lifecycle.usable,
+        set: &set,
+        leaves_the_page_usable: false,
+        restore: &restore,
+    };
+    probe_checks::check_probe(&probe_case, &|pa| mapped_private(&tables, pa));
     let usable = |pa| (lifecycle.usable)(pa) && probe(pa);
     lifecycle::unshare_all(&e, &mut tables, &usable, &|| {
         lifecycle::model_agrees(&e, &lifecycle);

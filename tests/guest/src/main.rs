@@ -23,6 +23,8 @@ mod io;
 mod lifecycle;
 mod memory;
 mod platform;
+#[cfg(feature = "emulator")]
+mod probe_checks;
 mod probes;
 mod race;
 #[cfg(not(feature = "emulator"))]

@@ -307,7 +307,9 @@ impl MockTdx {
     /// Pending pages are memory the firmware hands over unaccepted, mapped
     /// in the Secure EPT at `page.level` (4 KiB entries under a 2 MiB
     /// request, as after a live migration, make a 2 MiB ACCEPT fail with a
-    /// size mismatch). Accepted pages the guest's memory map calls
+    /// size mismatch; a 4 KiB request under a pending 2 MiB entry makes the
+    /// VMM split it and accepts the one page; under an accepted one, it is
+    /// "already accepted"). Accepted pages the guest's memory map calls
     /// unaccepted are a lie a hostile firmware or loader can tell; told
     /// about pending pages, the lie leaves them what the guest's memory map
     /// calls them, unaccepted, so accepting them with their mappings present
@@ -512,12 +514,30 @@ impl Model {
             // Stand-in for the EPT-violation TD exit (see the crate docs).
             return TDX_EPT_WALK_FAILED;
         }
-        // One Secure-EPT entry of exactly this size covers the block only
-        // if every page carries this level; the block is aligned, so they
-        // then share the entry.
-        if block.iter().any(|p| p.level != level) {
+        // As the TDX module's Secure-EPT walk ends (TDX module 1.5,
+        // tdg_mem_page_accept.c): at a table where the request wanted a
+        // leaf, a size mismatch; at a larger leaf, "already accepted" if the
+        // guest can use it, else an EPT violation.
+        if block.iter().any(|p| p.level < level) {
             return TDX_PAGE_SIZE_MISMATCH | level as u64;
         }
+        let leaf = block[0].level;
+        if leaf > level {
+            if block[0].state == TdxPageState::Accepted {
+                return TDX_PAGE_ALREADY_ACCEPTED | leaf as u64;
+            }
+            // The EPT violation reaches the VMM, which must split the
+            // pending leaf down to the requested size for the TD to make
+            // progress, and re-enters the TD at the ACCEPT.
+            for split in (level + 1..=leaf).rev() {
+                let n = level_pages(split);
+                let start = first / n * n;
+                for p in &mut self.pages[start as usize..(start + n) as usize] {
+                    p.level = split - 1;
+                }
+            }
+        }
+        let block = &mut self.pages[first as usize..(first + pages) as usize];
         if block[0].state == TdxPageState::Accepted {
             return TDX_PAGE_ALREADY_ACCEPTED | level as u64;
         }

@@ -90,6 +90,67 @@ fn one_gib_falls_back_to_2m_where_the_vmm_mapped_2m() {
     assert_eq!(calls.calls, 1 + 512);
 }
 
+/// A 4 KiB ACCEPT inside a 2 MiB leaf the TD already accepted: the
+/// Secure-EPT walk ends at the larger leaf, which the guest can use, so the
+/// module says "already accepted" (with the leaf's level), not a size
+/// mismatch, and changes nothing.
+#[test]
+fn four_k_inside_an_accepted_2m_leaf_is_already_accepted() {
+    let td = tdx(4 * MIB, TdxConfig::default());
+    to_shared_then_private(&td, 0, 2 * MIB);
+    accept(&td, 0, 2 * MIB).unwrap();
+    td.memory().fill(4096, 4096, 0x42);
+    td.clear_events();
+    // SAFETY: the model's memory is not used by Rust code.
+    let err = unsafe { accept_page(&td, 4096, PageLevel::Size4K) }.unwrap_err();
+    assert_eq!(
+        err,
+        AcceptError::AlreadyAccepted {
+            gpa: 4096,
+            level: PageLevel::Size4K
+        }
+    );
+    assert_eq!(accepts(&td), vec![(4096, 0, 0x0000_0B0A_0000_0001)]);
+    assert_eq!(td.page(4096).level, 1, "the leaf is not split");
+    assert!(td.memory().is_filled(4096, 4096, 0x42));
+}
+
+/// A 4 KiB ACCEPT inside a pending 2 MiB leaf: the EPT violation makes the
+/// VMM split the leaf, and only the one page is accepted; its 511
+/// neighbours stay pending.
+#[test]
+fn four_k_inside_a_pending_2m_leaf_accepts_only_that_page() {
+    let td = tdx(4 * MIB, TdxConfig::default());
+    to_shared_then_private(&td, 0, 2 * MIB);
+    assert_eq!(td.page(0).level, 1, "the VMM added the range as one 2 MiB leaf");
+    // SAFETY: the model's memory is not used by Rust code.
+    unsafe { accept_page(&td, 4096, PageLevel::Size4K) }.unwrap();
+    let accepted: Vec<u64> = (0..2 * MIB)
+        .step_by(4096)
+        .filter(|&g| td.page(g).state == TdxPageState::Accepted)
+        .collect();
+    assert_eq!(accepted, vec![4096]);
+    assert!((0..2 * MIB).step_by(4096).all(|g| td.page(g).level == 0));
+}
+
+/// A 4 KiB ACCEPT inside a pending 1 GiB leaf: the VMM splits down to the
+/// one 2 MiB leaf holding the page, then that to 4 KiB; the other 2 MiB
+/// leaves stay whole.
+#[test]
+fn four_k_inside_a_pending_1g_leaf_splits_only_the_2m_holding_it() {
+    let td = tdx(2 * GIB, TdxConfig::default());
+    to_shared_then_private(&td, GIB, GIB);
+    assert_eq!(td.page(GIB).level, 2);
+    let page = GIB + 2 * MIB + 4096;
+    // SAFETY: the model's memory is not used by Rust code.
+    unsafe { accept_page(&td, page, PageLevel::Size4K) }.unwrap();
+    assert_eq!(td.page(page).state, TdxPageState::Accepted);
+    assert_eq!(td.page(page + 4096).state, TdxPageState::Pending);
+    assert_eq!((td.page(page).level, td.page(GIB).level), (0, 1));
+    // SAFETY: as above.
+    unsafe { accept_page(&td, GIB, PageLevel::Size2M) }.unwrap();
+}
+
 /// "Already accepted" is reported, not taken as success, although its
 /// status has bit 63 clear: the page still holds its old contents.
 #[test]
