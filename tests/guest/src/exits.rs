@@ -159,36 +159,48 @@ pub fn on_vc(frame: &mut Frame) {
                     }
                     frame.rip += 2;
                 }
-                Err(_) => hang(),
+                Err(_) => cannot_carry("#VC: the GHCB MSR protocol refused CPUID"),
             }
         }
-        // Nothing can be printed without a GHCB.
-        None => hang(),
+        None => cannot_carry("#VC with no GHCB to carry it"),
     }
 }
 
-/// A failure with nowhere to report it: the guest stops without asking
-/// the host to end it (a TD and an SNP guest wait for the host to notice;
-/// on SNP only a pass ends in a termination request, [`terminate_pass`]).
+/// A #VC the handler cannot carry out: no GHCB yet, or this CPU's is in use
+/// by the code the #VC interrupted.
+fn cannot_carry(why: &str) -> ! {
+    // Under TCG port I/O raises no #VC, so the console can still report.
+    #[cfg(feature = "emulator")]
+    crate::fail(why);
+    // Printing would need a GHCB too; the termination request needs none.
+    #[cfg(not(feature = "emulator"))]
+    {
+        let _ = why;
+        terminate(io::FAIL)
+    }
+}
+
+/// A stop with nowhere to report it: a TD waits for the host to notice.
+#[cfg(not(feature = "emulator"))]
 pub fn hang() -> ! {
     loop {
         core::hint::spin_loop();
     }
 }
 
-/// The termination request's reason code set for this guest's pass: one
-/// neither Linux (1) nor the SVSM (3) uses, so a pass is never confused
-/// with a generic failure (set 0, reason 0), which Linux's early #VC
-/// handler and firmware send on their own errors.
+/// The termination request's reason code set for this guest: one neither
+/// Linux (1) nor the SVSM (3) uses, so this guest's verdict is never
+/// confused with a generic failure (set 0, reason 0), which Linux's early
+/// #VC handler and firmware send on their own errors.
 #[cfg(not(feature = "emulator"))]
-pub const PASS_REASON_SET: u8 = 0xC;
+pub const REASON_SET: u8 = 0xC;
 
-/// Ends an SNP guest whose scenarios passed, through the GHCB MSR
-/// protocol's termination request: reason set [`PASS_REASON_SET`], reason
-/// [`io::PASS`] (0x10).
+/// Ends an SNP guest through the GHCB MSR protocol's termination request:
+/// reason set [`REASON_SET`], the verdict as the reason ([`io::PASS`],
+/// 0x10, or [`io::FAIL`], 0x11).
 #[cfg(not(feature = "emulator"))]
-pub fn terminate_pass() -> ! {
+pub fn terminate(verdict: u32) -> ! {
     // SAFETY: the request changes no memory.
-    unsafe { snp_ghcb::protocol::terminate(&ghcb_msr(), PASS_REASON_SET, io::PASS as u8) };
+    unsafe { snp_ghcb::protocol::terminate(&ghcb_msr(), REASON_SET, verdict as u8) };
     hang()
 }

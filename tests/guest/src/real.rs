@@ -31,7 +31,7 @@ pub fn run(found: Detected, firmware: boot::Firmware, depth: u32, image: (u64, u
             if exits::VC_SEEN.load(core::sync::atomic::Ordering::Acquire) {
                 // CPUID raised #VC, so this is an SEV-ES or SNP guest whose
                 // hypervisor hid SEV from its answers.
-                exits::hang();
+                exits::terminate(io::FAIL);
             }
             io::set_route(Route::Instruction);
             println!("guest: neither TDX nor SEV-SNP: this image runs only in a TD or an SNP guest (the emulated scenarios are in the other image)");
@@ -45,14 +45,11 @@ fn td_stop(_code: u32) -> ! {
 }
 
 /// On SNP the last scenario takes the GHCB, the only way to the console,
-/// private with everything else: a pass ends the guest through the GHCB
-/// MSR protocol's termination request with this guest's own reason code
-/// set, anything else hangs.
+/// private with everything else: the verdict ends the guest through the
+/// GHCB MSR protocol's termination request, with this guest's own reason
+/// code set.
 fn snp_stop(code: u32) -> ! {
-    if code == io::PASS {
-        exits::terminate_pass()
-    }
-    exits::hang()
+    exits::terminate(code)
 }
 
 /// Memory the firmware handed over unaccepted goes to the engine; what of
@@ -152,10 +149,13 @@ fn rdrand() -> Option<u64> {
 /// encryption, so this check passes whatever the bit: never run where it
 /// could fail.)
 fn build_checking_the_c_bit(enc: EncryptionBit) -> memory::Tables {
-    let witness = rdrand().unwrap_or_else(|| exits::hang());
+    let witness = rdrand().unwrap_or_else(|| exits::terminate(io::FAIL));
     C_BIT_WITNESS.store(witness, Ordering::SeqCst);
     let tables = memory::build(enc);
     if C_BIT_WITNESS.load(Ordering::SeqCst) != witness {
+        // The stack may now be the host's to write: asking to terminate
+        // returns through it if the host ignores the request. Stop here,
+        // as Linux does, so no forward progress is left to steer.
         exits::hang();
     }
     tables
@@ -163,14 +163,14 @@ fn build_checking_the_c_bit(enc: EncryptionBit) -> memory::Tables {
 
 fn snp(firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
     // Until a GHCB exists nothing can be printed: the output waits, and a
-    // failure hangs.
+    // failure ends in the termination request.
     io::set_stop(snp_stop);
     // SAFETY: detection found an SNP guest; CPL 0.
     let hv = unsafe { GhcbMsrInstruction::new() };
     // SAFETY: the request changes no memory.
-    let info = unsafe { snp_ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|_| exits::hang());
-    let c_bit = snp_c_bit(&platform::probe(), info.c_bit).unwrap_or_else(|_| exits::hang());
-    let enc = EncryptionBit::snp(c_bit).unwrap_or_else(|| exits::hang());
+    let info = unsafe { snp_ghcb::protocol::negotiate(&hv) }.unwrap_or_else(|_| exits::terminate(io::FAIL));
+    let c_bit = snp_c_bit(&platform::probe(), info.c_bit).unwrap_or_else(|_| exits::terminate(io::FAIL));
+    let enc = EncryptionBit::snp(c_bit).unwrap_or_else(|| exits::terminate(io::FAIL));
     crate::check_memory_is_free(true);
     let mut tables = build_checking_the_c_bit(enc);
     let platform = Snp::new(
@@ -180,13 +180,13 @@ fn snp(firmware: boot::Firmware, depth: u32, image: (u64, u64)) -> ! {
         PerCpuGhcbs::new(&GHCB_SLOTS, crate::smp::cpu),
         c_bit,
     )
-    .unwrap_or_else(|_| exits::hang());
+    .unwrap_or_else(|_| exits::terminate(io::FAIL));
     let mut e = crate::engine(&tables, platform, &WINDOWS_SNP);
     take_over_memory(&mut e);
     let setup_ghcb = || {
         let before = e.counters();
         if !crate::setup_ghcb(&e) {
-            exits::hang();
+            exits::terminate(io::FAIL);
         }
         io::set_route(Route::Host(snp_port_out));
         crate::booted(firmware, depth, image, "SEV-SNP, real");
