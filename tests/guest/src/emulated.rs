@@ -176,6 +176,7 @@ fn tdx(gpaw: u8) {
         set: &set,
         leaves_the_page_usable: true,
         restore: &restore,
+        host_splits_2m: None,
     };
     probe_checks::check_probe(&probe_case, &|pa| mapped_private(&tables, pa));
     let usable = |pa| (lifecycle.usable)(pa) && probe(pa);
@@ -302,6 +303,7 @@ fn snp() {
         set: &set,
         leaves_the_page_usable: false,
         restore: &restore,
+        host_splits_2m: Some(&|on| model.set_npt_4k(on)),
     };
     probe_checks::check_probe(&probe_case, &|pa| mapped_private(&tables, pa));
     let usable = |pa| (lifecycle.usable)(pa) && probe(pa);

@@ -23,6 +23,9 @@ pub struct Probe<'a> {
     pub leaves_the_page_usable: bool,
     /// Makes a block usable again through the platform, as 4 KiB entries.
     pub restore: &'a dyn Fn(u64),
+    /// Makes the host split a 2 MiB entry when asked at 2 MiB (`true`), or
+    /// not, where the platform lets it (SEV-SNP's PSMASH).
+    pub host_splits_2m: Option<&'a dyn Fn(bool)>,
 }
 
 /// Asks about the second page of a free 2 MiB block (so a 2 MiB question
@@ -50,6 +53,15 @@ pub fn check_probe(p: &Probe<'_>, mapped: &dyn Fn(u64) -> bool) {
             (p.usable)(page) && neighbours_usable() == 511,
             "probes: asking about a usable page changed the block",
         );
+        if let (true, Some(host_splits)) = (large, p.host_splits_2m) {
+            host_splits(true);
+            let answer = (p.ask)(page);
+            host_splits(false);
+            check(
+                answer && (p.usable)(page) && neighbours_usable() == 511,
+                "probes: a usable page in a 2 MiB entry the host splits on the question was said not to be",
+            );
+        }
         if large {
             (p.set)(block, BLOCK, true, false);
         } else {

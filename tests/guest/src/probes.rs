@@ -32,9 +32,10 @@ pub fn td_accepted(pa: u64) -> bool {
 /// PVALIDATE must change nothing and say so (CF = 1). A page the RMP holds
 /// as part of a 2 MiB entry answers a 4 KiB PVALIDATE with a size mismatch
 /// whatever its state, and is asked again at 2 MiB. A PVALIDATE that did
-/// validate is rescinded at once, so the question leaves the RMP as it
-/// found it (nothing reads the page in between, so no cache lines need
-/// evicting).
+/// validate is rescinded at once, so the question leaves every page's
+/// validation as it found it (nothing reads the page in between, so no
+/// cache lines need evicting); a host may split a 2 MiB RMP entry on the
+/// question.
 pub fn snp_validated(pa: u64) -> bool {
     // SAFETY: called in an SNP guest (or the emulated one) at CPL 0.
     let pvalidate = unsafe { PvalidateInstruction::new() };
@@ -53,7 +54,13 @@ pub fn snp_validated(pa: u64) -> bool {
     };
     match ask(pa, PageSize::Size4K) {
         Err(PvalidateError::NoUpdate) => true,
-        Err(PvalidateError::SizeMismatch) => ask(pa & !0x1F_FFFF, PageSize::Size2M) == Err(PvalidateError::NoUpdate),
+        Err(PvalidateError::SizeMismatch) => match ask(pa & !0x1F_FFFF, PageSize::Size2M) {
+            Err(PvalidateError::NoUpdate) => true,
+            // A host whose nested tables map the page at 4 KiB splits the
+            // RMP entry on a 2 MiB question (PSMASH); ask again at 4 KiB.
+            Err(PvalidateError::SizeMismatch) => ask(pa, PageSize::Size4K) == Err(PvalidateError::NoUpdate),
+            _ => false,
+        },
         _ => false,
     }
 }

@@ -192,6 +192,8 @@ struct Model {
     /// One GHCB per vCPU: every page registered so far.
     ghcb_gpas: Vec<u64>,
     terminated: Option<(u8, u8)>,
+    /// See [`MockSnp::set_npt_4k`].
+    npt_4k: bool,
     stats: SnpStats,
     aliases: AliasCheck,
     /// Pages validated private whose cache lines were not evicted since.
@@ -240,6 +242,7 @@ impl MockSnp {
                 hostile_later: None,
                 ghcb_gpas: Vec::new(),
                 terminated: None,
+                npt_4k: false,
                 stats: SnpStats::default(),
                 aliases: AliasCheck::default(),
                 unevicted: BTreeSet::new(),
@@ -313,6 +316,15 @@ impl MockSnp {
     /// of its frames is present.
     pub fn attach_page_tables(&self, tables: GuestPageTables) {
         self.model.lock().aliases.tables = Some(tables);
+    }
+
+    /// The host's nested page tables map guest memory at 4 KiB (`true`) or
+    /// not: a 2 MiB PVALIDATE of a page the RMP holds in a 2 MiB entry then
+    /// takes a nested page fault for the size, on which the hypervisor
+    /// splits the RMP entry (PSMASH, validated bits kept) and resumes the
+    /// guest, whose PVALIDATE fails with FAIL_SIZEMISMATCH.
+    pub fn set_npt_4k(&self, on: bool) {
+        self.model.lock().npt_4k = on;
     }
 
     /// Turns the alias check off (`false`) or on. It walks every present
@@ -632,6 +644,10 @@ impl Model {
             return fail(FAIL_INPUT);
         }
         let huge_entry = entries.iter().all(|e| e.huge);
+        if size == PageSize::Size2M && huge_entry && self.npt_4k {
+            entries.iter_mut().for_each(|e| e.huge = false);
+            return fail(FAIL_SIZEMISMATCH);
+        }
         if (size == PageSize::Size2M) != huge_entry || (size == PageSize::Size4K && entries[0].huge) {
             return fail(FAIL_SIZEMISMATCH);
         }

@@ -533,7 +533,8 @@ impl Model {
                 let n = level_pages(split);
                 let start = first / n * n;
                 for p in &mut self.pages[start as usize..(start + n) as usize] {
-                    p.level = split - 1;
+                    // Pages already split finer stay so.
+                    p.level = p.level.min(split - 1);
                 }
             }
         }

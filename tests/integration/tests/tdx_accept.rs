@@ -121,8 +121,8 @@ fn four_k_inside_an_accepted_2m_leaf_is_already_accepted() {
 #[test]
 fn four_k_inside_a_pending_2m_leaf_accepts_only_that_page() {
     let td = tdx(4 * MIB, TdxConfig::default());
-    to_shared_then_private(&td, 0, 2 * MIB);
-    assert_eq!(td.page(0).level, 1, "the VMM added the range as one 2 MiB leaf");
+    to_shared_then_private(&td, 0, 4 * MIB);
+    assert_eq!(td.page(0).level, 1, "the VMM added the range as 2 MiB leaves");
     // SAFETY: the model's memory is not used by Rust code.
     unsafe { accept_page(&td, 4096, PageLevel::Size4K) }.unwrap();
     let accepted: Vec<u64> = (0..2 * MIB)
@@ -131,6 +131,30 @@ fn four_k_inside_a_pending_2m_leaf_accepts_only_that_page() {
         .collect();
     assert_eq!(accepted, vec![4096]);
     assert!((0..2 * MIB).step_by(4096).all(|g| td.page(g).level == 0));
+    assert!(
+        (2 * MIB..4 * MIB).step_by(4096).all(|g| td.page(g).level == 1),
+        "the next leaf stays whole"
+    );
+}
+
+/// A page shared and made private again inside a pending 1 GiB leaf is
+/// its own 4 KiB entry; splitting the leaf around another page later must
+/// not make it part of a 2 MiB one again, or a 2 MiB ACCEPT over it would
+/// zero it when the module answers a size mismatch.
+#[test]
+fn a_split_keeps_pages_already_split_finer() {
+    let td = tdx(2 * GIB, TdxConfig::default());
+    to_shared_then_private(&td, GIB, GIB);
+    let x = GIB + 4 * MIB + 4096;
+    to_shared_then_private(&td, x, 4096);
+    // SAFETY: the model's memory is not used by Rust code.
+    unsafe { accept_page(&td, x, PageLevel::Size4K) }.unwrap();
+    td.memory().fill(x, 4096, 0x42);
+    // SAFETY: as above.
+    unsafe { accept_page(&td, GIB, PageLevel::Size4K) }.unwrap();
+    assert_eq!(td.page(x).level, 0);
+    assert!(accept(&td, GIB + 4 * MIB, 2 * MIB).is_err(), "x was accepted already");
+    assert!(td.memory().is_filled(x, 4096, 0x42), "x's contents are kept");
 }
 
 /// A 4 KiB ACCEPT inside a pending 1 GiB leaf: the VMM splits down to the
