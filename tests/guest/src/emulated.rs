@@ -161,7 +161,6 @@ fn tdx(gpaw: u8) {
         )
     };
     let restore = |block| {
-        set(block, 2 << 20, false, false);
         // SAFETY: TDCALL traps to the emulator; the block is free memory.
         let accept = || unsafe { tdcall::accept_range(&TdcallInstruction::new(), block, 2 << 20) }.is_ok();
         scenarios::check(
@@ -282,7 +281,6 @@ fn snp() {
         model.set_rmp(pa, len, entry)
     };
     let restore = |block| {
-        set(block, 2 << 20, false, false);
         let validate = || {
             // SAFETY: PVALIDATE traps to the emulator; the block is free
             // memory the direct map maps private.

@@ -21,7 +21,8 @@ pub struct Probe<'a> {
     /// A TD's question accepts the one page it asks about; an SNP guest's
     /// takes its validation back.
     pub leaves_the_page_usable: bool,
-    /// Makes a block usable again through the platform, as 4 KiB entries.
+    /// Accepts or validates through the platform a block the model holds
+    /// unusable in 4 KiB entries.
     pub restore: &'a dyn Fn(u64),
     /// Makes the host split a 2 MiB entry when asked at 2 MiB (`true`), or
     /// not, where the platform lets it (SEV-SNP's PSMASH).
@@ -80,6 +81,7 @@ pub fn check_probe(p: &Probe<'_>, mapped: &dyn Fn(u64) -> bool) {
             neighbours_usable() == expected,
             "probes: asking about one page changed its neighbours",
         );
+        (p.set)(block, BLOCK, false, false);
         (p.restore)(block);
         check(
             (block..block + BLOCK).step_by(PAGE as usize).all(p.usable),
